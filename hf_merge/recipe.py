@@ -1,0 +1,356 @@
+"""The merge recipe: one typed description of a merge, whether it came from CLI flags or YAML.
+
+A recipe is validated before anything is downloaded: an unknown key, a typo in a method parameter,
+the base listed as an expert or an expert listed twice is a :class:`~hf_merge.errors.RecipeError`
+naming the culprit (and, for typos, the closest valid spelling). The YAML form is what the merged
+repo carries as ``recipe.yaml``, so a merge can be read, reproduced and continued from the Hub.
+
+Example ``recipe.yaml``::
+
+    base: openai/clip-vit-base-patch32
+    experts:
+      - tanganke/clip-vit-base-patch32_sun397
+      - tanganke/clip-vit-base-patch32_stanford-cars@main
+    method: opcm
+    parameters:
+      alpha: 0.5
+    eval:
+      tasks: [sun397, stanford-cars]
+      every_step: true
+    push_to_hub: my-user/clip-vit-b32-opcm
+"""
+
+from __future__ import annotations
+
+import difflib
+import random
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+from .errors import RecipeError
+from .sources import split_reference
+
+RECIPE_FILENAME = "recipe.yaml"
+
+SCOPES = ("vision", "text", "all")
+
+# Used only until the methods registry can be imported: the parameters each method declares,
+# with their defaults (OPCM.md, "reference settings from the paper's experiments").
+_FALLBACK_METHOD_PARAMETERS: dict[str, dict[str, Any]] = {
+    "opcm": {"alpha": 0.5, "zero_diagonal": True, "svd_dtype": "float32"},
+    "average": {},
+    "task_arithmetic": {"scaling": 0.3},
+    "ties": {"scaling": 0.3, "keep": 0.2},
+    "magmax": {"scaling": 0.5},
+}
+
+# Spellings people use for the same knob (the paper writes λ for the scaling factor).
+_PARAMETER_ALIASES = {"lambda": "scaling", "lambda_": "scaling", "lam": "scaling", "k": "keep"}
+
+
+def method_parameters(method: str) -> dict[str, Any]:
+    """The parameters ``method`` declares, with their defaults.
+
+    Raises:
+        RecipeError: ``method`` is not a known merge method (the message suggests the closest).
+    """
+    declared = _registry_parameters()
+    if declared is None:
+        declared = _FALLBACK_METHOD_PARAMETERS
+    if method not in declared:
+        raise RecipeError(f"unknown merge method {method!r}{_suggest(method, declared)}; choose from {', '.join(sorted(declared))}")
+    return dict(declared[method])
+
+
+def known_methods() -> list[str]:
+    """Names of every registered merge method."""
+    declared = _registry_parameters()
+    return sorted(declared if declared is not None else _FALLBACK_METHOD_PARAMETERS)
+
+
+def _registry_parameters() -> dict[str, dict[str, Any]] | None:
+    """``{method: {parameter: default}}`` from :mod:`hf_merge.methods`, or ``None`` if unavailable."""
+    try:
+        from . import methods as registry
+    except ImportError:
+        return None
+    names = getattr(registry, "METHODS", None)
+    if not names:
+        return None
+    out: dict[str, dict[str, Any]] = {}
+    for name in names if not isinstance(names, Mapping) else names.keys():
+        method = registry.get_method(name)
+        out[name] = _declared_defaults(method)
+    return out
+
+
+def _declared_defaults(method: Any) -> dict[str, Any]:
+    """Read a method's declared parameters: a dataclass of hyperparameters, a mapping, or a list."""
+    import dataclasses
+
+    for attr in ("parameters", "PARAMETERS", "hyperparameters", "Hyperparameters", "Parameters", "defaults"):
+        declared = getattr(method, attr, None)
+        if declared is None or callable(declared) and not isinstance(declared, type):
+            continue
+        if isinstance(declared, type) and dataclasses.is_dataclass(declared):
+            return {
+                f.name: (f.default if f.default is not dataclasses.MISSING else None) for f in dataclasses.fields(declared)
+            }
+        if isinstance(declared, Mapping):
+            return {
+                k: (getattr(v, "default", v) if not isinstance(v, (int, float, str, bool, type(None))) else v)
+                for k, v in declared.items()
+            }
+        if isinstance(declared, (list, tuple)):
+            return {getattr(p, "name", p): getattr(p, "default", None) for p in declared}
+    return {}
+
+
+@dataclass
+class EvalSpec:
+    """What to evaluate and when.
+
+    Attributes:
+        tasks: Names of registered evaluation tasks (``hf_merge.evaluation.get_task``).
+        every_step: Evaluate after every merge step on the tasks seen so far (the continual protocol);
+            otherwise only the final model is evaluated.
+        limit: Evaluate on at most this many examples per task (quick checks).
+    """
+
+    tasks: list[str] = field(default_factory=list)
+    every_step: bool = False
+    limit: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"tasks": list(self.tasks), "every_step": self.every_step}
+        if self.limit is not None:
+            data["limit"] = self.limit
+        return data
+
+
+@dataclass
+class MergeRecipe:
+    """A validated description of a continual merge.
+
+    Attributes:
+        base: The pretrained model θ0: ``REPO[@REV]`` or a local folder.
+        experts: Fine-tuned models, merged in this order (``REPO[@REV]`` or folders).
+        method: A registered merge method (``opcm``, ``average``, ``task_arithmetic``, ``ties``, ``magmax``).
+        parameters: The method's hyperparameters; unset ones take the method's defaults.
+        scope: Which tower is merged: ``vision`` (tower + visual projection), ``text`` or ``all``.
+        eval: Evaluation settings, or ``None`` to skip evaluation.
+        output: Local output folder (defaults to the repo name of ``push_to_hub``, else ``merged-<method>``).
+        push_to_hub: Repo id to publish the merged model to, or ``None``.
+        private: Create the repo private.
+        space: Space id of a Gradio demo to publish for the merged model, or ``None``.
+        seed: Seed of the shuffle (and of anything random downstream).
+        shuffle: Merge the experts in a seeded random order instead of the listed one.
+        allow_pickle: Accept ``.bin`` checkpoints (loaded with ``torch.load(weights_only=True)``).
+        evict: Delete each expert's snapshot from the local cache once merged (flat disk use).
+    """
+
+    base: str
+    experts: list[str]
+    method: str = "opcm"
+    parameters: dict[str, Any] = field(default_factory=dict)
+    scope: str = "vision"
+    eval: EvalSpec | None = None
+    output: str | None = None
+    push_to_hub: str | None = None
+    private: bool = False
+    space: str | None = None
+    seed: int | None = None
+    shuffle: bool = False
+    allow_pickle: bool = False
+    evict: bool = False
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Check every field; raise :class:`RecipeError` on the first problem found."""
+        if not isinstance(self.base, (str, Path)) or not str(self.base).strip():
+            raise RecipeError("the recipe needs a base model: `base: REPO[@REV]` or a local folder")
+        self.base = str(self.base)
+        if isinstance(self.experts, (str, Path)):
+            self.experts = [self.experts]
+        if not isinstance(self.experts, list) or not self.experts:
+            raise RecipeError("the recipe needs at least one expert: `experts: [REPO[@REV], ...]`")
+        self.experts = [str(e) for e in self.experts]
+        base_key = _reference_key(self.base)
+        seen: dict[tuple, str] = {}
+        for expert in self.experts:
+            if not expert.strip():
+                raise RecipeError("an expert reference is empty")
+            key = _reference_key(expert)
+            if key[:1] == base_key[:1] and (key == base_key or key[1] is None or base_key[1] is None):
+                raise RecipeError(f"the base model {self.base!r} is also listed as an expert ({expert!r}); remove it from the experts")
+            if key in seen:
+                raise RecipeError(f"expert {expert!r} is listed twice (also as {seen[key]!r}); each expert is merged once")
+            seen[key] = expert
+        self.parameters = self._checked_parameters()
+        if self.scope not in SCOPES:
+            raise RecipeError(f"unknown scope {self.scope!r}{_suggest(self.scope, SCOPES)}; choose from {', '.join(SCOPES)}")
+        if isinstance(self.eval, Mapping):
+            self.eval = _eval_from_mapping(self.eval)
+        if self.eval is not None:
+            if not self.eval.tasks:
+                raise RecipeError("`eval` needs at least one task: `eval: {tasks: [...]}`")
+            if self.eval.limit is not None and (not isinstance(self.eval.limit, int) or self.eval.limit < 1):
+                raise RecipeError(f"`eval.limit` must be a positive integer, got {self.eval.limit!r}")
+        for name in ("push_to_hub", "space"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or value.count("/") != 1 or "@" in value):
+                raise RecipeError(f"`{name}` must be a repo id `USER/NAME`, got {value!r}")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise RecipeError(f"`seed` must be an integer, got {self.seed!r}")
+        for name in ("private", "shuffle", "allow_pickle", "evict"):
+            if not isinstance(getattr(self, name), bool):
+                raise RecipeError(f"`{name}` must be true or false, got {getattr(self, name)!r}")
+
+    def _checked_parameters(self) -> dict[str, Any]:
+        declared = method_parameters(self.method)
+        if not isinstance(self.parameters, Mapping):
+            raise RecipeError(f"`parameters` must be a mapping of {self.method} parameters, got {self.parameters!r}")
+        checked: dict[str, Any] = {}
+        for raw_name, value in self.parameters.items():
+            name = _PARAMETER_ALIASES.get(raw_name, raw_name)
+            if name not in declared:
+                hint = _suggest(raw_name, declared)
+                valid = ", ".join(sorted(declared)) or "none"
+                raise RecipeError(f"unknown parameter {raw_name!r} for method {self.method!r}{hint} (valid: {valid})")
+            default = declared[name]
+            if isinstance(default, bool) and not isinstance(value, bool):
+                raise RecipeError(f"parameter {raw_name!r} of {self.method!r} must be true or false, got {value!r}")
+            if isinstance(default, (int, float)) and not isinstance(default, bool):
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise RecipeError(f"parameter {raw_name!r} of {self.method!r} must be a number, got {value!r}")
+            checked[name] = value
+        return checked
+
+    # ------------------------------------------------------------------ derived values
+    def ordered_experts(self) -> list[str]:
+        """The experts in merge order: as listed, or shuffled with ``seed`` when ``shuffle`` is set."""
+        experts = list(self.experts)
+        if self.shuffle:
+            random.Random(self.seed).shuffle(experts)
+        return experts
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """The method's full hyperparameters: declared defaults overridden by the recipe's values."""
+        merged = method_parameters(self.method)
+        merged.update(self.parameters)
+        return {k: v for k, v in merged.items() if v is not None}
+
+    def output_dir(self) -> Path:
+        """Where the merge result is written."""
+        if self.output:
+            return Path(self.output).expanduser()
+        if self.push_to_hub:
+            return Path(self.push_to_hub.split("/")[-1])
+        return Path(f"merged-{self.method}")
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data in the YAML layout; unset optional fields are left out."""
+        data: dict[str, Any] = {"base": self.base, "experts": list(self.experts), "method": self.method}
+        if self.parameters:
+            data["parameters"] = dict(self.parameters)
+        if self.scope != "vision":
+            data["scope"] = self.scope
+        if self.eval is not None:
+            data["eval"] = self.eval.to_dict()
+        for name in ("output", "push_to_hub", "space", "seed"):
+            if getattr(self, name) is not None:
+                data[name] = getattr(self, name)
+        for name in ("private", "shuffle", "allow_pickle", "evict"):
+            if getattr(self, name):
+                data[name] = True
+        return data
+
+    def to_yaml(self) -> str:
+        """The recipe as YAML (what ``recipe.yaml`` holds)."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``recipe.yaml`` into ``folder``."""
+        path = Path(folder) / RECIPE_FILENAME
+        path.write_text(self.to_yaml(), encoding="utf-8")
+        return path
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "recipe") -> "MergeRecipe":
+        """Build and validate a recipe from plain data; unknown keys are errors with a suggestion."""
+        if not isinstance(data, Mapping):
+            raise RecipeError(f"{source} must be a mapping of recipe fields, got {type(data).__name__}")
+        valid = [f.name for f in fields(cls)]
+        for key in data:
+            if key not in valid:
+                raise RecipeError(f"unknown key {key!r} in {source}{_suggest(str(key), valid)}")
+        for required in ("base", "experts"):
+            if data.get(required) in (None, "", []):
+                raise RecipeError(f"{source} is missing `{required}`")
+        values = dict(data)
+        if values.get("parameters") is None:
+            values["parameters"] = {}
+        if isinstance(values.get("eval"), Mapping):
+            values["eval"] = _eval_from_mapping(values["eval"], source=source)
+        elif isinstance(values.get("eval"), (list, str)):
+            values["eval"] = EvalSpec(tasks=_as_list(values["eval"]))
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, text: str, *, source: str = "recipe") -> "MergeRecipe":
+        """Parse a YAML recipe."""
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else "invalid YAML"
+            raise RecipeError(f"{source} is not valid YAML: {first_line}") from None
+        return cls.from_dict(data or {}, source=source)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "MergeRecipe":
+        """Read a YAML recipe file (or the ``recipe.yaml`` of a merge folder)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / RECIPE_FILENAME
+        if not path.is_file():
+            raise RecipeError(f"recipe file {str(path)!r} does not exist")
+        return cls.from_yaml(path.read_text(encoding="utf-8"), source=path.name)
+
+
+def _eval_from_mapping(data: Mapping[str, Any], *, source: str = "recipe") -> EvalSpec:
+    valid = [f.name for f in fields(EvalSpec)]
+    for key in data:
+        if key not in valid:
+            raise RecipeError(f"unknown key {'eval.' + str(key)!r} in {source}{_suggest(str(key), valid, prefix='eval.')}")
+    return EvalSpec(
+        tasks=_as_list(data.get("tasks", [])),
+        every_step=data.get("every_step", False),
+        limit=data.get("limit"),
+    )
+
+
+def _as_list(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [t.strip() for t in value.split(",") if t.strip()]
+    return [str(v) for v in value or []]
+
+
+def _reference_key(reference: str) -> tuple:
+    """Identity of a model reference: a resolved folder, or (repo id, revision with main == None)."""
+    path = Path(reference).expanduser()
+    if path.is_dir():
+        return (str(path.resolve()), None)
+    repo_id, revision = split_reference(reference)
+    return (repo_id, None if revision in (None, "main") else revision)
+
+
+def _suggest(word: str, candidates: Iterable[str], prefix: str = "") -> str:
+    matches = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return f"; did you mean {prefix + matches[0]!r}?" if matches else ""
