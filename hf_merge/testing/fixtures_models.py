@@ -1,0 +1,73 @@
+"""pytest plugin: tiny CLIP models on disk and pushed to the local Hub server.
+
+Enable with ``pytest_plugins = ["hf_merge.testing.fixtures_hub", "hf_merge.testing.fixtures_models"]``.
+Models are built once per test session (about a second in all); tests that only need repo ids
+use `seeded_hub` and never see a local path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from .tiny_clip import build_tiny_zoo
+
+N_EXPERTS = 6
+NAMESPACE = "alice"
+BASE_REPO = f"{NAMESPACE}/tiny-clip-base"
+
+
+def expert_repo(index: int) -> str:
+    """Repo id of expert ``index`` in `seeded_hub`."""
+    return f"{NAMESPACE}/tiny-clip-expert-{index}"
+
+
+@dataclass(frozen=True)
+class SeededHub:
+    """What `seeded_hub` pushed: repo ids, the commit each push made, and the local sources."""
+
+    endpoint: str
+    base: str
+    experts: list[str]
+    commits: dict[str, str] = field(default_factory=dict)
+    base_dir: Path | None = None
+    expert_dirs: list[Path] = field(default_factory=list)
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(tmp_path_factory) -> tuple[Path, list[Path]]:
+    """``(base_dir, [expert_dir, ...])``: a tiny CLIP base and six vision experts."""
+    return build_tiny_zoo(tmp_path_factory.mktemp("tiny-zoo"), N_EXPERTS, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tiny_zoo) -> Path:
+    """Folder of the tiny CLIP base model (Hub layout)."""
+    return tiny_zoo[0]
+
+
+@pytest.fixture(scope="session")
+def tiny_experts(tiny_zoo) -> list[Path]:
+    """Folders of six tiny experts derived from `tiny_base` (vision tower perturbed)."""
+    return tiny_zoo[1]
+
+
+@pytest.fixture(scope="session")
+def seeded_hub(hub_server, hub_api, tiny_base, tiny_experts) -> SeededHub:
+    """The local Hub server with ``alice/tiny-clip-base`` and ``alice/tiny-clip-expert-{0..5}``."""
+    commits: dict[str, str] = {}
+    sources = [(BASE_REPO, tiny_base)] + [(expert_repo(i), path) for i, path in enumerate(tiny_experts)]
+    for repo_id, folder in sources:
+        hub_api.create_repo(repo_id, exist_ok=True)
+        info = hub_api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message="Add tiny CLIP")
+        commits[repo_id] = info.oid
+    return SeededHub(
+        endpoint=hub_api.endpoint,
+        base=BASE_REPO,
+        experts=[expert_repo(i) for i in range(len(tiny_experts))],
+        commits=commits,
+        base_dir=tiny_base,
+        expert_dirs=list(tiny_experts),
+    )
