@@ -1,0 +1,338 @@
+"""What a user calls: ``merge`` a list of experts into a base, ``add`` experts to a merged repo.
+
+The flow reads top to bottom: validate the recipe -> check every model on the Hub (cheap, before
+any weights move) -> merge one expert at a time (evaluating after each step when asked) -> write
+the recipe and the model card -> push one commit -> publish the Space.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from . import hub
+from .card import CARD_FILENAME, EVAL_FILENAME, STATE_FILENAME, lineage, load_state, read_license, write_card
+from .errors import IncompatibleExpertError, MergeStateError, RecipeError, UsageError
+from .log import get_logger, progress_disabled
+from .recipe import EvalSpec, MergeRecipe, _reference_key
+from .sources import ModelSource, resolve, split_reference
+
+logger = get_logger(__name__)
+
+# Config fields that must agree for two CLIP checkpoints to be merged tensor by tensor.
+_ARCHITECTURE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "patch_size", "image_size")
+
+
+@dataclass
+class MergeResult:
+    """The outcome of :func:`merge` or :func:`add`.
+
+    Attributes:
+        output_dir: Local folder with the merged model, its card, recipe, merge state and results.
+        recipe: The recipe that was run (for ``add``: the original one, extended with the new experts).
+        steps: Provenance of every merged expert, in order (``name``, ``repo_id``, ``commit_sha``, ``step``).
+        accuracy: Average accuracy (0-1) on the tasks seen so far after each step, when evaluated.
+        commit_url: URL of the pushed commit (or pull request), when pushed.
+        space_url: URL of the published Space, when published.
+    """
+
+    output_dir: Path
+    recipe: MergeRecipe
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    accuracy: list[float | None] = field(default_factory=list)
+    commit_url: str | None = None
+    space_url: str | None = None
+
+    @property
+    def repo_id(self) -> str | None:
+        return self.recipe.push_to_hub
+
+
+def merge(recipe: MergeRecipe | str | Path | None = None, *, token: str | None = None, create_pr: bool = False, **fields: Any) -> MergeResult:
+    """Merge fine-tuned CLIP models one after another, then card, push and publish as the recipe says.
+
+    Args:
+        recipe: A :class:`MergeRecipe`, a path to a YAML recipe, or ``None`` to build one from ``fields``.
+        token: Hub token (default: ``HF_TOKEN`` or the stored login). Never written anywhere.
+        create_pr: Push as a pull request instead of a commit on ``main``.
+        **fields: Recipe fields (``base``, ``experts``, ``method``, ``parameters``, ``eval``, ...);
+            with a recipe, they override its values.
+
+    Example:
+        >>> from hf_merge import merge
+        >>> result = merge(base="openai/clip-vit-base-patch32",
+        ...                experts=["tanganke/clip-vit-base-patch32_sun397", "tanganke/clip-vit-base-patch32_dtd"],
+        ...                method="opcm", parameters={"alpha": 0.5}, push_to_hub="me/clip-opcm")
+    """
+    recipe = _as_recipe(recipe, fields)
+    token = hub.resolve_token(token)
+    output_dir = recipe.output_dir()
+    if (output_dir / STATE_FILENAME).exists():
+        raise UsageError(
+            f"{output_dir} already holds a merge; continue it with `hf-merge add {output_dir} --experts ...` "
+            "or choose another --output"
+        )
+    experts = recipe.ordered_experts()
+    check_models(recipe.base, experts, token=token, allow_pickle=recipe.allow_pickle)
+
+    from .engine import ContinualMerger
+
+    base = resolve(recipe.base, token=token, allow_pickle=recipe.allow_pickle)
+    licenses = {base.name: read_license(base.path)}
+    merger = ContinualMerger(
+        base,
+        output_dir,
+        method=recipe.method,
+        scope=recipe.scope,
+        hyperparameters=recipe.hyperparameters(),
+        on_step=_evaluation_hook(recipe.eval, output_dir, len(experts)),
+    )
+    _merge_experts(merger, experts, recipe, token, licenses)
+    return _publish(output_dir, recipe, token=token, licenses=licenses, create_pr=create_pr)
+
+
+def add(
+    merged: str | Path,
+    experts: Sequence[str],
+    *,
+    token: str | None = None,
+    output: str | Path | None = None,
+    push_to_hub: str | None = None,
+    create_pr: bool = False,
+    eval: EvalSpec | None = None,
+    allow_pickle: bool | None = None,
+    evict: bool | None = None,
+    space: str | None = None,
+) -> MergeResult:
+    """Continue a merge: pull a merged repo with its merge state, merge more experts, push a new commit.
+
+    Args:
+        merged: Repo id (``USER/NAME[@REV]``) of a model made by hf-merge, or its local folder.
+        experts: New experts, merged in this order after the existing ones.
+        token: Hub token (default: ``HF_TOKEN`` or the stored login).
+        output: Local folder for the continued merge (default: the repo name).
+        push_to_hub: Where to push (default: the repo it came from; a local folder pushes nowhere).
+        create_pr: Open a pull request instead of committing to ``main``.
+        eval: Evaluation settings (default: the recipe's).
+        allow_pickle, evict, space: As in the recipe (default: the recipe's values).
+    """
+    token = hub.resolve_token(token)
+    experts = [str(e) for e in experts]
+    if not experts:
+        raise RecipeError("`add` needs at least one new expert: --experts REPO[@REV] ...")
+    local = Path(merged).expanduser()
+    if local.is_dir():
+        output_dir = Path(output) if output else local
+        if output_dir.resolve() != local.resolve():
+            _copy_result(local, output_dir)
+        source_repo = None
+    else:
+        repo_id, revision = split_reference(str(merged))
+        output_dir = Path(output) if output else Path(repo_id.split("/")[-1])
+        if (output_dir / STATE_FILENAME).exists():
+            raise UsageError(f"{output_dir} already holds a merge; pass --output to download {merged} elsewhere")
+        hub.download_model(
+            repo_id, revision=revision, token=token, allow_pickle=True,
+            extra_patterns=hub.MERGE_RESULT_PATTERNS, local_dir=output_dir,
+        )
+        source_repo = repo_id
+    if not (output_dir / STATE_FILENAME).is_file():
+        raise MergeStateError(f"{merged} has no {STATE_FILENAME}: it was not made by hf-merge, so it cannot be continued")
+
+    recipe = _recipe_of(output_dir)
+    base_entry, done = lineage(load_state(output_dir))
+    merged_keys = {_reference_key(_pinned_name(e)): _pinned_name(e) for e in done}
+    merged_keys[_reference_key(recipe.base)] = recipe.base
+    for expert in experts:
+        key = _reference_key(expert)
+        if key in merged_keys or (key[0], None) in merged_keys:
+            raise RecipeError(f"expert {expert!r} is already merged in {merged}")
+    recipe.experts = recipe.experts + experts
+    recipe.shuffle = False  # the order of the merged part is fixed by the lineage; new ones go in as given
+    recipe.push_to_hub = push_to_hub or source_repo
+    recipe.output = str(output_dir)
+    for name, value in (("eval", eval), ("allow_pickle", allow_pickle), ("evict", evict), ("space", space)):
+        if value is not None:
+            setattr(recipe, name, value)
+    recipe.validate()
+    check_models(recipe.base, experts, token=token, allow_pickle=recipe.allow_pickle)
+
+    from .engine import ContinualMerger
+
+    base = resolve(recipe.base, token=token, allow_pickle=recipe.allow_pickle)
+    licenses = _previous_licenses(output_dir)
+    licenses.setdefault(base.name, read_license(base.path))
+    merger = ContinualMerger.resume(output_dir, base=base)
+    hook = _evaluation_hook(recipe.eval, output_dir, len(done) + len(experts))
+    if hook is not None:
+        merger.on_step = hook
+    _merge_experts(merger, experts, recipe, token, licenses)
+    message = f"hf-merge: add {len(experts)} expert{'s' if len(experts) > 1 else ''} ({', '.join(experts)})"
+    return _publish(output_dir, recipe, token=token, licenses=licenses, create_pr=create_pr, commit_message=message)
+
+
+def push(output_dir: str | Path, repo_id: str, *, token: str | None = None, private: bool = False,
+         create_pr: bool = False, commit_message: str | None = None) -> str:
+    """Push a finished merge folder (again): what ``hf-merge push`` and a failed push's retry run."""
+    output_dir = Path(output_dir)
+    if not (output_dir / STATE_FILENAME).is_file():
+        raise UsageError(f"{output_dir} is not an hf-merge result (no {STATE_FILENAME})")
+    if (output_dir / CARD_FILENAME).is_file():
+        # The card's usage snippet names the repo; regenerate it if pushing somewhere new.
+        write_card(output_dir, repo_id=repo_id, licenses=None)
+    return hub.push_merge(output_dir, repo_id, token=hub.resolve_token(token), private=private,
+                          create_pr=create_pr, commit_message=commit_message)
+
+
+def card(output_dir: str | Path, *, repo_id: str | None = None, space: str | None = None) -> Path:
+    """(Re)generate ``README.md`` (and ``accuracy.png``) of a local merge folder."""
+    output_dir = Path(output_dir)
+    if repo_id is None and (output_dir / "recipe.yaml").is_file():
+        repo_id = _recipe_of(output_dir).push_to_hub
+    return write_card(output_dir, repo_id=repo_id, licenses=None, space_id=space)
+
+
+def check_models(base: str, experts: Sequence[str], *, token: str | None, allow_pickle: bool = False) -> None:
+    """Fail fast, before downloading weights: every model exists, is readable and matches the base.
+
+    Reads only ``config.json`` of each model (and the repo's file list), so a typo in the eighth
+    expert is reported in seconds instead of after seven merges.
+    """
+    reference_config = _config_of(base, token=token, allow_pickle=allow_pickle)
+    for expert in experts:
+        config = _config_of(expert, token=token, allow_pickle=allow_pickle)
+        problem = _architecture_mismatch(reference_config, config)
+        if problem:
+            raise IncompatibleExpertError(f"expert {expert} does not match the base {base}: {problem}")
+
+
+def _config_of(reference: str, *, token: str | None, allow_pickle: bool) -> dict[str, Any]:
+    path = Path(reference).expanduser()
+    if path.is_dir():
+        config_path = path / "config.json"
+        if not config_path.is_file():
+            raise IncompatibleExpertError(f"{reference} has no config.json: it is not a transformers model folder")
+        return json.loads(config_path.read_text(encoding="utf-8"))
+    repo_id, revision = split_reference(reference)
+    hub.check_model(repo_id, revision, token=token, allow_pickle=allow_pickle)
+    return hub.fetch_config(repo_id, revision, token=token)
+
+
+def _architecture_mismatch(base: dict[str, Any], other: dict[str, Any]) -> str | None:
+    if base.get("model_type") != other.get("model_type"):
+        return f"model_type {other.get('model_type')!r} instead of {base.get('model_type')!r}"
+    for tower in ("vision_config", "text_config"):
+        a, b = base.get(tower) or {}, other.get(tower) or {}
+        for key in _ARCHITECTURE_FIELDS:
+            if key in a and a.get(key) != b.get(key):
+                return f"{tower}.{key} is {b.get(key)!r} instead of {a.get(key)!r}"
+    if base.get("projection_dim") != other.get("projection_dim"):
+        return f"projection_dim is {other.get('projection_dim')!r} instead of {base.get('projection_dim')!r}"
+    return None
+
+
+# ------------------------------------------------------------------------------------ internals
+def _as_recipe(recipe: MergeRecipe | str | Path | None, fields: dict[str, Any]) -> MergeRecipe:
+    if recipe is None:
+        return MergeRecipe.from_dict(fields, source="arguments")
+    if isinstance(recipe, (str, Path)):
+        recipe = MergeRecipe.load(recipe)
+    if fields:
+        data = recipe.to_dict()
+        data.update({k: v for k, v in fields.items() if v is not None})
+        return MergeRecipe.from_dict(data, source="recipe")
+    return recipe
+
+
+def _merge_experts(merger: Any, experts: Sequence[str], recipe: MergeRecipe, token: str | None, licenses: dict) -> None:
+    from huggingface_hub.utils import tqdm
+
+    with tqdm(total=len(experts), desc="Merging", unit="expert", disable=progress_disabled()) as bar:
+        for reference in experts:
+            source = resolve(reference, token=token, allow_pickle=recipe.allow_pickle)
+            licenses[source.name] = read_license(source.path)
+            bar.set_postfix_str(source.name, refresh=False)
+            merger.add(source)
+            if recipe.evict:
+                hub.evict(source)
+            bar.update(1)
+
+
+def _publish(output_dir: Path, recipe: MergeRecipe, *, token: str | None, licenses: dict, create_pr: bool,
+             commit_message: str | None = None) -> MergeResult:
+    recipe.save(output_dir)
+    write_card(output_dir, repo_id=recipe.push_to_hub, licenses=licenses, space_id=recipe.space)
+    _, steps = lineage(load_state(output_dir))
+    result = MergeResult(output_dir=output_dir, recipe=recipe, steps=steps, accuracy=_average_accuracy(output_dir, len(steps)))
+    if recipe.push_to_hub:
+        result.commit_url = hub.push_merge(output_dir, recipe.push_to_hub, token=token, private=recipe.private,
+                                           create_pr=create_pr, commit_message=commit_message)
+        logger.info("Pushed %s", result.commit_url)
+    if recipe.space:
+        if not recipe.push_to_hub:
+            raise UsageError("a Space needs a published model: set push_to_hub as well as space")
+        from .space import publish_space
+
+        result.space_url = publish_space(recipe.push_to_hub, recipe.space, token=token)
+    return result
+
+
+def _evaluation_hook(spec: EvalSpec | None, output_dir: Path, total_steps: int) -> Callable | None:
+    """The ``on_step`` callback that evaluates the merged model, or ``None`` without evaluation."""
+    if spec is None:
+        return None
+    from .evaluation import ContinualEvaluator
+
+    return ContinualEvaluator(tasks=spec.tasks, every_step=spec.every_step, limit=spec.limit, total_steps=total_steps)
+
+
+def _average_accuracy(output_dir: Path, n_steps: int) -> list[float | None]:
+    from .card import load_accuracy
+
+    table = load_accuracy(output_dir)
+    if table is None:
+        return [None] * n_steps
+    by_step = dict(zip(table.steps, table.averages()))
+    return [by_step.get(step) for step in range(1, n_steps + 1)]
+
+
+def _recipe_of(output_dir: Path) -> MergeRecipe:
+    if (output_dir / "recipe.yaml").is_file():
+        return MergeRecipe.load(output_dir)
+    # A merge folder without a recipe (made with the engine directly): rebuild one from the state.
+    state = load_state(output_dir)
+    base, experts = lineage(state)
+    return MergeRecipe(
+        base=_pinned_name(base) or str(base.get("path")),
+        experts=[_pinned_name(e) for e in experts],
+        method=str(state.get("method", "opcm")),
+        parameters={},
+        scope=str(state.get("scope") or "vision"),
+    )
+
+
+def _pinned_name(entry: dict[str, Any]) -> str:
+    """``repo@sha`` of a lineage entry (exactly what was merged), or its name for a local folder."""
+    if entry.get("repo_id"):
+        return entry["repo_id"] + (f"@{entry['revision']}" if entry.get("revision") else "")
+    return str(entry.get("name") or entry.get("path") or "")
+
+
+def _previous_licenses(output_dir: Path) -> dict[str, str | None]:
+    from .card import _previous_licenses as recorded
+
+    state = load_state(output_dir)
+    base, experts = lineage(state)
+    for entry in [base, *experts]:
+        entry.setdefault("name", entry.get("repo_id") or entry.get("path") or "local folder")
+    return recorded(output_dir, [base, *experts])
+
+
+def _copy_result(source: Path, destination: Path) -> None:
+    import shutil
+
+    if destination.exists() and any(destination.iterdir()):
+        raise UsageError(f"output folder {destination} is not empty")
+    shutil.copytree(source, destination, dirs_exist_ok=True)
