@@ -1,0 +1,314 @@
+"""What each endpoint of the local Hub does: authentication, access rules, then storage.
+
+Access rules, as on the Hub: anyone reads public repos; only the namespace's user reads its private
+repos (an anonymous reader gets 401, another user 404, both ``RepoNotFound``: a private repo is
+indistinguishable from a missing one); only the namespace's user writes (no token: 401, a token of
+another user: 403). A token that matches no user gets 401 "Invalid credentials in Authorization
+header" on every route, which the client reports as a bad token rather than a missing repo.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import re
+import secrets
+import threading
+import time
+from pathlib import Path
+from typing import Any, BinaryIO, Iterator
+
+from .hub_metadata import RepoViews, parse_front_matter, url_prefix
+from .hub_storage import REPO_TYPES, SPACE_SDKS, HubError, HubStorage, RepoRecord, should_use_lfs
+
+_TICKET_TTL_S = 3600
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+BAD_TOKEN_MESSAGE = "Invalid credentials in Authorization header"
+
+
+class HubApi:
+    """The local Hub's behaviour, independent of HTTP parsing (see ``hub_server`` for that)."""
+
+    def __init__(self, root: str | Path, tokens: dict[str, str]):
+        for user, secret in tokens.items():
+            if not user or not secret:
+                raise ValueError("Every user needs a name and a non-empty token.")
+        if len(set(tokens.values())) != len(tokens):
+            raise ValueError("Two users cannot share a token.")
+        self.storage = HubStorage(root)
+        self.views = RepoViews(self.storage)
+        self._tokens = dict(tokens)
+        # One-time upload tickets: the client PUTs LFS content without an Authorization header.
+        self._tickets: dict[str, tuple[str, int, float]] = {}
+        self._tickets_lock = threading.Lock()
+
+    # ---- identity and access --------------------------------------------------------------------
+    def authenticate(self, authorization: str | None) -> str | None:
+        """User of a ``Bearer`` token; ``None`` when there is none; 401 when it matches no user."""
+        if not authorization:
+            return None
+        scheme, _, secret = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not secret.strip():
+            raise HubError(401, BAD_TOKEN_MESSAGE)
+        for user, known in self._tokens.items():
+            if hmac.compare_digest(known.encode(), secret.strip().encode()):
+                return user
+        raise HubError(401, BAD_TOKEN_MESSAGE)
+
+    def _readable(self, user: str | None, repo_type: str, repo_id: str) -> RepoRecord:
+        record = self.storage.get_repo(repo_type, repo_id) if repo_type in REPO_TYPES else None
+        if record is None or (record.private and user != record.namespace):
+            raise HubError(401 if user is None else 404, "Repository not found", code="RepoNotFound")
+        return record
+
+    def _writable(self, user: str | None, repo_type: str, repo_id: str) -> RepoRecord:
+        if user is None:
+            raise HubError(401, "You must be authenticated to write to a repository.")
+        record = self._readable(user, repo_type, repo_id)
+        if record.namespace != user:
+            raise HubError(403, f"You don't have the rights to write to {repo_type} repository {repo_id}")
+        return record
+
+    def whoami(self, user: str | None) -> dict[str, Any]:
+        if user is None:
+            raise HubError(401, BAD_TOKEN_MESSAGE)
+        return {
+            "type": "user",
+            "id": user,
+            "name": user,
+            "fullname": user,
+            "orgs": [],
+            "auth": {"type": "access_token", "accessToken": {"displayName": "local", "role": "write"}},
+        }
+
+    # ---- repos ----------------------------------------------------------------------------------
+    def create_repo(self, user: str | None, body: dict[str, Any], base: str) -> tuple[int, dict[str, Any]]:
+        if user is None:
+            raise HubError(401, "You must be authenticated to create a repository.")
+        repo_type = body.get("type") or "model"
+        if repo_type not in REPO_TYPES:
+            raise HubError(400, f"Invalid repo type '{repo_type}'.")
+        namespace, name = body.get("organization") or user, str(body.get("name") or "")
+        if namespace != user:
+            raise HubError(403, f'You don\'t have the rights to create a {repo_type} under the namespace "{namespace}"')
+        sdk = body.get("sdk")
+        if repo_type == "space" and sdk not in SPACE_SDKS:
+            raise HubError(400, f"A Space needs an sdk, one of {', '.join(SPACE_SDKS)}.")
+        repo_id = f"{namespace}/{name}"
+        url = f"{base}/{url_prefix(repo_type)}{repo_id}"
+        private = bool(body.get("private")) or body.get("visibility") in ("private", "protected")
+        record = RepoRecord(repo_type=repo_type, repo_id=repo_id, private=private, sdk=sdk)
+        try:
+            self.storage.create_repo(record, author=user)
+        except HubError as error:
+            if error.status == 409:
+                return 409, {"error": error.message, "url": url}
+            raise
+        return 200, {"url": url, "name": repo_id, "id": repo_id}
+
+    def delete_repo(self, user: str | None, body: dict[str, Any]) -> dict[str, Any]:
+        repo_type = body.get("type") or "model"
+        repo_id = f"{body.get('organization') or user}/{body.get('name')}"
+        self._writable(user, repo_type, repo_id)
+        self.storage.delete_repo(repo_type, repo_id)
+        return {}
+
+    def settings(self, user: str | None, repo_type: str, repo_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        record = self._writable(user, repo_type, repo_id)
+        if "private" in body:
+            record.private = bool(body["private"])
+        if "visibility" in body:
+            record.private = body["visibility"] in ("private", "protected")
+        self.storage.update_repo(record)
+        return {}
+
+    def validate_yaml(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        try:
+            parse_front_matter(str(body.get("content", "")))
+        except ValueError as error:
+            return 400, {"errors": [{"message": str(error)}], "warnings": []}
+        return 200, {"errors": [], "warnings": []}
+
+    def list_repos(self, user: str | None, repo_type: str, query: dict[str, list[str]]) -> list[dict[str, Any]]:
+        """``GET /api/models``: ``filter`` (tags, all must match), ``search``, ``author``, ``sort``, ``limit``."""
+        wanted = query.get("filter", [])
+        search = (query.get("search") or [""])[-1].lower()
+        author = (query.get("author") or [None])[-1]
+        full = any((query.get(key) or [""])[-1].lower() in ("1", "true") for key in ("full", "cardData"))
+        items = []
+        for record in self.storage.list_repos(repo_type):
+            if (record.private and user != record.namespace) or (author and record.namespace != author):
+                continue
+            if search and search not in record.repo_id.lower():
+                continue
+            try:
+                head = self.storage.resolve_revision(repo_type, record.repo_id, "main")
+            except (HubError, FileNotFoundError):
+                continue  # deleted while listing
+            info = self.views.repo_info(record, head, full=full)
+            if all(tag in info["tags"] or tag == record.repo_id for tag in wanted):
+                items.append(info)
+        sort = (query.get("sort") or ["id"])[-1]
+        if sort in ("id", "lastModified", "createdAt", "likes", "downloads"):
+            descending = (query.get("direction") or ["1" if sort == "id" else "-1"])[-1] == "-1"
+            items.sort(key=lambda item: item[sort], reverse=descending)
+        limit = (query.get("limit") or [""])[-1]
+        return items[: int(limit)] if limit.isdigit() else items
+
+    # ---- reads ------------------------------------------------------------------------------------
+    def repo_info(self, user: str | None, repo_type: str, repo_id: str, revision: str) -> dict[str, Any]:
+        record = self._readable(user, repo_type, repo_id)
+        commit = self.storage.resolve_revision(repo_type, repo_id, revision)
+        return self.views.repo_info(record, commit)
+
+    def tree(self, user, repo_type, repo_id, revision, path, recursive) -> tuple[list[dict[str, Any]], str]:  # noqa: ANN001
+        self._readable(user, repo_type, repo_id)
+        commit = self.storage.resolve_revision(repo_type, repo_id, revision)
+        entries = self.views.tree_listing(commit.tree, path.strip("/"), recursive)
+        if entries is None:
+            raise HubError(404, f"Entry not found: {path}", code="EntryNotFound", headers={"X-Repo-Commit": commit.id})
+        return entries, commit.id
+
+    def paths_info(self, user, repo_type, repo_id, revision, paths) -> list[dict[str, Any]]:  # noqa: ANN001
+        self._readable(user, repo_type, repo_id)
+        commit = self.storage.resolve_revision(repo_type, repo_id, revision)
+        return self.views.paths_info(commit.tree, [str(path) for path in paths])
+
+    def refs(self, user: str | None, repo_type: str, repo_id: str) -> dict[str, Any]:
+        self._readable(user, repo_type, repo_id)
+        refs = self.storage.read_refs(repo_type, repo_id)
+
+        def item(name: str, ref: str, commit: str) -> dict[str, str]:
+            return {"name": name, "ref": ref, "targetCommit": commit}
+
+        return {
+            "branches": [item(name, f"refs/heads/{name}", c) for name, c in sorted(refs.branches.items())],
+            "converts": [],
+            "tags": [item(name, f"refs/tags/{name}", c) for name, c in sorted(refs.tags.items())],
+            "pullRequests": [
+                item(f"refs/pr/{num}", f"refs/pr/{num}", c) for num, c in sorted(refs.pull_requests.items())
+            ],
+        }
+
+    def commits(self, user: str | None, repo_type: str, repo_id: str, revision: str) -> list[dict[str, Any]]:
+        self._readable(user, repo_type, repo_id)
+        head = self.storage.resolve_revision(repo_type, repo_id, revision)
+        return [
+            {
+                "id": commit.id,
+                "title": commit.title,
+                "message": commit.message,
+                "authors": [{"user": commit.author}],
+                "date": commit.date,
+                "parents": commit.parents,
+            }
+            for commit in self.storage.history(repo_type, repo_id, head)
+        ]
+
+    def resolve(self, user, repo_type, repo_id, revision, path) -> tuple[BinaryIO, dict[str, str]]:  # noqa: ANN001
+        """An open file and the Hub's download headers (ETag, X-Repo-Commit, X-Linked-*)."""
+        self._readable(user, repo_type, repo_id)
+        commit = self.storage.resolve_revision(repo_type, repo_id, revision)
+        entry = commit.tree.get(path)
+        if entry is None:
+            raise HubError(404, "Entry not found", code="EntryNotFound", headers={"X-Repo-Commit": commit.id})
+        headers = {
+            "X-Repo-Commit": commit.id,
+            "ETag": f'"{entry.lfs_sha256 or entry.oid}"',
+            "Content-Length": str(entry.size),
+            "Content-Type": "application/octet-stream",
+            "Accept-Ranges": "bytes",
+            "Content-Disposition": f'inline; filename="{path.rsplit("/", 1)[-1]}"'.encode("ascii", "replace").decode(),
+        }
+        if entry.lfs_sha256:
+            headers["X-Linked-Etag"] = f'"{entry.lfs_sha256}"'
+            headers["X-Linked-Size"] = str(entry.size)
+        return self.storage.open_content(entry), headers
+
+    # ---- writes -----------------------------------------------------------------------------------
+    def preupload(self, user, repo_type, repo_id, revision, body) -> dict[str, Any]:  # noqa: ANN001
+        self._writable(user, repo_type, repo_id)
+        try:
+            tree = self.storage.resolve_revision(repo_type, repo_id, revision).tree
+        except HubError:
+            tree = {}  # a branch about to be created: nothing to compare with
+        files = []
+        for item in body.get("files", []):
+            path, size = str(item.get("path", "")), int(item.get("size", 0))
+            sample = base64.b64decode(item.get("sample", "") or "")
+            entry = tree.get(path)
+            files.append(
+                {
+                    "path": path,
+                    "uploadMode": "lfs" if size > 0 and should_use_lfs(path, size, sample) else "regular",
+                    "shouldIgnore": False,
+                    # The client compares this with its own oid to skip unchanged files.
+                    "oid": (entry.lfs_sha256 or entry.oid) if entry else None,
+                }
+            )
+        return {"files": files}
+
+    def lfs_batch(self, user, repo_type, repo_id, body, base) -> dict[str, Any]:  # noqa: ANN001
+        self._writable(user, repo_type, repo_id)
+        if body.get("operation") != "upload":
+            raise HubError(400, "Only the 'upload' operation is supported.")
+        objects = []
+        for obj in body.get("objects", []):
+            oid, size = str(obj.get("oid", "")), obj.get("size")
+            if not _SHA256_RE.match(oid) or not isinstance(size, int) or size < 0:
+                objects.append({"oid": oid, "size": size if isinstance(size, int) else 0,
+                                "error": {"code": 422, "message": "Invalid oid or size."}})
+                continue
+            answer: dict[str, Any] = {"oid": oid, "size": size, "authenticated": True}
+            if self.storage.lfs_size(oid) != size:
+                ticket = secrets.token_urlsafe(32)
+                with self._tickets_lock:
+                    now = time.monotonic()
+                    self._tickets = {key: value for key, value in self._tickets.items() if value[2] > now}
+                    self._tickets[ticket] = (oid, size, now + _TICKET_TTL_S)
+                answer["actions"] = {"upload": {"href": f"{base}/lfs-upload/{ticket}", "expires_in": _TICKET_TTL_S}}
+            objects.append(answer)
+        return {"transfer": "basic", "objects": objects, "hash_algo": "sha256"}
+
+    def lfs_upload(self, ticket: str, stream: Iterator[bytes]) -> None:
+        """Store the body of a ``PUT`` to a ticket's href, checked against the promised sha256 and size."""
+        with self._tickets_lock:
+            promised = self._tickets.pop(ticket, None)  # one-time, even if the upload then fails
+        if promised is None or promised[2] < time.monotonic():
+            raise HubError(403, "Upload ticket is unknown, used or expired; ask the LFS batch endpoint again.")
+        oid, size, _ = promised
+        self.storage.put_lfs(stream, oid, size)
+
+    def commit(self, user, repo_type, repo_id, revision, lines, create_pr, base) -> dict[str, Any]:  # noqa: ANN001
+        self._writable(user, repo_type, repo_id)
+        if not lines or lines[0].get("key") != "header":
+            raise HubError(400, "A commit starts with a header line.")
+        header = lines[0].get("value") or {}
+        if not header.get("summary"):
+            raise HubError(400, "A commit needs a summary.")
+        operations = [(str(line.get("key")), line.get("value") or {}) for line in lines[1:]]
+        commit, pr_num = self.storage.commit(
+            repo_type, repo_id, revision=revision, author=str(user), title=str(header["summary"]),
+            message=str(header.get("description") or ""), operations=operations,
+            parent_commit=header.get("parentCommit"), create_pr=create_pr,
+        )
+        repo_url = f"{base}/{url_prefix(repo_type)}{repo_id}"
+        return {
+            "success": True,
+            "commitOid": commit.id,
+            "commitUrl": f"{repo_url}/commit/{commit.id}",
+            "pullRequestUrl": f"{repo_url}/discussions/{pr_num}" if pr_num else None,
+        }
+
+    def ref(self, user, method, repo_type, repo_id, kind, name, body) -> dict[str, Any]:  # noqa: ANN001
+        """Create (``POST``) or delete (``DELETE``) a branch or a tag."""
+        self._writable(user, repo_type, repo_id)
+        if method == "DELETE":
+            self.storage.delete_ref(repo_type, repo_id, kind, name)
+            return {}
+        if kind == "branch":
+            target = self.storage.create_ref(repo_type, repo_id, "branch", name, body.get("startingPoint") or "main")
+            return {"name": name, "ref": f"refs/heads/{name}", "targetCommit": target}
+        tag = str(body.get("tag") or "")
+        target = self.storage.create_ref(repo_type, repo_id, "tag", tag, name)  # `name` is the revision here
+        return {"name": tag, "ref": f"refs/tags/{tag}", "targetCommit": target}

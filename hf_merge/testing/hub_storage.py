@@ -1,0 +1,434 @@
+"""On-disk storage of the local Hub: content-addressed blobs, commits and refs, like a bare git repo.
+
+Layout under ``root``::
+
+    objects/blobs/ab/<git blob sha1>      regular files, addressed as git addresses them
+    objects/lfs/ab/<sha256>               large files, addressed as Git LFS addresses them
+    repos/<type>s/<namespace>/<name>/
+        repo.json                         private flag, Space SDK, creation date
+        refs.json                         branches, tags, pull requests (name -> commit id)
+        commits/<commit id>.json          parents, message, author, date and the full file tree
+    tmp/                                  partial writes, renamed into place when complete
+
+Every file is written to ``tmp/`` and renamed, so a crash or a restart never leaves a half-written
+object, and readers never need a lock. Writers of one repo are serialised by a per-repo lock.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import re
+import shutil
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, BinaryIO, Iterator
+
+REPO_TYPES = ("model", "dataset", "space")
+SPACE_SDKS = ("gradio", "streamlit", "docker", "static")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+_COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+_CHUNK = 1 << 20
+
+# What the Hub puts in every new repo: these patterns are stored with Git LFS.
+GITATTRIBUTES = "".join(
+    f"{pattern} filter=lfs diff=lfs merge=lfs -text\n"
+    for pattern in (
+        "*.7z", "*.arrow", "*.bin", "*.bz2", "*.ckpt", "*.ftz", "*.gz", "*.h5", "*.joblib",
+        "*.lfs.*", "*.mlmodel", "*.model", "*.msgpack", "*.npy", "*.npz", "*.onnx", "*.ot",
+        "*.parquet", "*.pb", "*.pickle", "*.pkl", "*.pt", "*.pth", "*.rar", "*.safetensors",
+        "saved_model/**/*", "*.tar.*", "*.tar", "*.tflite", "*.tgz", "*.wasm", "*.xz", "*.zip",
+        "*.zst", "*tfevents*", "*.png", "*.jpg", "*.jpeg", "*.gif", "*.webp",
+    )
+)
+_LFS_SUFFIXES = tuple(
+    pattern[1:] for pattern in (line.split()[0] for line in GITATTRIBUTES.splitlines()) if pattern.count("*") == 1 and pattern.startswith("*.")
+)
+# The Hub refuses regular (non-LFS) files from 10 MB on.
+LFS_THRESHOLD = 10 * 1024 * 1024
+
+
+class HubError(Exception):
+    """An HTTP error the server answers with: status, ``X-Error-Code`` and a one-line message."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+        body: dict[str, Any] | None = None,
+    ):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+        self.body = body or {}
+
+
+def git_blob_sha1(data: bytes) -> str:
+    """The object id git gives a file's content (``blob <size>\\0`` + content)."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def lfs_pointer(sha256: str, size: int) -> bytes:
+    """The Git LFS pointer file that stands in the git tree for a large file."""
+    return f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
+
+
+def should_use_lfs(path: str, size: int, sample: bytes) -> bool:
+    """Upload mode the Hub picks: LFS for tracked suffixes, large files and binary content."""
+    return path.endswith(_LFS_SUFFIXES) or size >= LFS_THRESHOLD or b"\0" in sample
+
+
+def now_iso() -> str:
+    """UTC timestamp in the Hub's format (``2024-01-01T00:00:00.000Z``)."""
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+@dataclass
+class TreeEntry:
+    """One file of a commit's tree. ``oid`` is the git blob sha1 (of the pointer, for LFS files)."""
+
+    oid: str
+    size: int
+    lfs_sha256: str | None = None
+
+    @property
+    def pointer_size(self) -> int:
+        return len(lfs_pointer(self.lfs_sha256 or "", self.size)) if self.lfs_sha256 else 0
+
+
+@dataclass
+class Commit:
+    """A commit: the whole tree (path -> entry) is stored, not a diff, so reads are one file."""
+
+    id: str
+    parents: list[str]
+    title: str
+    message: str
+    author: str
+    date: str
+    tree: dict[str, TreeEntry] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["tree"] = {path: asdict(entry) for path, entry in self.tree.items()}
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Commit":
+        tree = {path: TreeEntry(**entry) for path, entry in data.pop("tree").items()}
+        return cls(tree=tree, **data)
+
+
+@dataclass
+class RepoRecord:
+    """What the Hub knows about a repo besides its git content."""
+
+    repo_type: str
+    repo_id: str
+    private: bool = False
+    sdk: str | None = None
+    created_at: str = field(default_factory=now_iso)
+
+    @property
+    def namespace(self) -> str:
+        return self.repo_id.split("/", 1)[0]
+
+
+@dataclass
+class Refs:
+    """Named pointers to commits. Pull requests live at ``refs/pr/<num>``."""
+
+    branches: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    pull_requests: dict[str, str] = field(default_factory=dict)  # str(num) -> commit id
+
+
+class HubStorage:
+    """Repos, commits, refs and blobs on disk; safe for many threads of one process."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        for sub in ("objects/blobs", "objects/lfs", "repos", "tmp"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self._locks: dict[tuple[str, str], threading.RLock] = {}
+        self._locks_guard = threading.Lock()
+
+    # ---- low level -------------------------------------------------------------------------------
+    def _tmp_path(self) -> Path:
+        return self.root / "tmp" / uuid.uuid4().hex
+
+    def _write_atomic(self, path: Path, data: bytes) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._tmp_path()
+        with open(tmp, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+
+    def _write_json(self, path: Path, data: Any) -> None:
+        self._write_atomic(path, json.dumps(data, indent=1, sort_keys=True).encode())
+
+    def repo_lock(self, repo_type: str, repo_id: str) -> threading.RLock:
+        """The lock that serialises writes (commits, refs, deletion) to one repo."""
+        with self._locks_guard:
+            return self._locks.setdefault((repo_type, repo_id), threading.RLock())
+
+    def _repo_dir(self, repo_type: str, repo_id: str) -> Path:
+        return self.root / "repos" / f"{repo_type}s" / repo_id
+
+    # ---- blobs -------------------------------------------------------------------------------------
+    def _blob_path(self, oid: str) -> Path:
+        return self.root / "objects" / "blobs" / oid[:2] / oid
+
+    def _lfs_path(self, sha256: str) -> Path:
+        return self.root / "objects" / "lfs" / sha256[:2] / sha256
+
+    def put_blob(self, data: bytes) -> str:
+        """Store a regular file's content; returns its git blob sha1."""
+        oid = git_blob_sha1(data)
+        path = self._blob_path(oid)
+        if not path.exists():
+            self._write_atomic(path, data)
+        return oid
+
+    def lfs_size(self, sha256: str) -> int | None:
+        """Size of a stored LFS object, or ``None`` if it was never (completely) uploaded."""
+        if not re.fullmatch(r"[0-9a-f]{64}", sha256 or ""):
+            return None
+        path = self._lfs_path(sha256)
+        return path.stat().st_size if path.exists() else None
+
+    def put_lfs(self, stream: Iterator[bytes], sha256: str, size: int) -> None:
+        """Store an LFS object from chunks, refusing content whose sha256 or size is not the promised one."""
+        tmp = self._tmp_path()
+        digest, written = hashlib.sha256(), 0
+        try:
+            with open(tmp, "wb") as file:
+                for chunk in stream:
+                    written += len(chunk)
+                    if written > size:
+                        raise HubError(400, f"Upload is larger than the announced {size} bytes.")
+                    digest.update(chunk)
+                    file.write(chunk)
+                file.flush()
+                os.fsync(file.fileno())
+            if written != size:
+                raise HubError(400, f"Upload has {written} bytes, {size} were announced.")
+            if digest.hexdigest() != sha256:
+                raise HubError(400, "Upload content does not match its sha256 oid.")
+            path = self._lfs_path(sha256)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def open_content(self, entry: TreeEntry) -> BinaryIO:
+        """Open a file of a tree for reading (the real content, also for LFS files)."""
+        path = self._lfs_path(entry.lfs_sha256) if entry.lfs_sha256 else self._blob_path(entry.oid)
+        return open(path, "rb")
+
+    def read_content(self, entry: TreeEntry) -> bytes:
+        with self.open_content(entry) as file:
+            return file.read()
+
+    # ---- repos ----------------------------------------------------------------------------------
+    def create_repo(self, record: RepoRecord, author: str) -> None:
+        """Create a repo with the Hub's initial commit (``.gitattributes``) on ``main``."""
+        namespace, _, name = record.repo_id.partition("/")
+        if not (_NAME_RE.match(namespace) and _NAME_RE.match(name)) or name.endswith((".git", ".")):
+            raise HubError(400, f"Invalid repo name '{record.repo_id}'.")
+        with self.repo_lock(record.repo_type, record.repo_id):
+            repo_dir = self._repo_dir(record.repo_type, record.repo_id)
+            if (repo_dir / "repo.json").exists():
+                raise HubError(409, f"You already created this {record.repo_type} repo")
+            content = GITATTRIBUTES.encode()
+            tree = {".gitattributes": TreeEntry(oid=self.put_blob(content), size=len(content))}
+            commit = self._new_commit([], "initial commit", "", author, tree)
+            self._write_commit(record.repo_type, record.repo_id, commit)
+            self.write_refs(record.repo_type, record.repo_id, Refs(branches={"main": commit.id}))
+            self._write_json(repo_dir / "repo.json", asdict(record))
+
+    def get_repo(self, repo_type: str, repo_id: str) -> RepoRecord | None:
+        path = self._repo_dir(repo_type, repo_id) / "repo.json"
+        try:
+            return RepoRecord(**json.loads(path.read_text()))
+        except FileNotFoundError:
+            return None
+
+    def update_repo(self, record: RepoRecord) -> None:
+        with self.repo_lock(record.repo_type, record.repo_id):
+            self._write_json(self._repo_dir(record.repo_type, record.repo_id) / "repo.json", asdict(record))
+
+    def delete_repo(self, repo_type: str, repo_id: str) -> None:
+        """Remove a repo (its blobs stay: other repos may share them)."""
+        with self.repo_lock(repo_type, repo_id):
+            repo_dir = self._repo_dir(repo_type, repo_id)
+            # Renaming first makes the deletion atomic for readers.
+            trash = self._tmp_path()
+            os.replace(repo_dir, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+
+    def list_repos(self, repo_type: str) -> list[RepoRecord]:
+        base = self.root / "repos" / f"{repo_type}s"
+        records = []
+        for path in sorted(base.glob("*/*/repo.json")):
+            try:
+                records.append(RepoRecord(**json.loads(path.read_text())))
+            except (FileNotFoundError, json.JSONDecodeError):
+                continue  # deleted meanwhile
+        return records
+
+    # ---- refs and commits -----------------------------------------------------------------------
+    def read_refs(self, repo_type: str, repo_id: str) -> Refs:
+        data = json.loads((self._repo_dir(repo_type, repo_id) / "refs.json").read_text())
+        return Refs(**data)
+
+    def write_refs(self, repo_type: str, repo_id: str, refs: Refs) -> None:
+        self._write_json(self._repo_dir(repo_type, repo_id) / "refs.json", asdict(refs))
+
+    def _new_commit(self, parents: list[str], title: str, message: str, author: str, tree: dict) -> Commit:
+        seed = json.dumps([parents, title, message, author, time.time_ns(), uuid.uuid4().hex]).encode()
+        return Commit(
+            id=hashlib.sha1(seed).hexdigest(), parents=parents, title=title, message=message,
+            author=author, date=now_iso(), tree=dict(tree),
+        )
+
+    def _write_commit(self, repo_type: str, repo_id: str, commit: Commit) -> None:
+        path = self._repo_dir(repo_type, repo_id) / "commits" / f"{commit.id}.json"
+        self._write_json(path, commit.to_json())
+
+    def get_commit(self, repo_type: str, repo_id: str, commit_id: str) -> Commit | None:
+        if not _COMMIT_RE.match(commit_id):
+            return None
+        path = self._repo_dir(repo_type, repo_id) / "commits" / f"{commit_id}.json"
+        try:
+            return Commit.from_json(json.loads(path.read_text()))
+        except FileNotFoundError:
+            return None
+
+    def resolve_revision(self, repo_type: str, repo_id: str, revision: str) -> Commit:
+        """Branch, tag, ``refs/pr/N``, ``refs/heads/x`` or a full commit id -> the commit."""
+        refs = self.read_refs(repo_type, repo_id)
+        name = revision.removeprefix("refs/heads/").removeprefix("refs/tags/")
+        commit_id = refs.branches.get(name) or refs.tags.get(name)
+        if commit_id is None and revision.startswith("refs/pr/"):
+            commit_id = refs.pull_requests.get(revision.removeprefix("refs/pr/"))
+        if commit_id is None and _COMMIT_RE.match(revision):
+            commit_id = revision
+        commit = self.get_commit(repo_type, repo_id, commit_id) if commit_id else None
+        if commit is None:
+            raise HubError(404, f"Invalid rev id: {revision}", code="RevisionNotFound")
+        return commit
+
+    def history(self, repo_type: str, repo_id: str, head: Commit) -> list[Commit]:
+        """Commits reachable from ``head`` by first parents, newest first."""
+        commits = [head]
+        while commits[-1].parents:
+            parent = self.get_commit(repo_type, repo_id, commits[-1].parents[0])
+            if parent is None:
+                break
+            commits.append(parent)
+        return commits
+
+    def commit(
+        self,
+        repo_type: str,
+        repo_id: str,
+        *,
+        revision: str,
+        author: str,
+        title: str,
+        message: str,
+        operations: list[tuple[str, dict[str, Any]]],
+        parent_commit: str | None = None,
+        create_pr: bool = False,
+    ) -> tuple[Commit, int | None]:
+        """Apply ndjson operations on top of ``revision``; returns the commit and the PR number, if any."""
+        with self.repo_lock(repo_type, repo_id):
+            refs = self.read_refs(repo_type, repo_id)
+            if revision.startswith("refs/pr/"):
+                ref_kind, ref_name = "pull_requests", revision.removeprefix("refs/pr/")
+            else:
+                ref_kind, ref_name = "branches", revision.removeprefix("refs/heads/")
+            head_id = getattr(refs, ref_kind).get(ref_name)
+            if head_id is None:
+                raise HubError(404, f"Invalid rev id: {revision}", code="RevisionNotFound")
+            if parent_commit is not None and parent_commit != head_id:
+                raise HubError(412, "A commit has happened since. Please refresh and try again.")
+            head = self.get_commit(repo_type, repo_id, head_id)
+            assert head is not None, f"ref {revision} points to a missing commit"
+            tree = self._apply(dict(head.tree), operations)
+            commit = self._new_commit([head.id], title, message, author, tree)
+            self._write_commit(repo_type, repo_id, commit)
+            pr_num = None
+            if create_pr:
+                pr_num = max((int(num) for num in refs.pull_requests), default=0) + 1
+                refs.pull_requests[str(pr_num)] = commit.id
+            else:
+                getattr(refs, ref_kind)[ref_name] = commit.id
+            self.write_refs(repo_type, repo_id, refs)
+            return commit, pr_num
+
+    def _apply(self, tree: dict[str, TreeEntry], operations: list[tuple[str, dict[str, Any]]]) -> dict:
+        for key, value in operations:
+            path = str(value.get("path", "")).strip("/")
+            if not path or ".." in path.split("/"):
+                raise HubError(400, f"Invalid path in commit: '{value.get('path')}'.")
+            if key == "file":
+                if value.get("encoding", "base64") != "base64":
+                    raise HubError(400, f"Unsupported encoding for '{path}'.")
+                data = base64.b64decode(value.get("content", ""))
+                tree[path] = TreeEntry(oid=self.put_blob(data), size=len(data))
+            elif key == "lfsFile":
+                sha256 = str(value.get("oid", ""))
+                stored = self.lfs_size(sha256)
+                if stored is None:
+                    raise HubError(400, f"Your push was rejected because the LFS object of '{path}' was not uploaded.")
+                if value.get("size") is not None and int(value["size"]) != stored:
+                    raise HubError(400, f"Size of '{path}' does not match its uploaded LFS object.")
+                tree[path] = TreeEntry(oid=git_blob_sha1(lfs_pointer(sha256, stored)), size=stored, lfs_sha256=sha256)
+            elif key == "deletedFile":
+                if tree.pop(path, None) is None:
+                    raise HubError(404, f"A file with this name doesn't exist: {path}", code="EntryNotFound")
+            elif key == "deletedFolder":
+                doomed = [name for name in tree if name.startswith(path + "/")]
+                if not doomed:
+                    raise HubError(404, f"A folder with this name doesn't exist: {path}", code="EntryNotFound")
+                for name in doomed:
+                    del tree[name]
+            else:
+                raise HubError(400, f"Unknown commit operation '{key}'.")
+        return tree
+
+    def create_ref(self, repo_type: str, repo_id: str, kind: str, name: str, starting_point: str) -> str:
+        """Create a branch or tag at a revision; 409 if it exists. Returns the commit id."""
+        with self.repo_lock(repo_type, repo_id):
+            refs = self.read_refs(repo_type, repo_id)
+            table = refs.branches if kind == "branch" else refs.tags
+            if name in table:
+                raise HubError(409, f"Reference already exists: {name}")
+            if not name or name.startswith("refs/") or ".." in name or " " in name:
+                raise HubError(400, f"Invalid reference name: {name}")
+            table[name] = self.resolve_revision(repo_type, repo_id, starting_point).id
+            self.write_refs(repo_type, repo_id, refs)
+            return table[name]
+
+    def delete_ref(self, repo_type: str, repo_id: str, kind: str, name: str) -> None:
+        with self.repo_lock(repo_type, repo_id):
+            refs = self.read_refs(repo_type, repo_id)
+            table = refs.branches if kind == "branch" else refs.tags
+            if name not in table or (kind == "branch" and name == "main"):
+                raise HubError(404 if name not in table else 403, f"Cannot delete reference: {name}")
+            del table[name]
+            self.write_refs(repo_type, repo_id, refs)
