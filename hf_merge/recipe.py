@@ -74,39 +74,15 @@ def known_methods() -> list[str]:
 def _registry_parameters() -> dict[str, dict[str, Any]] | None:
     """``{method: {parameter: default}}`` from :mod:`hf_merge.methods`, or ``None`` if unavailable."""
     try:
-        from . import methods as registry
+        from .methods.base import METHODS, get_method
     except ImportError:
         return None
-    names = getattr(registry, "METHODS", None)
-    if not names:
-        return None
-    out: dict[str, dict[str, Any]] = {}
-    for name in names if not isinstance(names, Mapping) else names.keys():
-        method = registry.get_method(name)
-        out[name] = _declared_defaults(method)
-    return out
-
-
-def _declared_defaults(method: Any) -> dict[str, Any]:
-    """Read a method's declared parameters: a dataclass of hyperparameters, a mapping, or a list."""
-    import dataclasses
-
-    for attr in ("parameters", "PARAMETERS", "hyperparameters", "Hyperparameters", "Parameters", "defaults"):
-        declared = getattr(method, attr, None)
-        if declared is None or callable(declared) and not isinstance(declared, type):
-            continue
-        if isinstance(declared, type) and dataclasses.is_dataclass(declared):
-            return {
-                f.name: (f.default if f.default is not dataclasses.MISSING else None) for f in dataclasses.fields(declared)
-            }
-        if isinstance(declared, Mapping):
-            return {
-                k: (getattr(v, "default", v) if not isinstance(v, (int, float, str, bool, type(None))) else v)
-                for k, v in declared.items()
-            }
-        if isinstance(declared, (list, tuple)):
-            return {getattr(p, "name", p): getattr(p, "default", None) for p in declared}
-    return {}
+    if not METHODS:
+        try:
+            get_method("opcm")  # importing the registry's modules registers every method
+        except Exception:
+            return None
+    return {name: dict(getattr(cls, "defaults", {}) or {}) for name, cls in METHODS.items()} or None
 
 
 @dataclass
