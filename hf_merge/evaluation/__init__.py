@@ -1,0 +1,43 @@
+"""Zero-shot classification evaluation of CLIP models, before, during and after a merge.
+
+- :mod:`.tasks`: :class:`Task` / :class:`DatasetSpec` and the registry (``get_task``,
+  ``register_task``, ``list_tasks``) with the 20 tasks of the published experiments.
+- :mod:`.datasets`: a task's dataset as checked, lazily decoded images and labels.
+- :mod:`.heads`: zero-shot heads from the text tower, cached while the text tower is unchanged.
+- :mod:`.metric`: :class:`ZeroShotAccuracy`, an ``evaluate`` metric (accuracy, top-5, per class).
+- :mod:`.runner`: :class:`Evaluator` and :func:`evaluate_model` (``hf-merge eval``).
+- :mod:`.continual`: :class:`ContinualEvaluator` (the merge engine's ``on_step`` callback) and
+  :class:`EvaluationReport`, saved as ``eval_results.json``.
+"""
+
+from .continual import RESULTS_FILENAME, ContinualEvaluator, EvaluationReport
+from .datasets import TaskData, load_task_data
+from .heads import HeadCache, ZeroShotHead, build_head, text_tower_fingerprint
+from .metric import ZeroShotAccuracy
+from .paper_tasks import PAPER_TASKS_8, PAPER_TASKS_14, PAPER_TASKS_20
+from .runner import Evaluator, evaluate_model, load_clip
+from .tasks import DatasetSpec, Task, get_task, list_tasks, register_task
+
+__all__ = [
+    "PAPER_TASKS_8",
+    "PAPER_TASKS_14",
+    "PAPER_TASKS_20",
+    "RESULTS_FILENAME",
+    "ContinualEvaluator",
+    "DatasetSpec",
+    "EvaluationReport",
+    "Evaluator",
+    "HeadCache",
+    "Task",
+    "TaskData",
+    "ZeroShotAccuracy",
+    "ZeroShotHead",
+    "build_head",
+    "evaluate_model",
+    "get_task",
+    "list_tasks",
+    "load_clip",
+    "load_task_data",
+    "register_task",
+    "text_tower_fingerprint",
+]

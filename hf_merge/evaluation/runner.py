@@ -1,0 +1,158 @@
+"""Evaluate a CLIP model on zero-shot classification tasks.
+
+:class:`Evaluator` holds the tasks, the head cache and the device; ``evaluator.evaluate(model)``
+returns one metrics dict per task (the keys of
+:class:`~hf_merge.evaluation.metric.ZeroShotAccuracy` plus ``num_classes`` and ``dataset``).
+Images are encoded in batches on the Accelerate device (``accelerate.PartialState().device``).
+:func:`evaluate_model` is the one-call form used by ``hf-merge eval``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from ..errors import EvaluationError
+from ..log import get_logger, progress_disabled
+from .datasets import load_task_data
+from .heads import HeadCache
+from .metric import ZeroShotAccuracy
+from .tasks import Task, get_task
+
+logger = get_logger(__name__)
+
+
+def default_device() -> torch.device:
+    """The device Accelerate assigns to this process (GPU when there is one, else CPU)."""
+    from accelerate import PartialState
+
+    return PartialState().device
+
+
+def load_clip(
+    model: str | Path, *, device: torch.device | str | None = None, token: str | bool | None = None
+) -> tuple[Any, Any]:
+    """Load ``(CLIPModel, CLIPProcessor)`` from a folder, ``repo_id`` or ``repo_id@revision``.
+
+    Weights are read from safetensors only; the processor comes from the same snapshot.
+    """
+    from transformers import CLIPModel, CLIPProcessor
+
+    from ..sources import resolve
+
+    source = resolve(model, token=token)
+    try:
+        clip = CLIPModel.from_pretrained(source.path, use_safetensors=True, dtype=torch.float32)
+    except (OSError, ValueError) as error:
+        raise EvaluationError(f"cannot load a CLIP model from {source.name}: {str(error).splitlines()[0]}") from error
+    try:
+        processor = CLIPProcessor.from_pretrained(source.path)
+    except (OSError, ValueError, TypeError) as error:
+        raise EvaluationError(
+            f"{source.name} has no usable CLIP processor/tokenizer files: {str(error).splitlines()[0]}"
+        ) from error
+    clip.eval().to(device if device is not None else default_device())
+    return clip, processor
+
+
+class Evaluator:
+    """Zero-shot evaluation of CLIP models on a fixed list of tasks.
+
+    Args:
+        tasks: Task names or :class:`Task` objects.
+        limit: Keep at most this many examples per task (evenly spaced; ``None`` keeps all).
+        batch_size: Images encoded per forward pass.
+        device: Where to run; defaults to the Accelerate device.
+        head_cache: Shared :class:`HeadCache`; heads are reused while the text tower is unchanged.
+    """
+
+    def __init__(
+        self,
+        tasks: Sequence[str | Task],
+        *,
+        limit: int | None = None,
+        batch_size: int = 64,
+        device: torch.device | str | None = None,
+        head_cache: HeadCache | None = None,
+    ):
+        self.tasks = [get_task(t) for t in tasks]
+        self.limit = limit
+        self.batch_size = batch_size
+        self.device = torch.device(device) if device is not None else default_device()
+        self.head_cache = head_cache if head_cache is not None else HeadCache()
+        self._data: dict[str, Any] = {}
+
+    def evaluate(
+        self, model: Any, processor: Any = None, tasks: Sequence[str | Task] | None = None
+    ) -> dict[str, dict[str, Any]]:
+        """Metrics of ``model`` per task name (all of this evaluator's tasks unless ``tasks`` is given).
+
+        ``model`` is a ``CLIPModel`` (then ``processor`` is required) or a folder / repo id.
+        """
+        if not hasattr(model, "get_image_features"):
+            model, loaded = load_clip(model, device=self.device)
+            processor = processor or loaded
+        elif processor is None:
+            raise EvaluationError("evaluating a CLIPModel object needs its processor (processor=...)")
+        model.eval().to(self.device)
+        selected = [get_task(t) for t in tasks] if tasks is not None else self.tasks
+        return {task.name: self.evaluate_task(model, processor, task) for task in selected}
+
+    @torch.no_grad()
+    def evaluate_task(self, model: Any, processor: Any, task: Task) -> dict[str, Any]:
+        """Accuracy, top-5 accuracy and per-class accuracy of ``model`` on one task."""
+        data = self._data.get(task.name)
+        if data is None or data.task != task:
+            data = self._data[task.name] = load_task_data(task, limit=self.limit)
+        head = self.head_cache.get(model, _tokenizer(processor), task, device=self.device)
+        metric = ZeroShotAccuracy(keep_in_memory=True)
+        top_k = min(5, task.num_classes)
+        batches = data.batches(self.batch_size)
+        if not progress_disabled():
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, total=-(-len(data) // self.batch_size), desc=task.name, leave=False)
+        for images, labels in batches:
+            pixels = _image_processor(processor)(images=images, return_tensors="pt")["pixel_values"]
+            embeds = model.get_image_features(pixel_values=pixels.to(self.device, model.dtype)).pooler_output
+            ranked = head.logits(embeds).topk(top_k, dim=-1).indices.cpu().tolist()
+            metric.add_batch(predictions=ranked, references=labels)
+        result = metric.compute(num_classes=task.num_classes, top_k=top_k)
+        # With fewer than 5 classes the top 5 is every class; one key name for every task.
+        result["top5_accuracy"] = result.pop(f"top{top_k}_accuracy")
+        result["num_classes"] = task.num_classes
+        result["dataset"] = data.source
+        logger.info("%s: accuracy %.4f on %d examples", task.name, result["accuracy"], result["num_samples"])
+        return result
+
+
+def evaluate_model(
+    model: str | Path | Any,
+    tasks: Sequence[str | Task],
+    limit: int | None = None,
+    processor: Any = None,
+    *,
+    batch_size: int = 64,
+    device: torch.device | str | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Evaluate one model (folder, ``repo_id[@revision]`` or ``CLIPModel``) on ``tasks``.
+
+    Returns ``{task name: metrics}``; see :meth:`Evaluator.evaluate_task` for the keys.
+    """
+    if not tasks:
+        raise EvaluationError("no tasks to evaluate; pass at least one task name")
+    evaluator = Evaluator(tasks, limit=limit, batch_size=batch_size, device=device)
+    return evaluator.evaluate(model, processor)
+
+
+def _tokenizer(processor: Any) -> Any:
+    return getattr(processor, "tokenizer", processor)
+
+
+def _image_processor(processor: Any) -> Any:
+    image_processor = getattr(processor, "image_processor", None)
+    if image_processor is None:
+        raise EvaluationError("the processor has no image processor; pass a CLIPProcessor")
+    return image_processor
