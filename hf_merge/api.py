@@ -75,6 +75,7 @@ def merge(recipe: MergeRecipe | str | Path | None = None, *, token: str | None =
             "or choose another --output"
         )
     experts = recipe.ordered_experts()
+    hook = _evaluation_hook(recipe.eval, recipe.ordered_eval_tasks(), experts, done=0)
     check_models(recipe.base, experts, token=token, allow_pickle=recipe.allow_pickle)
 
     from .engine import ContinualMerger
@@ -87,9 +88,12 @@ def merge(recipe: MergeRecipe | str | Path | None = None, *, token: str | None =
         method=recipe.method,
         scope=recipe.scope,
         hyperparameters=recipe.hyperparameters(),
-        on_step=_evaluation_hook(recipe.eval, output_dir, len(experts)),
+        on_step=hook,
+        token=token,
+        allow_pickle=recipe.allow_pickle,
     )
-    _merge_experts(merger, experts, recipe, token, licenses)
+    with merger:
+        _merge_experts(merger, experts, recipe, token, licenses)
     return _publish(output_dir, recipe, token=token, licenses=licenses, create_pr=create_pr)
 
 
@@ -149,26 +153,28 @@ def add(
         key = _reference_key(expert)
         if key in merged_keys or (key[0], None) in merged_keys:
             raise RecipeError(f"expert {expert!r} is already merged in {merged}")
-    recipe.experts = recipe.experts + experts
-    recipe.shuffle = False  # the order of the merged part is fixed by the lineage; new ones go in as given
+    # The merged part's order is fixed by the lineage; new experts follow in the order given.
+    recipe.experts = [_pinned_name(e) for e in done] + experts
+    recipe.shuffle = False
     recipe.push_to_hub = push_to_hub or source_repo
     recipe.output = str(output_dir)
-    for name, value in (("eval", eval), ("allow_pickle", allow_pickle), ("evict", evict), ("space", space)):
+    for name, value in (("allow_pickle", allow_pickle), ("evict", evict), ("space", space)):
         if value is not None:
             setattr(recipe, name, value)
+    tasks = _continued_tasks(recipe, eval, len(done), len(experts))
     recipe.validate()
+    hook = _evaluation_hook(recipe.eval, tasks, recipe.experts, done=len(done), output_dir=output_dir)
     check_models(recipe.base, experts, token=token, allow_pickle=recipe.allow_pickle)
 
     from .engine import ContinualMerger
 
-    base = resolve(recipe.base, token=token, allow_pickle=recipe.allow_pickle)
+    # The base pinned to the commit the merge started from (the engine refuses any other).
+    base = resolve(_pinned_base(base_entry, recipe.base), token=token, allow_pickle=recipe.allow_pickle)
     licenses = _previous_licenses(output_dir)
     licenses.setdefault(base.name, read_license(base.path))
-    merger = ContinualMerger.resume(output_dir, base=base)
-    hook = _evaluation_hook(recipe.eval, output_dir, len(done) + len(experts))
-    if hook is not None:
-        merger.on_step = hook
-    _merge_experts(merger, experts, recipe, token, licenses)
+    merger = ContinualMerger.resume(output_dir, base=base, on_step=hook, token=token, allow_pickle=recipe.allow_pickle)
+    with merger:
+        _merge_experts(merger, experts, recipe, token, licenses)
     message = f"hf-merge: add {len(experts)} expert{'s' if len(experts) > 1 else ''} ({', '.join(experts)})"
     return _publish(output_dir, recipe, token=token, licenses=licenses, create_pr=create_pr, commit_message=message)
 
@@ -279,13 +285,85 @@ def _publish(output_dir: Path, recipe: MergeRecipe, *, token: str | None, licens
     return result
 
 
-def _evaluation_hook(spec: EvalSpec | None, output_dir: Path, total_steps: int) -> Callable | None:
-    """The ``on_step`` callback that evaluates the merged model, or ``None`` without evaluation."""
-    if spec is None:
-        return None
-    from .evaluation import ContinualEvaluator
+def _evaluation_hook(
+    spec: EvalSpec | None, tasks: Sequence[str], experts: Sequence[str], *, done: int, output_dir: Path | None = None
+) -> Callable | None:
+    """The engine's ``on_step`` callback that evaluates the merged model, or ``None`` without evaluation.
 
-    return ContinualEvaluator(tasks=spec.tasks, every_step=spec.every_step, limit=spec.limit, total_steps=total_steps)
+    ``every_step``: after step t, accuracy on the tasks of experts 1..t (one task per expert, in merge
+    order). Otherwise only the final model is evaluated, on every task.
+    """
+    if spec is None or not tasks:
+        return None
+    from .evaluation import ContinualEvaluator, EvaluationReport, get_task
+    from .errors import EvaluationError
+
+    for task in tasks:
+        try:
+            get_task(task)
+        except EvaluationError as error:
+            raise RecipeError(str(error)) from None
+    total = len(experts)
+    if spec.every_step:
+        if len(tasks) != total:
+            raise RecipeError(
+                f"eval.every_step needs one task per expert, in merge order ({total} experts, {len(tasks)} tasks)"
+            )
+        report = None
+        if done and output_dir is not None and (output_dir / EVAL_FILENAME).is_file():
+            report = EvaluationReport.from_json(output_dir)
+            if report.num_steps != done:
+                report = None  # an older or partial evaluation cannot be continued row by row
+        if done and report is None:
+            logger.warning("No per-step evaluation of the first %d steps to continue; evaluating from step %d on", done, done + 1)
+            return _FromStep(ContinualEvaluator(tasks[done:], limit=spec.limit, expert_names=list(experts)[done:]), done)
+        return ContinualEvaluator(tasks, limit=spec.limit, expert_names=list(experts), report=report)
+    return _FinalEvaluation(list(tasks), limit=spec.limit, final_step=total)
+
+
+class _FromStep:
+    """Shift step numbers so an evaluator that starts fresh can follow an earlier, unevaluated part."""
+
+    def __init__(self, evaluator: Callable, offset: int):
+        self.evaluator, self.offset = evaluator, offset
+
+    def __call__(self, step: int, output_dir: Path, state: Any = None) -> Any:
+        return self.evaluator(step - self.offset, output_dir, state)
+
+
+class _FinalEvaluation:
+    """Evaluate only the final model, on every task (``eval.every_step: false``)."""
+
+    def __init__(self, tasks: list[str], *, limit: int | None, final_step: int):
+        self.tasks, self.limit, self.final_step = tasks, limit, final_step
+
+    def __call__(self, step: int, output_dir: Path, state: Any = None) -> None:
+        if step != self.final_step:
+            return
+        from .evaluation import EvaluationReport, Evaluator
+
+        unique = list(dict.fromkeys(self.tasks))
+        results = Evaluator(unique, limit=self.limit).evaluate(str(output_dir), tasks=unique)
+        report = EvaluationReport(limit=self.limit)
+        report.add_step(1, results, unique)
+        report.steps[0]["step"] = step  # one row: the final model after `step` experts
+        report.to_json(Path(output_dir) / EVAL_FILENAME)
+
+
+def _continued_tasks(recipe: MergeRecipe, spec: EvalSpec | None, done: int, new: int) -> list[str]:
+    """Evaluation tasks for a continued merge: the recipe's, plus those given for the new experts."""
+    if spec is None:
+        if recipe.eval is None:
+            return []
+        if recipe.eval.every_step and len(recipe.eval.tasks) == done:
+            logger.warning("No evaluation tasks given for the new experts (--eval TASK ...): evaluation skipped")
+            return []
+        return list(recipe.eval.tasks)
+    previous = list(recipe.eval.tasks) if recipe.eval is not None else []
+    every_step = spec.every_step or (recipe.eval.every_step if recipe.eval is not None else False)
+    tasks = previous + list(spec.tasks) if every_step and len(spec.tasks) == new and len(previous) == done else list(spec.tasks)
+    recipe.eval = EvalSpec(tasks=tasks, every_step=every_step, limit=spec.limit if spec.limit is not None else (recipe.eval.limit if recipe.eval else None))
+    return tasks
 
 
 def _average_accuracy(output_dir: Path, n_steps: int) -> list[float | None]:
@@ -311,6 +389,14 @@ def _recipe_of(output_dir: Path) -> MergeRecipe:
         parameters={},
         scope=str(state.get("scope") or "vision"),
     )
+
+
+def _pinned_base(entry: dict[str, Any], fallback: str) -> str:
+    if entry.get("repo_id") and entry.get("commit_sha"):
+        return f"{entry['repo_id']}@{entry['commit_sha']}"
+    if entry.get("local_path") and Path(entry["local_path"]).is_dir():
+        return str(entry["local_path"])
+    return fallback
 
 
 def _pinned_name(entry: dict[str, Any]) -> str:

@@ -71,6 +71,9 @@ class AccuracyTable:
     accuracy: list[dict[str, float]]
     limit: int | None = None
     datasets: dict[str, str] = field(default_factory=dict)
+    reported_bwt: float | None = None
+    # column label -> task name (they differ where one task is the task of several experts)
+    task_of: dict[str, str] = field(default_factory=dict)
 
     def averages(self) -> list[float]:
         return [sum(row.values()) / len(row) if row else 0.0 for row in self.accuracy]
@@ -80,6 +83,8 @@ class AccuracyTable:
 
     def bwt(self) -> float | None:
         """Backward transfer: mean over earlier tasks of (final accuracy - accuracy when first merged)."""
+        if self.reported_bwt is not None:
+            return self.reported_bwt
         if len(self.accuracy) < 2:
             return None
         final, deltas = self.final(), []
@@ -129,28 +134,48 @@ def load_accuracy(output_dir: str | Path) -> AccuracyTable | None:
 
 
 def accuracy_from_report(data: Mapping[str, Any]) -> AccuracyTable | None:
-    """Normalise an evaluation report (``EvaluationReport.to_json`` data) into an :class:`AccuracyTable`."""
-    tasks = [str(t if not isinstance(t, Mapping) else t.get("name")) for t in data.get("tasks") or []]
-    rows: list[dict[str, float]] = []
-    steps: list[int] = []
-    if isinstance(data.get("steps"), list):
-        for index, step in enumerate(data["steps"], start=1):
-            accs = step.get("accuracy") or step.get("results") or {}
-            row = {t: _fraction(v) for t, v in accs.items()}
-            rows.append(row)
-            steps.append(int(step.get("step", index)))
-    elif isinstance(data.get("matrix") or data.get("accuracy_matrix"), list):
-        matrix = data.get("matrix") or data.get("accuracy_matrix")
-        for index, values in enumerate(matrix, start=1):
-            row = {tasks[j]: _fraction(v) for j, v in enumerate(values) if v is not None and j < len(tasks)}
-            rows.append(row)
-            steps.append(int((data.get("step_numbers") or range(1, len(matrix) + 1))[index - 1]))
-    if not rows:
+    """Normalise ``eval_results.json`` data (``EvaluationReport.to_dict``) into an :class:`AccuracyTable`.
+
+    ``tasks[i]`` is the task of the i-th expert and ``accuracy_matrix[t-1][i]`` the accuracy after
+    step t on it; a task used by several experts gets one column per expert.
+    """
+    tasks = [str(t) for t in data.get("tasks") or []]
+    matrix = data.get("accuracy_matrix") or data.get("matrix") or []
+    if not tasks or not matrix:
         return None
-    for row in rows:
-        tasks += [t for t in row if t not in tasks]
-    datasets = {str(k): str(v) for k, v in (data.get("datasets") or {}).items()}
-    return AccuracyTable(tasks=tasks, steps=steps, accuracy=rows, limit=data.get("limit"), datasets=datasets)
+    labels = _column_labels(tasks)
+    saved_steps = data.get("steps") or []
+    steps = [int(s.get("step", i + 1)) for i, s in enumerate(saved_steps)]
+    if len(steps) != len(matrix):
+        steps = list(range(1, len(matrix) + 1))
+    rows = [
+        {labels[j]: _fraction(v) for j, v in enumerate(row) if v is not None and j < len(labels)}
+        for row in matrix
+    ]
+    datasets: dict[str, str] = {}
+    for step in saved_steps:
+        for task, metrics in (step.get("results") or {}).items():
+            if isinstance(metrics, Mapping) and metrics.get("dataset"):
+                datasets[str(task)] = str(metrics["dataset"])
+    label_datasets = {label: datasets.get(task, task) for label, task in zip(labels, tasks)}
+    table = AccuracyTable(
+        tasks=labels, steps=steps, accuracy=rows, limit=data.get("limit"), datasets=label_datasets,
+        task_of=dict(zip(labels, tasks)),
+    )
+    if data.get("bwt") is not None:
+        table.reported_bwt = float(data["bwt"])
+    return table
+
+
+def _column_labels(tasks: Sequence[str]) -> list[str]:
+    """Task names, numbered where one task is the task of several experts."""
+    counts = {t: tasks.count(t) for t in tasks}
+    seen: dict[str, int] = {}
+    labels = []
+    for task in tasks:
+        seen[task] = seen.get(task, 0) + 1
+        labels.append(task if counts[task] == 1 else f"{task} ({seen[task]})")
+    return labels
 
 
 def _fraction(value: Any) -> float:
@@ -279,21 +304,26 @@ def _decorate(source: dict[str, Any], hub: str) -> None:
 
 
 def _eval_results(accuracy: AccuracyTable) -> list[EvalResult]:
-    final = accuracy.final()
-    return [
-        EvalResult(
-            task_type="zero-shot-image-classification",
-            task_name="Zero-shot image classification",
-            dataset_type=accuracy.datasets.get(task, task),
-            dataset_name=task,
-            dataset_split="test",
-            metric_type="accuracy",
-            metric_name="accuracy",
-            metric_value=round(final[task], 4),
+    """One ``model-index`` entry per task: the final model's accuracy."""
+    final, results, seen = accuracy.final(), [], set()
+    for label in accuracy.tasks:
+        task = accuracy.task_of.get(label, label)
+        if label not in final or task in seen:
+            continue
+        seen.add(task)
+        results.append(
+            EvalResult(
+                task_type="zero-shot-image-classification",
+                task_name="Zero-shot image classification",
+                dataset_type=accuracy.datasets.get(label, task),
+                dataset_name=task,
+                dataset_split="test",
+                metric_type="accuracy",
+                metric_name="accuracy",
+                metric_value=round(final[label], 4),
+            )
         )
-        for task in accuracy.tasks
-        if task in final
-    ]
+    return results
 
 
 def _accuracy_context(accuracy: AccuracyTable, output_dir: Path, plot: bool) -> dict[str, Any]:

@@ -211,10 +211,22 @@ class MergeRecipe:
     # ------------------------------------------------------------------ derived values
     def ordered_experts(self) -> list[str]:
         """The experts in merge order: as listed, or shuffled with ``seed`` when ``shuffle`` is set."""
-        experts = list(self.experts)
+        return [self.experts[i] for i in self._order()]
+
+    def ordered_eval_tasks(self) -> list[str]:
+        """Evaluation tasks in merge order: with one task per expert, the shuffle moves them together."""
+        if self.eval is None:
+            return []
+        tasks = list(self.eval.tasks)
+        if len(tasks) != len(self.experts):
+            return tasks
+        return [tasks[i] for i in self._order()]
+
+    def _order(self) -> list[int]:
+        order = list(range(len(self.experts)))
         if self.shuffle:
-            random.Random(self.seed).shuffle(experts)
-        return experts
+            random.Random(self.seed).shuffle(order)
+        return order
 
     def hyperparameters(self) -> dict[str, Any]:
         """The method's full hyperparameters: declared defaults overridden by the recipe's values."""
