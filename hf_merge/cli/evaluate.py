@@ -1,5 +1,83 @@
-"""Placeholder: subcommands of this group are registered here."""
+"""``hf-merge eval``: zero-shot accuracy of any CLIP model (folder or Hub repo) on named tasks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..errors import EvaluationError, UsageError
 
 
 def register(subparsers) -> None:
     """Add this group's subcommands to the ``hf-merge`` parser."""
+    from . import add_verbosity_flags
+
+    parser = subparsers.add_parser(
+        "eval",
+        help="Zero-shot classification accuracy of a CLIP model on named tasks.",
+        description=(
+            "Evaluate a CLIP model (local folder, repo id or repo_id@revision) by zero-shot "
+            "classification: class prompts embedded by the text tower, accuracy over each task's "
+            "test split. Tasks are registry names (see --list-tasks) or image folders with one "
+            "sub-folder per class."
+        ),
+    )
+    parser.add_argument("model", nargs="?", help="Folder, repo id or repo_id@revision of a CLIPModel.")
+    parser.add_argument("--tasks", nargs="+", metavar="TASK", help="Task names or image folders.")
+    parser.add_argument("--limit", type=int, help="Evaluate at most N examples per task (evenly spaced).")
+    parser.add_argument("--output", type=Path, help="Write the results as JSON to this file.")
+    parser.add_argument("--batch-size", type=int, default=64, help="Images per forward pass (default: 64).")
+    parser.add_argument("--device", help="Torch device (default: the Accelerate device, GPU if any).")
+    parser.add_argument("--token", help="Hub token for private repos (default: the logged-in token).")
+    parser.add_argument("--list-tasks", action="store_true", help="Print the registered task names and exit.")
+    add_verbosity_flags(parser)
+    parser.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ..evaluation import evaluate_model, get_task, list_tasks
+
+    if args.list_tasks:
+        for name in list_tasks():
+            task = get_task(name)
+            source = task.dataset.describe() if task.dataset else "-"
+            print(f"{name:20s} {task.num_classes:4d} classes  {source}")
+        return 0
+    if not args.model or not args.tasks:
+        raise UsageError("hf-merge eval needs a MODEL and --tasks TASK [TASK ...] (see --list-tasks)")
+    if args.limit is not None and args.limit <= 0:
+        raise UsageError(f"--limit must be a positive number of examples, got {args.limit}")
+    if args.batch_size <= 0:
+        raise UsageError(f"--batch-size must be positive, got {args.batch_size}")
+    try:
+        tasks = [get_task(name) for name in args.tasks]
+    except EvaluationError as error:
+        raise UsageError(str(error)) from error
+    results = evaluate_model(
+        args.model, tasks, limit=args.limit, batch_size=args.batch_size, device=args.device, token=args.token
+    )
+    print(format_table(results))
+    if args.output is not None:
+        document = {
+            "model": args.model,
+            "limit": args.limit,
+            "results": {name: {k: v for k, v in m.items()} for name, m in results.items()},
+        }
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return 0
+
+
+def format_table(results: dict[str, dict]) -> str:
+    """One line per task (accuracy, top-5, examples) and the mean accuracy."""
+    width = max([len("task"), *(len(name) for name in results)])
+    lines = [f"{'task':{width}s}  accuracy  top-5     examples"]
+    for name, metrics in results.items():
+        lines.append(
+            f"{name:{width}s}  {metrics['accuracy']:8.4f}  {metrics['top5_accuracy']:8.4f}  {metrics['num_samples']:8d}"
+        )
+    if len(results) > 1:
+        mean = sum(m["accuracy"] for m in results.values()) / len(results)
+        lines.append(f"{'average':{width}s}  {mean:8.4f}")
+    return "\n".join(lines)

@@ -66,6 +66,7 @@ class Evaluator:
         batch_size: Images encoded per forward pass.
         device: Where to run; defaults to the Accelerate device.
         head_cache: Shared :class:`HeadCache`; heads are reused while the text tower is unchanged.
+        token: Hub token for models given as repo ids (never logged).
     """
 
     def __init__(
@@ -76,7 +77,9 @@ class Evaluator:
         batch_size: int = 64,
         device: torch.device | str | None = None,
         head_cache: HeadCache | None = None,
+        token: str | bool | None = None,
     ):
+        self.token = token
         self.tasks = [get_task(t) for t in tasks]
         self.limit = limit
         self.batch_size = batch_size
@@ -92,7 +95,7 @@ class Evaluator:
         ``model`` is a ``CLIPModel`` (then ``processor`` is required) or a folder / repo id.
         """
         if not hasattr(model, "get_image_features"):
-            model, loaded = load_clip(model, device=self.device)
+            model, loaded = load_clip(model, device=self.device, token=self.token)
             processor = processor or loaded
         elif processor is None:
             raise EvaluationError("evaluating a CLIPModel object needs its processor (processor=...)")
@@ -136,6 +139,7 @@ def evaluate_model(
     *,
     batch_size: int = 64,
     device: torch.device | str | None = None,
+    token: str | bool | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Evaluate one model (folder, ``repo_id[@revision]`` or ``CLIPModel``) on ``tasks``.
 
@@ -143,7 +147,7 @@ def evaluate_model(
     """
     if not tasks:
         raise EvaluationError("no tasks to evaluate; pass at least one task name")
-    evaluator = Evaluator(tasks, limit=limit, batch_size=batch_size, device=device)
+    evaluator = Evaluator(tasks, limit=limit, batch_size=batch_size, device=device, token=token)
     return evaluator.evaluate(model, processor)
 
 
