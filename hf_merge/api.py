@@ -7,6 +7,7 @@ the recipe and the model card -> push one commit -> publish the Space.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,7 +172,9 @@ def add(
     # The base pinned to the commit the merge started from (the engine refuses any other).
     base = resolve(_pinned_base(base_entry, recipe.base), token=token, allow_pickle=recipe.allow_pickle)
     licenses = _previous_licenses(output_dir)
-    licenses.setdefault(base.name, read_license(base.path))
+    base_name = base_entry.get("name") or base.name
+    if licenses.get(base_name) is None:
+        licenses[base_name] = read_license(base.path)
     merger = ContinualMerger.resume(output_dir, base=base, on_step=hook, token=token, allow_pickle=recipe.allow_pickle)
     with merger:
         _merge_experts(merger, experts, recipe, token, licenses)
@@ -268,7 +271,8 @@ def _merge_experts(merger: Any, experts: Sequence[str], recipe: MergeRecipe, tok
 
 def _publish(output_dir: Path, recipe: MergeRecipe, *, token: str | None, licenses: dict, create_pr: bool,
              commit_message: str | None = None) -> MergeResult:
-    recipe.save(output_dir)
+    # The output folder is a local detail: the published recipe reproduces the merge anywhere.
+    dataclasses.replace(recipe, output=None).save(output_dir)
     write_card(output_dir, repo_id=recipe.push_to_hub, licenses=licenses, space_id=recipe.space)
     _, steps = lineage(load_state(output_dir))
     result = MergeResult(output_dir=output_dir, recipe=recipe, steps=steps, accuracy=_average_accuracy(output_dir, len(steps)))

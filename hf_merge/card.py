@@ -200,11 +200,13 @@ def read_license(folder: str | Path | None) -> str | None:
 
 def choose_license(licenses: Mapping[str, str | None], base_name: str) -> tuple[str, str | None]:
     """``(license, note)``: the base's license when every parent declares the same one, else ``other``."""
-    declared = {name: lic for name, lic in licenses.items()}
+    declared = dict(licenses)
     values = set(declared.values())
     base_license = declared.get(base_name)
     if len(values) == 1 and base_license:
         return base_license, None
+    if values == {None}:
+        return "other", "none of the parent models declares a license; check each before use."
     described = ", ".join(f"`{name}`: {lic or 'not declared'}" for name, lic in declared.items())
     return "other", f"the parent models do not all declare the same license ({described}); check each before use."
 
@@ -243,6 +245,7 @@ def build_card(
 
     if licenses is None:
         licenses = _previous_licenses(output_dir, [base, *experts])
+    licenses = {s["name"]: licenses.get(s["name"]) for s in [base, *experts]}
     license_, license_note = choose_license(licenses, base["name"])
 
     accuracy = load_accuracy(output_dir)
