@@ -12,11 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from .tiny_clip import build_tiny_zoo
+from .tiny_clip import build_tiny_zoo, write_merge_result
 
 N_EXPERTS = 6
 NAMESPACE = "alice"
 BASE_REPO = f"{NAMESPACE}/tiny-clip-base"
+MERGED_REPO = f"{NAMESPACE}/tiny-clip-merged"
+MERGED_TASKS = ("synthetic/colors", "mnist", "eurosat")
 
 
 def expert_repo(index: int) -> str:
@@ -71,3 +73,29 @@ def seeded_hub(hub_server, hub_api, tiny_base, tiny_experts) -> SeededHub:
         base_dir=tiny_base,
         expert_dirs=list(tiny_experts),
     )
+
+
+@pytest.fixture(scope="session")
+def seeded_merged_repo(seeded_hub, hub_api, tmp_path_factory) -> str:
+    """``alice/tiny-clip-merged``: a merge result of 3 seeded experts, with state, evaluation and card.
+
+    The weights are the experts' average, written in the layout of a merge output folder
+    (see `write_merge_result`); it stands in for an engine run where only the folder matters.
+    """
+    n = len(MERGED_TASKS)
+    folder = write_merge_result(
+        tmp_path_factory.mktemp("merged") / "out",
+        seeded_hub.base_dir,
+        seeded_hub.expert_dirs[:n],
+        base={"name": seeded_hub.base, "repo_id": seeded_hub.base, "commit_sha": seeded_hub.commits[seeded_hub.base]},
+        experts=[
+            {"name": repo, "repo_id": repo, "commit_sha": seeded_hub.commits[repo]} for repo in seeded_hub.experts[:n]
+        ],
+        tasks=list(MERGED_TASKS),
+    )
+    from ..card import write_card
+
+    write_card(folder, repo_id=MERGED_REPO, licenses={}, plot=False)
+    hub_api.create_repo(MERGED_REPO, exist_ok=True)
+    hub_api.upload_folder(repo_id=MERGED_REPO, folder_path=folder, commit_message="Add merged tiny CLIP")
+    return MERGED_REPO

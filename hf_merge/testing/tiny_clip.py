@@ -328,3 +328,66 @@ def build_tiny_zoo(root: str | Path, n_experts: int, seed: int = 0, **base_kwarg
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return base_dir, expert_dirs
+
+
+def write_merge_result(
+    out_dir: str | Path,
+    base_dir: str | Path,
+    expert_dirs: list[Path],
+    *,
+    base: dict,
+    experts: list[dict],
+    tasks: list[str] | None = None,
+    method: str = "average",
+) -> Path:
+    """A merge output folder (weights = the experts' average) with state, evaluation and plot.
+
+    Used where a test needs what a merge publishes (``merge_state.json`` with lineage,
+    ``eval_results.json``, ``accuracy.png``) and not the merge itself. ``base``/``experts`` are
+    provenance dicts (``name``, ``repo_id``, ``commit_sha``); the accuracies are made up but
+    deterministic, and labelled as such by the file's ``metric``.
+    """
+    from PIL import Image, ImageDraw
+    from safetensors.torch import load_file, save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for path in Path(base_dir).iterdir():
+        if path.is_file() and path.name not in ("model.safetensors", "README.md"):
+            shutil.copy2(path, out_dir / path.name)
+    tensors = [load_file(Path(d) / "model.safetensors") for d in expert_dirs]
+    merged = {name: sum(t[name] for t in tensors) / len(tensors) for name in tensors[0]}
+    save_file(merged, out_dir / "model.safetensors", metadata={"format": "pt"})
+    lineage = [dict(entry, step=i + 1, revision=None) for i, entry in enumerate(experts)]
+    state = {
+        "method": method,
+        "hyperparameters": {},
+        "scope": "vision",
+        "step": len(experts),
+        "base": dict(base, revision=None),
+        "lineage": lineage,
+        "method_state": {},
+        "state_tensors": None,
+        "format_version": 1,
+    }
+    (out_dir / "merge_state.json").write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+    if tasks:
+        n = len(tasks)
+        matrix = [[round(0.9 - 0.05 * t + 0.01 * i, 4) if i <= t else None for i in range(n)] for t in range(n)]
+        report = {
+            "schema_version": 1,
+            "metric": "zero-shot top-1 accuracy (synthetic values for tests)",
+            "limit": 8,
+            "tasks": list(tasks),
+            "experts": [e.get("repo_id") or e.get("name") for e in experts],
+            "accuracy_matrix": matrix,
+            "average_accuracy_per_step": [sum(v for v in row if v is not None) / (t + 1) for t, row in enumerate(matrix)],
+            "steps": [
+                {"step": t + 1, "results": {tasks[i]: {"accuracy": matrix[t][i]} for i in range(t + 1)}} for t in range(n)
+            ],
+        }
+        (out_dir / "eval_results.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        plot = Image.new("RGB", (64, 48), "white")
+        ImageDraw.Draw(plot).line([(4, 40), (30, 20), (60, 10)], fill="black", width=2)
+        plot.save(out_dir / "accuracy.png")
+    return out_dir
