@@ -24,7 +24,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from ..log import get_logger
 from .hub_api import HubApi
-from .hub_storage import HubError
+from .hub_git import HubError
 
 logger = get_logger(__name__)
 

@@ -30,63 +30,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
+from .hub_git import GITATTRIBUTES, HubError, git_blob_sha1, lfs_pointer
+
 REPO_TYPES = ("model", "dataset", "space")
 SPACE_SDKS = ("gradio", "streamlit", "docker", "static")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
-_CHUNK = 1 << 20
-
-# What the Hub puts in every new repo: these patterns are stored with Git LFS.
-GITATTRIBUTES = "".join(
-    f"{pattern} filter=lfs diff=lfs merge=lfs -text\n"
-    for pattern in (
-        "*.7z", "*.arrow", "*.bin", "*.bz2", "*.ckpt", "*.ftz", "*.gz", "*.h5", "*.joblib",
-        "*.lfs.*", "*.mlmodel", "*.model", "*.msgpack", "*.npy", "*.npz", "*.onnx", "*.ot",
-        "*.parquet", "*.pb", "*.pickle", "*.pkl", "*.pt", "*.pth", "*.rar", "*.safetensors",
-        "saved_model/**/*", "*.tar.*", "*.tar", "*.tflite", "*.tgz", "*.wasm", "*.xz", "*.zip",
-        "*.zst", "*tfevents*", "*.png", "*.jpg", "*.jpeg", "*.gif", "*.webp",
-    )
-)
-_LFS_SUFFIXES = tuple(
-    pattern[1:] for pattern in (line.split()[0] for line in GITATTRIBUTES.splitlines()) if pattern.count("*") == 1 and pattern.startswith("*.")
-)
-# The Hub refuses regular (non-LFS) files from 10 MB on.
-LFS_THRESHOLD = 10 * 1024 * 1024
-
-
-class HubError(Exception):
-    """An HTTP error the server answers with: status, ``X-Error-Code`` and a one-line message."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-        body: dict[str, Any] | None = None,
-    ):
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = headers or {}
-        self.body = body or {}
-
-
-def git_blob_sha1(data: bytes) -> str:
-    """The object id git gives a file's content (``blob <size>\\0`` + content)."""
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-
-
-def lfs_pointer(sha256: str, size: int) -> bytes:
-    """The Git LFS pointer file that stands in the git tree for a large file."""
-    return f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
-
-
-def should_use_lfs(path: str, size: int, sample: bytes) -> bool:
-    """Upload mode the Hub picks: LFS for tracked suffixes, large files and binary content."""
-    return path.endswith(_LFS_SUFFIXES) or size >= LFS_THRESHOLD or b"\0" in sample
-
 
 def now_iso() -> str:
     """UTC timestamp in the Hub's format (``2024-01-01T00:00:00.000Z``)."""
