@@ -81,6 +81,8 @@ def _load_hub(task: Task, limit: int | None) -> TaskData:
     try:
         dataset = datasets.load_dataset(spec.path, spec.config, split=spec.split, revision=spec.revision)
     except Exception as error:  # datasets raises many types; the user needs the one-line reason
+        if "corresponds to no data" in str(error):  # how datasets reports a split with no rows
+            raise EvaluationError(f"task {task.name}: split {spec.split!r} of {spec.describe()} is empty") from error
         raise EvaluationError(
             f"task {task.name}: cannot load dataset {spec.describe()}: {_first_line(error)}"
         ) from error
