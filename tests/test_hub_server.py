@@ -214,3 +214,26 @@ def test_tree_listing_and_delete_repo(uploaded, hub_api):
     hub_api.delete_repo(doomed)
     assert not hub_api.repo_exists(doomed)
     hub_api.delete_repo(doomed, missing_ok=True)
+
+
+def test_tags_branch_deletion_settings_and_card_validation(hub_api, tmp_path):
+    repo_id = _repo(hub_api, "misc")
+    first = hub_api.upload_file(path_or_fileobj=b"1", path_in_repo="v.txt", repo_id=repo_id)
+    hub_api.create_tag(repo_id, tag="v1.0")
+    hub_api.upload_file(path_or_fileobj=b"2", path_in_repo="v.txt", repo_id=repo_id)
+    refs = hub_api.list_repo_refs(repo_id)
+    assert [(t.name, t.target_commit) for t in refs.tags] == [("v1.0", first.oid)]
+    assert Path(hf_hub_download(repo_id, "v.txt", revision="v1.0", cache_dir=tmp_path)).read_bytes() == b"1"
+
+    hub_api.create_branch(repo_id, branch="feature", revision=first.oid)
+    assert hub_api.model_info(repo_id, revision="feature").sha == first.oid
+    hub_api.delete_branch(repo_id, branch="feature")
+    assert [b.name for b in hub_api.list_repo_refs(repo_id).branches] == ["main"]
+
+    hub_api.update_repo_settings(repo_id, private=True)
+    assert hub_api.model_info(repo_id).private is True
+
+    with pytest.raises(ValueError, match="Invalid metadata"):
+        hub_api.upload_file(path_or_fileobj=b"---\n[unclosed\n---\n", path_in_repo="README.md", repo_id=repo_id)
+    with pytest.raises(EntryNotFoundError):
+        hub_api.delete_file("not-there.txt", repo_id=repo_id)

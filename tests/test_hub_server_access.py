@@ -106,3 +106,12 @@ def test_missing_repo_is_repository_not_found(hub_api, anonymous_api):
         anonymous_api.model_info("alice/does-not-exist")
     with pytest.raises(RepositoryNotFoundError):
         hub_api.upload_file(path_or_fileobj=b"x", path_in_repo="x.txt", repo_id="alice/does-not-exist")
+
+
+def test_repo_ids_cannot_escape_the_storage_root(hub_url, alice_token):
+    auth = {"Authorization": f"Bearer {alice_token}"}
+    for path in ("/api/models/%2E%2E/%2E%2E", "/api/models/alice/%2E%2E", "/%2E%2E/repos/resolve/main/repo.json"):
+        response = httpx.get(f"{hub_url}{path}", headers=auth)
+        assert response.status_code == 404, path
+    created = httpx.post(f"{hub_url}/api/repos/create", headers=auth, json={"name": ".."})
+    assert created.status_code == 400

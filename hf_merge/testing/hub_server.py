@@ -86,6 +86,11 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             self._route(api, request)
         except HubError as error:
             self._send_error(error)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # the client went away; nobody to answer
+        except FileNotFoundError:
+            # A repo deleted while this request was reading it.
+            self._send_error(HubError(404, "Repository not found", code="RepoNotFound"))
         except Exception:  # a bug must not kill the connection thread silently
             logger.exception("Local Hub failed on %s %s", method, self.path)
             self._send_error(HubError(500, "Internal error of the local Hub server."))

@@ -209,6 +209,10 @@ class HubStorage:
             self._write_json(repo_dir / "repo.json", asdict(record))
 
     def get_repo(self, repo_type: str, repo_id: str) -> RepoRecord | None:
+        """The repo's record, or ``None`` if there is no such repo (or the id cannot name one)."""
+        namespace, _, name = repo_id.partition("/")
+        if repo_type not in REPO_TYPES or not (_NAME_RE.match(namespace) and _NAME_RE.match(name)):
+            return None  # also keeps ids such as "../x" from reaching the file system
         path = self._repo_dir(repo_type, repo_id) / "repo.json"
         try:
             return RepoRecord(**json.loads(path.read_text()))
