@@ -1,0 +1,323 @@
+"""Lazy tensor access over safetensors checkpoints, and a streaming sharded writer.
+
+A merge never loads a whole checkpoint: :class:`Checkpoint` parses the safetensors headers, maps
+the files into memory and copies out one tensor at a time. After each read the mapped pages are
+handed back to the kernel (``madvise(MADV_DONTNEED)``), so a pass over a checkpoint does not add
+the file's size to the process's resident memory. :class:`CheckpointWriter` writes tensors one at a
+time into transformers-style shards (``model.safetensors`` or ``model-0000i-of-0000n.safetensors``
+plus ``model.safetensors.index.json``), without building the whole file in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import CheckpointError
+
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+PICKLE_WEIGHTS_NAME = "pytorch_model.bin"
+
+_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+_DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+
+
+def parse_size(size: int | str) -> int:
+    """``"5GB"`` / ``"500MB"`` / ``1000`` -> bytes (decimal units, as transformers uses)."""
+    if isinstance(size, int):
+        return size
+    text = size.strip().upper()
+    for unit, factor in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * factor)
+    return int(text)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives inside a safetensors file."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    end: int
+
+
+class SafetensorsFile:
+    """One ``.safetensors`` file: header parsed and checked up front, tensors read on demand."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            file_size = path.stat().st_size
+            with open(path, "rb") as handle:
+                prefix = handle.read(8)
+                if len(prefix) < 8:
+                    raise CheckpointError(f"{path}: file is truncated (no safetensors header); download it again")
+                (header_len,) = struct.unpack("<Q", prefix)
+                if header_len > file_size - 8:
+                    raise CheckpointError(f"{path}: file is truncated inside its header; download it again")
+                header = json.loads(handle.read(header_len))
+        except (OSError, ValueError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from err
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        data_start = 8 + header_len
+        self.tensors: dict[str, TensorInfo] = {}
+        for name, entry in header.items():
+            if entry["dtype"] not in _DTYPES:
+                raise CheckpointError(f"{path}: tensor '{name}' has unsupported dtype {entry['dtype']}")
+            begin, end = entry["data_offsets"]
+            if data_start + end > file_size:
+                raise CheckpointError(
+                    f"{path}: file is truncated: tensor '{name}' ends at byte {data_start + end} "
+                    f"but the file has {file_size} bytes; download it again"
+                )
+            self.tensors[name] = TensorInfo(_DTYPES[entry["dtype"]], tuple(entry["shape"]), data_start + begin, data_start + end)
+        self._file = None
+        self._map: mmap.mmap | None = None
+
+    def _mapping(self) -> mmap.mmap:
+        if self._map is None:
+            self._file = open(self.path, "rb")
+            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+        return self._map
+
+    def get(self, name: str) -> torch.Tensor:
+        """A private (writable, unmapped) copy of one tensor."""
+        info = self.tensors[name]
+        count = 1
+        for dim in info.shape:
+            count *= dim
+        if count == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        raw = np.frombuffer(self._mapping(), dtype=np.uint8, count=info.end - info.start, offset=info.start)
+        data = torch.from_numpy(raw.copy())
+        del raw  # the mapping cannot be closed while a view of it is alive
+        self._release(info)
+        return data.view(info.dtype).reshape(info.shape)
+
+    def _release(self, info: TensorInfo) -> None:
+        # Mapped pages a read touched count as resident memory until dropped; dropping them keeps a
+        # full pass over a large checkpoint at one tensor's worth of memory. Page cache keeps them.
+        if self._map is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        page = mmap.PAGESIZE
+        start = info.start - info.start % page
+        length = min(info.end, len(self._map)) - start
+        if length > 0:
+            self._map.madvise(mmap.MADV_DONTNEED, start, length)
+
+    def close(self) -> None:
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class Checkpoint:
+    """A model folder opened lazily: config plus tensors by name, one at a time.
+
+    Use :meth:`open`. Tensors keep their stored dtype; callers convert for computation.
+    """
+
+    def __init__(self, path: Path, config: dict[str, Any], files: list[SafetensorsFile], tensors: dict[str, Any]):
+        self.path = path
+        self.config = config
+        self._files = files
+        self._where = tensors  # name -> SafetensorsFile, or a loaded Tensor (pickle checkpoints)
+
+    @classmethod
+    def open(cls, path: str | Path, allow_pickle: bool = False) -> "Checkpoint":
+        """Open a snapshot folder (``config.json`` + single or sharded safetensors).
+
+        ``pytorch_model.bin`` is read only with ``allow_pickle=True``, and then with
+        ``torch.load(weights_only=True)``.
+        """
+        folder = Path(path)
+        if folder.is_file():
+            folder = folder.parent
+        if not folder.is_dir():
+            raise CheckpointError(f"{folder}: no such model folder")
+        config: dict[str, Any] = {}
+        if (folder / "config.json").is_file():
+            try:
+                config = json.loads((folder / "config.json").read_text())
+            except ValueError as err:
+                raise CheckpointError(f"{folder / 'config.json'}: invalid JSON ({err})") from err
+        files: list[SafetensorsFile] = []
+        where: dict[str, Any] = {}
+        if (folder / SAFE_WEIGHTS_INDEX_NAME).is_file():
+            try:
+                index = json.loads((folder / SAFE_WEIGHTS_INDEX_NAME).read_text())["weight_map"]
+            except (ValueError, KeyError) as err:
+                raise CheckpointError(f"{folder / SAFE_WEIGHTS_INDEX_NAME}: invalid index ({err})") from err
+            by_file: dict[str, SafetensorsFile] = {}
+            for name, filename in index.items():
+                if filename not in by_file:
+                    if not (folder / filename).is_file():
+                        raise CheckpointError(f"{folder}: shard {filename} listed in the index is missing")
+                    by_file[filename] = SafetensorsFile(folder / filename)
+                    files.append(by_file[filename])
+                if name not in by_file[filename].tensors:
+                    raise CheckpointError(f"{folder}: tensor '{name}' is not in shard {filename}")
+                where[name] = by_file[filename]
+        elif (folder / SAFE_WEIGHTS_NAME).is_file():
+            single = SafetensorsFile(folder / SAFE_WEIGHTS_NAME)
+            files.append(single)
+            where = dict.fromkeys(single.tensors, single)
+        elif (folder / PICKLE_WEIGHTS_NAME).is_file():
+            if not allow_pickle:
+                raise CheckpointError(
+                    f"{folder}: only {PICKLE_WEIGHTS_NAME} (pickle) found; pass allow_pickle=True to read it"
+                )
+            try:
+                where = dict(torch.load(folder / PICKLE_WEIGHTS_NAME, map_location="cpu", weights_only=True, mmap=True))
+            except Exception as err:  # torch raises many types for bad pickles
+                raise CheckpointError(f"{folder / PICKLE_WEIGHTS_NAME}: cannot be read ({err})") from err
+        else:
+            raise CheckpointError(f"{folder}: no model.safetensors, shard index or weights file found")
+        return cls(folder, config, files, where)
+
+    def names(self) -> list[str]:
+        """Tensor names, sorted (the order every pass uses)."""
+        return sorted(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        source = self._where[name]
+        return source.tensors[name].shape if isinstance(source, SafetensorsFile) else tuple(source.shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        source = self._where[name]
+        return source.tensors[name].dtype if isinstance(source, SafetensorsFile) else source.dtype
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor (a fresh CPU copy in its stored dtype)."""
+        source = self._where[name]
+        if isinstance(source, SafetensorsFile):
+            return source.get(name)
+        return source.clone()
+
+    def close(self) -> None:
+        for handle in self._files:
+            handle.close()
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, shape and dtype of a tensor to be written (known before its data)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for dim in self.shape:
+            count *= dim
+        return count * torch.empty((), dtype=self.dtype).element_size()
+
+
+class CheckpointWriter:
+    """Write tensors into transformers-layout safetensors shards, one tensor resident at a time."""
+
+    def __init__(self, out_dir: str | Path, max_shard_size: int | str = "5GB"):
+        self.out_dir = Path(out_dir)
+        self.max_shard_size = parse_size(max_shard_size)
+
+    def save_dict(self, tensors: Mapping[str, torch.Tensor]) -> list[str]:
+        """Write a mapping of tensors; returns the file names written."""
+        specs = [TensorSpec(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
+        return self.save(specs, tensors.__getitem__)
+
+    def save(self, specs: Iterable[TensorSpec], fetch: Callable[[str], torch.Tensor]) -> list[str]:
+        """Write every tensor of ``specs``, asking ``fetch(name)`` for its data when it is its turn."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        shards: list[list[TensorSpec]] = [[]]
+        size = 0
+        for spec in sorted(specs, key=lambda s: s.name):
+            if shards[-1] and size + spec.nbytes > self.max_shard_size:
+                shards.append([])
+                size = 0
+            shards[-1].append(spec)
+            size += spec.nbytes
+        if len(shards) == 1:
+            names = [SAFE_WEIGHTS_NAME]
+        else:
+            names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        for filename, shard in zip(names, shards):
+            _write_safetensors(self.out_dir / filename, shard, fetch)
+        if len(shards) > 1:
+            index = {
+                "metadata": {"total_size": sum(s.nbytes for shard in shards for s in shard)},
+                "weight_map": {s.name: f for f, shard in zip(names, shards) for s in shard},
+            }
+            (self.out_dir / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            names.append(SAFE_WEIGHTS_INDEX_NAME)
+        return names
+
+
+def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Write one safetensors file from a mapping (no sharding)."""
+    specs = [TensorSpec(n, tuple(t.shape), t.dtype) for n, t in sorted(tensors.items())]
+    _write_safetensors(Path(path), specs, tensors.__getitem__)
+
+
+def _write_safetensors(path: Path, specs: list[TensorSpec], fetch: Callable[[str], torch.Tensor]) -> None:
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for spec in specs:
+        header[spec.name] = {
+            "dtype": _DTYPE_NAMES[spec.dtype],
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + spec.nbytes],
+        }
+        offset += spec.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # data aligned to 8 bytes, as the reference writer does
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(encoded)))
+        handle.write(encoded)
+        for spec in specs:
+            tensor = fetch(spec.name)
+            if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+                raise CheckpointError(f"tensor '{spec.name}' changed shape or dtype while being written")
+            data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+            if data.numel():
+                handle.write(memoryview(data.numpy()))
+        handle.flush()
+        os.fsync(handle.fileno())

@@ -1,0 +1,96 @@
+"""Processes and devices for the merge, through ``accelerate.PartialState``.
+
+The same code runs in one process or under ``accelerate launch``: heavy per-tensor work (OPCM's
+SVDs) is split across processes with ``split_between_processes``, every process receives every
+result (a broadcast from the process that computed it), and scalar statistics are gathered and
+summed in one fixed order, so all processes hold bit-identical merged weights and any of them
+could write. Only the main process writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .log import get_logger
+
+logger = get_logger(__name__)
+
+TensorFn = Callable[[str], "tuple[torch.Tensor, dict[str, float]]"]
+ResultFn = Callable[[str, torch.Tensor, dict[str, float]], None]
+
+
+@dataclass
+class Executor:
+    """Where and by whom per-tensor work runs.
+
+    Attributes:
+        device: Device for the math (tensors are moved there one at a time; storage stays on CPU).
+        process_index / num_processes: This process and how many take part.
+    """
+
+    device: torch.device
+    process_index: int = 0
+    num_processes: int = 1
+    _state: object | None = None
+
+    @classmethod
+    def from_accelerate(cls, device: str | torch.device | None = None) -> "Executor":
+        """Use ``accelerate.PartialState`` (one process unless started by ``accelerate launch``)."""
+        from accelerate import PartialState
+
+        state = PartialState()
+        chosen = torch.device(device) if device is not None else state.device
+        if chosen.type == "mps":  # float64 SVDs and some linalg kernels are unavailable there
+            chosen = torch.device("cpu")
+        return cls(chosen, state.process_index, state.num_processes, state)
+
+    @classmethod
+    def local(cls, device: str | torch.device = "cpu") -> "Executor":
+        return cls(torch.device(device))
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.process_index == 0
+
+    def wait_for_everyone(self) -> None:
+        if self.num_processes > 1:
+            self._state.wait_for_everyone()  # type: ignore[union-attr]
+
+    def map(self, names: Sequence[str], compute: TensorFn, on_result: ResultFn) -> None:
+        """Run ``compute(name)`` over ``names`` split across processes; ``on_result`` sees every
+        name's result, in the order of ``names``, on every process."""
+        if self.num_processes == 1:
+            for name in names:
+                tensor, stats = compute(name)
+                on_result(name, tensor, stats)
+            return
+        from accelerate.utils import gather_object
+
+        state = self._state
+        with state.split_between_processes(list(names)) as mine:  # type: ignore[union-attr]
+            mine = list(mine)
+        local = {}
+        for name in mine:
+            local[name] = compute(name)
+        owners: dict[str, int] = {}
+        for rank, chunk in enumerate(gather_object([mine])):
+            for name in chunk:
+                owners[name] = rank
+        stats_all: dict[str, dict[str, float]] = {}
+        for chunk in gather_object([{n: s for n, (_, s) in local.items()}]):
+            stats_all.update(chunk)
+        shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        for chunk in gather_object([{n: (tuple(t.shape), t.dtype) for n, (t, _) in local.items()}]):
+            shapes.update(chunk)
+        for name in names:
+            owner = owners[name]
+            if owner == self.process_index:
+                tensor = local.pop(name)[0].to(self.device).contiguous()
+            else:
+                shape, dtype = shapes[name]
+                tensor = torch.empty(shape, dtype=dtype, device=self.device)
+            torch.distributed.broadcast(tensor, src=owner)
+            on_result(name, tensor.cpu(), stats_all[name])

@@ -1,0 +1,314 @@
+"""The sequential merge driver: resolve → open → check → step → save state, one expert at a time.
+
+:class:`ContinualMerger` holds the merged weights (one model's worth of memory) and reads the base
+and each expert lazily. After every expert the output folder holds a complete, loadable model
+(``config.json``, weights, processor and tokenizer files from the base) and ``merge_state.json``,
+replaced atomically; :meth:`ContinualMerger.resume` continues from it. :func:`merge` is the
+one-call form.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import Checkpoint, CheckpointWriter, SafetensorsFile, TensorSpec, save_tensors
+from .distributed import Executor
+from .errors import MergeStateError, UsageError
+from .log import get_logger
+from .methods import MergeContext, MergeMethod, get_method
+from .sources import ModelSource, resolve
+from .state import STATE_NAME, STATE_TENSORS_NAME, MergeState, OutputTransaction, recover
+from .validation import check_compatible, check_finite, linear_weight_names, merged_names
+
+logger = get_logger(__name__)
+
+ModelRef = str | Path | ModelSource
+OnStep = Callable[[int, Path, MergeState], None]
+_COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+# Files of the base that make the output loadable with from_pretrained (config, processor, tokenizer).
+_NOT_COPIED = {"model.safetensors.index.json", STATE_NAME, "eval_results.json"}
+
+
+@dataclass
+class StepResult:
+    """One merged expert.
+
+    Attributes:
+        step: 1-based position of the expert in the merge.
+        expert: Where it came from.
+        merge_seconds / save_seconds: Time spent merging and writing the output.
+        metrics: What the method reports (OPCM: ``lambda``, ``task_vector_norm``, ``merged_norm``).
+    """
+
+    step: int
+    expert: ModelSource
+    merge_seconds: float
+    save_seconds: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class MergeResult:
+    """The outcome of :func:`merge`: the output folder, its merge state and where the time went."""
+
+    output_dir: Path
+    state: MergeState
+    steps: list[StepResult]
+    timings: dict[str, float]
+
+
+class ContinualMerger:
+    """Merge experts into a base one at a time, saving a resumable state after each.
+
+    Args:
+        base: θ0: a folder, a repo id (``org/name[@rev]``) or a :class:`ModelSource`.
+        output_dir: Where the merged model and ``merge_state.json`` are written after each step.
+        method: A registered method name (see :func:`hf_merge.methods.available_methods`).
+        scope: ``"vision"`` (vision tower + ``visual_projection``), ``"all"`` or name prefixes.
+        hyperparameters: The method's hyperparameters; missing ones take their defaults.
+        on_step: Called as ``on_step(step, output_dir, state)`` after each step is saved.
+        device: Device for the math (default: what ``accelerate`` picks for this process).
+        compute_dtype: ``"float32"`` (default) or ``"float64"``.
+        max_shard_size: Largest weight file written (``"5GB"``, bytes, ...).
+    """
+
+    def __init__(
+        self,
+        base: ModelRef,
+        output_dir: str | Path,
+        method: str = "opcm",
+        *,
+        scope: str | list[str] = "vision",
+        hyperparameters: dict[str, Any] | None = None,
+        on_step: OnStep | None = None,
+        device: str | torch.device | None = None,
+        compute_dtype: str = "float32",
+        max_shard_size: int | str = "5GB",
+        token: str | bool | None = None,
+        allow_pickle: bool = False,
+        _saved: MergeState | None = None,
+    ):
+        started = time.perf_counter()
+        if compute_dtype not in _COMPUTE_DTYPES:
+            raise UsageError(f"compute_dtype must be float32 or float64, got {compute_dtype!r}")
+        self.output_dir = Path(output_dir).expanduser().resolve()
+        self.executor = Executor.from_accelerate(device)
+        self.on_step = on_step
+        self.max_shard_size = max_shard_size
+        self.token = token
+        self.allow_pickle = allow_pickle
+        if _saved is None and (self.output_dir / STATE_NAME).is_file():
+            raise MergeStateError(
+                f"{self.output_dir} already holds a merge; continue it with ContinualMerger.resume() "
+                "or choose another output folder"
+            )
+        self.base_source = resolve(base, token=token, allow_pickle=allow_pickle)
+        self.base = Checkpoint.open(self.base_source.path, allow_pickle=allow_pickle)
+        self.names = merged_names(self.base, scope)
+        self.method: MergeMethod = get_method(method)(**(hyperparameters or {}))
+        context = MergeContext(
+            base=self.base,
+            names=self.names,
+            linear_names=linear_weight_names(self.base.config, self.names),
+            executor=self.executor,
+            compute_dtype=_COMPUTE_DTYPES[compute_dtype],
+        )
+        self.method.init(context)
+        base_info = self.base_source.to_dict()
+        if self.base_source.repo_id is None:  # a local base can only be found again by its path
+            base_info["local_path"] = str(self.base_source.path)
+        self.state = _saved or MergeState(
+            method=method,
+            hyperparameters=dict(self.method.hyperparameters),
+            scope=scope,
+            base=base_info,
+            state_tensors=None if self.method.buffer_is_output else STATE_TENSORS_NAME,
+        )
+        self.steps: list[StepResult] = []
+        self.setup_seconds = time.perf_counter() - started
+        self._broken = False
+        if _saved is not None:
+            self._restore(_saved)
+
+    @classmethod
+    def resume(cls, output_dir: str | Path, base: ModelRef | None = None, **options: Any) -> "ContinualMerger":
+        """Continue the merge saved in ``output_dir`` (its method, hyperparameters and scope).
+
+        ``base`` defaults to the one recorded in the state (repo id at its commit, else its folder).
+        ``options`` are those of the constructor other than method, scope and hyperparameters.
+        """
+        output = Path(output_dir).expanduser().resolve()
+        executor = Executor.from_accelerate(options.get("device"))
+        if executor.is_main_process:
+            recover(output)
+        executor.wait_for_everyone()
+        state = MergeState.load(output)
+        if base is None:
+            base = _recorded_base(state)
+        return cls(base, output, state.method, scope=state.scope, hyperparameters=state.hyperparameters, _saved=state, **options)
+
+    def _restore(self, state: MergeState) -> None:
+        recorded = state.base.get("commit_sha")
+        if recorded and self.base_source.commit_sha and recorded != self.base_source.commit_sha:
+            raise MergeStateError(
+                f"{self.output_dir}: the merge was started from base commit {recorded}, "
+                f"not {self.base_source.commit_sha}"
+            )
+        if state.state_tensors:
+            stored = SafetensorsFile(self.output_dir / state.state_tensors)
+            buffer = {name: stored.get(name) for name in self.names if name in stored.tensors}
+            stored.close()
+        else:
+            with Checkpoint.open(self.output_dir) as merged:
+                check_compatible(self.base, merged, f"saved merge {self.output_dir}")
+                buffer = {name: merged.get(name) for name in self.names}
+        try:
+            self.method.load_state_dict(state.method_state, buffer)
+        except KeyError as err:
+            raise MergeStateError(f"{self.output_dir}: saved merge lacks tensor {err}; the base or scope differ") from err
+
+    @property
+    def step(self) -> int:
+        """How many experts have been merged."""
+        return self.state.step
+
+    def add(self, expert: ModelRef) -> StepResult:
+        """Check ``expert`` against the base, merge it, and save the new step atomically.
+
+        A rejected expert (:class:`~hf_merge.errors.IncompatibleExpertError`,
+        :class:`~hf_merge.errors.CheckpointError`) leaves the merge, on disk and in memory, as it was.
+        """
+        if self._broken:
+            raise MergeStateError(
+                f"an earlier step failed midway; continue with ContinualMerger.resume({str(self.output_dir)!r})"
+            )
+        source = resolve(expert, token=self.token, allow_pickle=self.allow_pickle)
+        with Checkpoint.open(source.path, allow_pickle=self.allow_pickle) as checkpoint:
+            check_compatible(self.base, checkpoint, source.name)
+            check_finite(checkpoint, self.names, source.name)
+            started = time.perf_counter()
+            self._broken = True  # until the step is both merged and saved
+            metrics = self.method.step(checkpoint)
+            self.method.finalize()
+            merge_seconds = time.perf_counter() - started
+        step = self.state.step + 1
+        self.state.step = step
+        self.state.lineage.append({**source.to_dict(), "step": step})
+        self.state.method_state = self.method.state_dict()
+        started = time.perf_counter()
+        self._save()
+        self._broken = False
+        result = StepResult(step, source, merge_seconds, time.perf_counter() - started, metrics)
+        self.steps.append(result)
+        logger.info("step %d: merged %s in %.2fs %s", step, source.name, merge_seconds, _format(metrics))
+        if self.on_step is not None and self.executor.is_main_process:
+            self.on_step(step, self.output_dir, self.state)
+        return result
+
+    def add_all(self, experts: Iterable[ModelRef]) -> list[StepResult]:
+        """:meth:`add` each expert in order."""
+        return [self.add(expert) for expert in experts]
+
+    def result(self) -> MergeResult:
+        """What has been merged so far in this run."""
+        merge_s = sum(s.merge_seconds for s in self.steps)
+        save_s = sum(s.save_seconds for s in self.steps)
+        timings = {
+            "setup_seconds": self.setup_seconds,
+            "merge_seconds": merge_s,
+            "save_seconds": save_s,
+            "total_seconds": self.setup_seconds + merge_s + save_s,
+            "seconds_per_expert": (merge_s + save_s) / max(len(self.steps), 1),
+        }
+        return MergeResult(self.output_dir, self.state, list(self.steps), timings)
+
+    def _save(self) -> None:
+        if self.executor.is_main_process:
+            transaction = OutputTransaction(self.output_dir)
+            try:
+                self._write(transaction.staging)
+                weight_files = [p.name for p in transaction.staging.iterdir() if p.name.startswith("model")]
+                transaction.commit(weight_files)
+            except BaseException:
+                transaction.abort()
+                raise
+        self.executor.wait_for_everyone()
+
+    def _write(self, staging: Path) -> None:
+        merged = set(self.names)
+        specs = [TensorSpec(n, self.base.shape(n), self.base.dtype(n)) for n in self.base.names()]
+        fetch = lambda name: self.method.output(name) if name in merged else self.base.get(name)  # noqa: E731
+        CheckpointWriter(staging, self.max_shard_size).save(specs, fetch)
+        if self.state.state_tensors:
+            save_tensors(staging / self.state.state_tensors, {n: self.method.buffer[n] for n in self.names})
+        for item in self.base_source.path.iterdir():
+            if item.is_file() and item.suffix in {".json", ".txt", ".model"} and item.name not in _NOT_COPIED:
+                shutil.copy2(item, staging / item.name)
+        self.state.save(staging)
+
+    def close(self) -> None:
+        self.base.close()
+
+    def __enter__(self) -> "ContinualMerger":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _recorded_base(state: MergeState) -> ModelRef:
+    base = state.base
+    if base.get("repo_id"):
+        pin = base.get("commit_sha") or base.get("revision")
+        return f"{base['repo_id']}@{pin}" if pin else base["repo_id"]
+    if base.get("local_path") and Path(base["local_path"]).is_dir():
+        return base["local_path"]
+    raise MergeStateError("the saved merge does not say where its base is; pass base= to resume()")
+
+
+def _format(metrics: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+
+
+def merge(
+    base: ModelRef,
+    experts: Iterable[ModelRef],
+    method: str = "opcm",
+    output_dir: str | Path | None = None,
+    *,
+    scope: str | list[str] = "vision",
+    on_step: OnStep | None = None,
+    device: str | torch.device | None = None,
+    compute_dtype: str = "float32",
+    max_shard_size: int | str = "5GB",
+    token: str | bool | None = None,
+    allow_pickle: bool = False,
+    **hyperparameters: Any,
+) -> MergeResult:
+    """Merge ``experts`` into ``base`` in order with ``method`` and return the result.
+
+    Example: ``merge("openai/clip-vit-base-patch32", ["org/a", "org/b"], method="opcm", alpha=0.5)``.
+    ``output_dir`` defaults to a new temporary folder. Extra keyword arguments are the method's
+    hyperparameters.
+    """
+    experts = list(experts)
+    if not experts:
+        raise UsageError("merge needs at least one expert")
+    if output_dir is None:
+        output_dir = tempfile.mkdtemp(prefix="hf-merge-")
+    merger = ContinualMerger(
+        base, output_dir, method, scope=scope, hyperparameters=hyperparameters, on_step=on_step,
+        device=device, compute_dtype=compute_dtype, max_shard_size=max_shard_size, token=token,
+        allow_pickle=allow_pickle,
+    )
+    with merger:
+        merger.add_all(experts)
+        return merger.result()

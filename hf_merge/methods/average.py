@@ -1,0 +1,32 @@
+"""Continual average (model soup / SWA): M_t = ((t − 1)·M_{t−1} + θ_t) / t, M_1 = θ_1.
+
+Averaging all experts at once gives the same weights, so this also serves as the all-at-once
+simple average.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..checkpoint import Checkpoint
+from .base import MergeMethod, register_method
+
+
+@register_method
+class ContinualAverage(MergeMethod):
+    """The running mean of every expert merged so far."""
+
+    name = "average"
+    defaults: dict = {}
+
+    def _step(self, expert: Checkpoint) -> dict[str, float]:
+        t = self.step_count
+        for name in self.context.names:
+            theta = expert.get(name)
+            previous = self.buffer[name]
+            if t == 1:
+                self.buffer[name] = theta.to(previous.dtype)
+            elif not torch.equal(previous, theta):  # equal tensors stay bit-exact copies
+                mean = ((t - 1) * self._math(previous) + self._math(theta)) / t
+                self.buffer[name] = self._stored(name, mean)
+        return {}

@@ -1,0 +1,145 @@
+"""The one interface every merge method implements, and the registry that names them.
+
+A method works on named tensors and never on a whole model: the engine gives it a
+:class:`MergeContext` (the base checkpoint, opened lazily, and the names to merge) and then one
+expert checkpoint per :meth:`MergeMethod.step`. The method owns ``buffer``, one tensor per merged
+name (the merged weights, unless ``buffer_is_output`` is false), and reads base and expert tensors
+one at a time, so what stays resident is the buffer plus a few tensors.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from ..checkpoint import Checkpoint
+from ..distributed import Executor
+from ..errors import UsageError
+
+
+@dataclass
+class MergeContext:
+    """What a method needs to know about the merge it takes part in.
+
+    Attributes:
+        base: θ0, opened lazily.
+        names: The merged tensor names, sorted (every pass uses this order).
+        linear_names: Those of ``names`` that are 2-D weights of an ``nn.Linear``.
+        executor: Device for the math and the processes sharing the work.
+        compute_dtype: Precision of the arithmetic (float32; float64 for exactness checks).
+    """
+
+    base: Checkpoint
+    names: list[str]
+    linear_names: frozenset[str] = field(default_factory=frozenset)
+    executor: Executor = field(default_factory=Executor.local)
+    compute_dtype: torch.dtype = torch.float32
+
+
+class MergeMethod(ABC):
+    """A continual merge method: ``init(context)``, then ``step(expert)`` per expert, ``finalize()``.
+
+    Subclasses set ``name`` and ``defaults`` (every hyperparameter with its default) and implement
+    :meth:`_step`. ``state_dict()`` / ``load_state_dict()`` carry the method's scalars between runs.
+    """
+
+    name: ClassVar[str]
+    defaults: ClassVar[dict[str, Any]] = {}
+    #: False when ``buffer`` holds something else than the merged weights (MagMax keeps the
+    #: largest task vector); such buffers are saved next to the state and :meth:`output` derives
+    #: the weights from them.
+    buffer_is_output: ClassVar[bool] = True
+
+    def __init__(self, **hyperparameters: Any):
+        unknown = sorted(set(hyperparameters) - set(self.defaults))
+        if unknown:
+            known = ", ".join(sorted(self.defaults)) or "none"
+            raise UsageError(f"method '{self.name}' has no hyperparameter {unknown[0]!r} (known: {known})")
+        self.hyperparameters: dict[str, Any] = {**self.defaults, **hyperparameters}
+        self.validate()
+        self.step_count = 0
+        self.buffer: dict[str, torch.Tensor] = {}
+        self.context: MergeContext | None = None
+
+    def validate(self) -> None:
+        """Check hyperparameter values; raise :class:`UsageError` on a bad one."""
+
+    # -- the interface -------------------------------------------------------------------------
+    def init(self, context: MergeContext) -> None:
+        """Start from θ0: the buffer holds a copy of every merged base tensor."""
+        self.context = context
+        self.buffer = {name: self._initial_buffer(name) for name in context.names}
+
+    def step(self, expert: Checkpoint) -> dict[str, float]:
+        """Merge one more expert into the buffer; returns metrics worth logging (λ_t, norms, ...)."""
+        self.step_count += 1
+        return self._step(expert)
+
+    def finalize(self) -> None:
+        """Complete the merged weights after the last step (continual methods: nothing to do)."""
+
+    def output(self, name: str) -> torch.Tensor:
+        """The merged tensor ``name`` in the base checkpoint's dtype."""
+        return self.buffer[name]
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-ready state besides the buffer (the step count and the method's own scalars)."""
+        return {"step": self.step_count, **self._extra_state()}
+
+    def load_state_dict(self, state: Mapping[str, Any], buffer: Mapping[str, torch.Tensor]) -> None:
+        """Restore a saved state; ``buffer`` is the saved merged weights (or state tensors)."""
+        self.step_count = int(state["step"])
+        self._load_extra_state(state)
+        missing = [n for n in self.context.names if n not in buffer]
+        if missing:
+            raise KeyError(missing[0])
+        self.buffer = {name: buffer[name] for name in self.context.names}
+
+    # -- for subclasses -----------------------------------------------------------------------
+    @abstractmethod
+    def _step(self, expert: Checkpoint) -> dict[str, float]: ...
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def _load_extra_state(self, state: Mapping[str, Any]) -> None:
+        pass
+
+    def _initial_buffer(self, name: str) -> torch.Tensor:
+        return self.context.base.get(name)
+
+    def _math(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A tensor moved to the compute device and precision."""
+        return tensor.to(self.context.executor.device, self.context.compute_dtype)
+
+    def _stored(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """A computed tensor back on CPU in the base checkpoint's dtype."""
+        return tensor.to("cpu", self.context.base.dtype(name))
+
+
+def squared_norm(tensor: torch.Tensor) -> float:
+    """‖x‖² accumulated in float64, so whole-model norms do not depend on the order of tensors."""
+    flat = tensor.reshape(-1).to(torch.float64)
+    return float(torch.dot(flat, flat))
+
+
+METHODS: dict[str, type[MergeMethod]] = {}
+
+
+def register_method(cls: type[MergeMethod]) -> type[MergeMethod]:
+    """Class decorator adding a method to :data:`METHODS` under ``cls.name``."""
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(name: str) -> type[MergeMethod]:
+    """The method class registered as ``name``; :class:`UsageError` naming the known ones if absent."""
+    from . import average, magmax, opcm, task_arithmetic, ties  # noqa: F401  (registration)
+
+    if name not in METHODS:
+        raise UsageError(f"unknown merge method {name!r}; choose one of: {', '.join(sorted(METHODS))}")
+    return METHODS[name]

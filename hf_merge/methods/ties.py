@@ -1,0 +1,110 @@
+"""Continual TIES merging: M_1 = θ0 + λ·τ_1, then M_t = M_{t−1} + λ·TIES(M_{t−1} − θ0, τ_t).
+
+TIES of two task vectors: keep each vector's top ``threshold`` fraction of entries by magnitude
+(the cut is over the whole model, as the reference flattens the state dict), elect a sign per entry
+from the sum of what is kept (zeros take the model-wide majority sign), then sum the kept entries
+that agree with the elected sign.
+
+A whole-model cut would need every magnitude at once. Instead its exact value is found by a radix
+select over float32 bit patterns (non-negative floats sort like their bits): one pass histograms
+the high 16 bits, a second the low 16 bits inside the chosen bucket, so memory stays at one tensor
+plus two small histograms.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+
+from ..checkpoint import Checkpoint
+from ..errors import UsageError
+from .base import MergeMethod, register_method
+
+_HIGH_BINS = 1 << 15  # sign bit is 0 for magnitudes
+_LOW_BINS = 1 << 16
+
+
+def _magnitude_bits(tensors: Iterator[torch.Tensor], batch: int = 1 << 22) -> Iterator[torch.Tensor]:
+    """|x| as int32 bit patterns, small tensors batched so each histogram call has real work."""
+    pending: list[torch.Tensor] = []
+    size = 0
+    for tensor in tensors:
+        pending.append(tensor.abs().to(torch.float32).reshape(-1).view(torch.int32))
+        size += pending[-1].numel()
+        if size >= batch:
+            yield torch.cat(pending)
+            pending, size = [], 0
+    if pending:
+        yield torch.cat(pending)
+
+
+def kth_smallest_magnitude(tensors: Callable[[], Iterator[torch.Tensor]], k: int) -> float:
+    """Exact k-th smallest |x| (1-based) over all tensors ``tensors()`` yields, in two passes."""
+    high = torch.zeros(_HIGH_BINS, dtype=torch.int64)
+    for bits in _magnitude_bits(tensors()):
+        high += torch.bincount((bits >> 16).long(), minlength=_HIGH_BINS).cpu()
+    cumulative = high.cumsum(0)
+    bucket = int(torch.searchsorted(cumulative, torch.tensor(k)))
+    below = int(cumulative[bucket - 1]) if bucket > 0 else 0
+    low = torch.zeros(_LOW_BINS, dtype=torch.int64)
+    for bits in _magnitude_bits(tensors()):
+        inside = bits[(bits >> 16) == bucket] & 0xFFFF
+        low += torch.bincount(inside.long(), minlength=_LOW_BINS).cpu()
+    offset = int(torch.searchsorted(low.cumsum(0), torch.tensor(k - below)))
+    return float(torch.tensor([(bucket << 16) | offset], dtype=torch.int32).view(torch.float32))
+
+
+@register_method
+class ContinualTies(MergeMethod):
+    """TIES merging of the merged task vector with each new one, scaled by ``scaling_factor``."""
+
+    name = "ties"
+    defaults = {"scaling_factor": 0.3, "threshold": 0.2}
+
+    def validate(self) -> None:
+        threshold = self.hyperparameters["threshold"]
+        if not isinstance(threshold, (int, float)) or not 0 < threshold <= 100:
+            raise UsageError(f"ties: threshold (fraction kept) must be in (0, 1] or a percentage, got {threshold!r}")
+
+    def _keep_fraction(self) -> float:
+        threshold = float(self.hyperparameters["threshold"])
+        return threshold / 100 if threshold > 1 else threshold
+
+    def _deltas(self, expert: Checkpoint, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        theta0 = self._math(self.context.base.get(name))
+        return self._math(self.buffer[name]) - theta0, self._math(expert.get(name)) - theta0
+
+    def _step(self, expert: Checkpoint) -> dict[str, float]:
+        lam = float(self.hyperparameters["scaling_factor"])
+        names = self.context.names
+        if self.step_count == 1:
+            for name in names:
+                _, tau = self._deltas(expert, name)
+                if tau.any():
+                    self.buffer[name] = self._stored(name, self._math(self.buffer[name]) + lam * tau)
+            return {}
+
+        count = sum(self.buffer[n].numel() for n in names)
+        k = max(count - int(count * self._keep_fraction()), 1)
+        cut_merged = kth_smallest_magnitude(lambda: (self._deltas(expert, n)[0] for n in names), k)
+        cut_task = kth_smallest_magnitude(lambda: (self._deltas(expert, n)[1] for n in names), k)
+
+        def trimmed(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+            delta, tau = self._deltas(expert, name)
+            return delta * (delta.abs() >= cut_merged), tau * (tau.abs() >= cut_task)
+
+        votes = 0
+        for name in names:
+            delta, tau = trimmed(name)
+            votes += int(torch.sign(delta + tau).sum(dtype=torch.int64))
+        majority = float(torch.sign(torch.tensor(votes)))
+
+        for name in names:
+            delta, tau = trimmed(name)
+            sign = torch.sign(delta + tau)
+            sign[sign == 0] = majority
+            agreed = torch.where(sign > 0, delta > 0, delta < 0) * delta + torch.where(sign > 0, tau > 0, tau < 0) * tau
+            if agreed.any():
+                self.buffer[name] = self._stored(name, self._math(self.buffer[name]) + lam * agreed)
+        return {"cut_merged": cut_merged, "cut_task": cut_task}

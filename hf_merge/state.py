@@ -1,0 +1,167 @@
+"""Merge state: everything a merge needs to continue, saved atomically next to the merged weights.
+
+The output folder changes only through :class:`OutputTransaction`: a step's files are written into a
+staging folder, the staging folder is renamed to a pending folder in one atomic rename (the commit
+point), then its files are moved into place with ``merge_state.json`` last. :func:`recover` rolls a
+pending step forward and discards a staging folder, so a process killed at any moment leaves either
+the previous step or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import MergeStateError
+from .log import get_logger
+
+logger = get_logger(__name__)
+
+STATE_NAME = "merge_state.json"
+STATE_TENSORS_NAME = "merge_state.safetensors"
+FORMAT_VERSION = 1
+_STAGING = ".hf-merge-staging"
+_PENDING = ".hf-merge-pending"
+_MANIFEST = ".manifest.json"
+
+
+@dataclass
+class MergeState:
+    """What a resumed merge needs, as saved in ``<output>/merge_state.json``.
+
+    Attributes:
+        method: Registered method name (``"opcm"``, ``"average"``, ...).
+        hyperparameters: The method's hyperparameters, defaults filled in.
+        scope: Which tensors are merged (``"vision"``, ``"all"``, or a list of name prefixes).
+        step: How many experts have been merged.
+        base: Provenance of θ0 (``ModelSource.to_dict()``; ``local_path`` for a local folder).
+        lineage: One entry per merged expert, in order: provenance plus its ``step`` (1-based).
+        method_state: The method's own scalars (OPCM: ``prev_lambda``, ``norms``).
+        state_tensors: Name of the file holding tensors a method keeps besides the weights, if any.
+    """
+
+    method: str
+    hyperparameters: dict[str, Any]
+    scope: str | list[str] = "vision"
+    step: int = 0
+    base: dict[str, Any] = field(default_factory=dict)
+    lineage: list[dict[str, Any]] = field(default_factory=list)
+    method_state: dict[str, Any] = field(default_factory=dict)
+    state_tensors: str | None = None
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``merge_state.json`` into ``folder`` atomically (temp file, fsync, rename)."""
+        path = Path(folder) / STATE_NAME
+        _atomic_write_text(path, self.to_json())
+        return path
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "MergeState":
+        """Read ``<folder>/merge_state.json``; :class:`MergeStateError` if missing or corrupt."""
+        path = Path(folder) / STATE_NAME
+        if not path.is_file():
+            raise MergeStateError(f"{path}: no merge state here; this folder was not written by a merge")
+        try:
+            data = json.loads(path.read_text())
+            if data.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+                raise MergeStateError(f"{path}: written by a newer hf-merge; upgrade to continue this merge")
+            return cls(**data)
+        except (ValueError, TypeError) as err:
+            raise MergeStateError(f"{path}: corrupt merge state ({err})") from err
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on directories; the rename is still atomic
+        pass
+    finally:
+        os.close(fd)
+
+
+def recover(output_dir: str | Path) -> None:
+    """Finish a step whose commit was interrupted, and drop a step that never reached its commit."""
+    output = Path(output_dir)
+    if (output / _PENDING).is_dir():
+        logger.info("completing the interrupted save of the last merged step in %s", output)
+        _roll_forward(output)
+    if (output / _STAGING).exists():
+        logger.info("discarding an unfinished step in %s", output)
+        shutil.rmtree(output / _STAGING)
+
+
+class OutputTransaction:
+    """Replace the weights and merge state of an output folder as one atomic step.
+
+    Usage: ``tx = OutputTransaction(out)``; write files into ``tx.staging``; ``tx.commit(weight_files)``
+    where ``weight_files`` are the weight file names of the new step (others are removed).
+    """
+
+    def __init__(self, output_dir: str | Path):
+        self.output_dir = Path(output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        recover(self.output_dir)
+        self.staging = self.output_dir / _STAGING
+        self.staging.mkdir()
+
+    def commit(self, weight_files: list[str]) -> None:
+        (self.staging / _MANIFEST).write_text(json.dumps({"weight_files": weight_files}))
+        for item in self.staging.iterdir():
+            if item.is_file():
+                with open(item, "rb+") as handle:
+                    os.fsync(handle.fileno())
+        _fsync_dir(self.staging)
+        os.replace(self.staging, self.output_dir / _PENDING)  # the commit point
+        _fsync_dir(self.output_dir)
+        _roll_forward(self.output_dir)
+
+    def abort(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def _is_weight_file(name: str) -> bool:
+    return name.endswith(".safetensors") and name != STATE_TENSORS_NAME or name == "model.safetensors.index.json"
+
+
+def _roll_forward(output: Path) -> None:
+    pending = output / _PENDING
+    manifest_path = pending / _MANIFEST
+    if not manifest_path.is_file():  # renamed without a manifest cannot happen; be safe anyway
+        raise MergeStateError(f"{pending}: incomplete pending step; remove it and resume")
+    weight_files = set(json.loads(manifest_path.read_text())["weight_files"])
+    # merge_state.json moves last: until it does, a reader sees the previous state and recovers first.
+    items = sorted((p for p in pending.iterdir() if p.name != _MANIFEST), key=lambda p: p.name == STATE_NAME)
+    for item in items:
+        target = output / item.name
+        if item.is_dir():
+            if target.exists():
+                shutil.rmtree(target)
+        os.replace(item, target)
+    for stale in output.iterdir():
+        if stale.is_file() and _is_weight_file(stale.name) and stale.name not in weight_files:
+            stale.unlink()
+    _fsync_dir(output)
+    manifest_path.unlink()
+    pending.rmdir()
