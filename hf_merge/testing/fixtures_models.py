@@ -95,7 +95,7 @@ def seeded_merged_repo(seeded_hub, hub_api, tmp_path_factory) -> str:
     )
     from ..card import write_card
 
-    write_card(folder, repo_id=MERGED_REPO, licenses={}, plot=False)
+    write_card(folder, repo_id=MERGED_REPO, licenses={}, plot=True)  # draws accuracy.png too
     hub_api.create_repo(MERGED_REPO, exist_ok=True)
     hub_api.upload_folder(repo_id=MERGED_REPO, folder_path=folder, commit_message="Add merged tiny CLIP")
     return MERGED_REPO
