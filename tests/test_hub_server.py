@@ -142,7 +142,8 @@ def test_create_commit_adds_deletes_and_skips_unchanged(hub_api, tmp_path):
         parent_commit=first.oid,
     )
     assert hub_api.list_repo_files(repo_id) == [".gitattributes"]
-    assert hub_api.list_repo_files(repo_id, revision=first.oid) == [".gitattributes", "a.txt", "dir/b.txt", "dir/c.bin"]
+    before = hub_api.list_repo_files(repo_id, revision=first.oid)
+    assert before == [".gitattributes", "a.txt", "dir/b.txt", "dir/c.bin"]
     commits = hub_api.list_repo_commits(repo_id)
     assert [c.commit_id for c in commits[:2]] == [second.oid, first.oid]
     assert [c.title for c in commits] == ["second", "first", "initial commit"]

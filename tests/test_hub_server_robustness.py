@@ -41,7 +41,11 @@ def test_restart_loses_nothing(tmp_path):
         assert api.model_info("carol/persisted").private is True
         assert {b.name for b in api.list_repo_refs("carol/persisted").branches} == {"main", "dev"}
         path = hf_hub_download(
-            "carol/persisted", "model.safetensors", endpoint=second.url, token=TOKENS["carol"], cache_dir=tmp_path / "c"
+            "carol/persisted",
+            "model.safetensors",
+            endpoint=second.url,
+            token=TOKENS["carol"],
+            cache_dir=tmp_path / "c",
         )
         assert Path(path).read_bytes() == payload
         # The restarted server also takes new commits on top of the old ones.
@@ -82,7 +86,10 @@ def test_corrupted_lfs_upload_is_refused(hub_api, hub_url, alice_token):
         headers={**auth, "Content-Type": "application/x-ndjson"},
         content=_ndjson(
             {"key": "header", "value": {"summary": "use the broken object"}},
-            {"key": "lfsFile", "value": {"path": "model.safetensors", "algo": "sha256", "oid": oid, "size": len(good)}},
+            {
+                "key": "lfsFile",
+                "value": {"path": "model.safetensors", "algo": "sha256", "oid": oid, "size": len(good)},
+            },
         ),
     )
     assert commit.status_code == 400
@@ -127,7 +134,10 @@ def test_commit_payload_with_regular_file_through_raw_http(hub_url, alice_token,
         headers={"Authorization": f"Bearer {alice_token}", "Content-Type": "application/x-ndjson"},
         content=_ndjson(
             {"key": "header", "value": {"summary": "raw"}},
-            {"key": "file", "value": {"path": "x.txt", "content": base64.b64encode(b"x").decode(), "encoding": "base64"}},
+            {
+                "key": "file",
+                "value": {"path": "x.txt", "content": base64.b64encode(b"x").decode(), "encoding": "base64"},
+            },
         ),
     )
     assert response.status_code == 200

@@ -91,7 +91,8 @@ class HubApi:
             raise HubError(400, f"Invalid repo type '{repo_type}'.")
         namespace, name = body.get("organization") or user, str(body.get("name") or "")
         if namespace != user:
-            raise HubError(403, f'You don\'t have the rights to create a {repo_type} under the namespace "{namespace}"')
+            message = f'You don\'t have the rights to create a {repo_type} under the namespace "{namespace}"'
+            raise HubError(403, message)
         sdk = body.get("sdk")
         if repo_type == "space" and sdk not in SPACE_SDKS:
             raise HubError(400, f"A Space needs an sdk, one of {', '.join(SPACE_SDKS)}.")
@@ -162,7 +163,9 @@ class HubApi:
         commit = self.storage.resolve_revision(repo_type, repo_id, revision)
         return self.views.repo_info(record, commit)
 
-    def tree(self, user, repo_type, repo_id, revision, path, recursive) -> tuple[list[dict[str, Any]], str]:  # noqa: ANN001
+    def tree(
+        self, user: str | None, repo_type: str, repo_id: str, revision: str, path: str, recursive: bool
+    ) -> tuple[list[dict[str, Any]], str]:
         self._readable(user, repo_type, repo_id)
         commit = self.storage.resolve_revision(repo_type, repo_id, revision)
         entries = self.views.tree_listing(commit.tree, path.strip("/"), recursive)
@@ -170,7 +173,9 @@ class HubApi:
             raise HubError(404, f"Entry not found: {path}", code="EntryNotFound", headers={"X-Repo-Commit": commit.id})
         return entries, commit.id
 
-    def paths_info(self, user, repo_type, repo_id, revision, paths) -> list[dict[str, Any]]:  # noqa: ANN001
+    def paths_info(
+        self, user: str | None, repo_type: str, repo_id: str, revision: str, paths: list[str]
+    ) -> list[dict[str, Any]]:
         self._readable(user, repo_type, repo_id)
         commit = self.storage.resolve_revision(repo_type, repo_id, revision)
         return self.views.paths_info(commit.tree, [str(path) for path in paths])
@@ -206,7 +211,9 @@ class HubApi:
             for commit in self.storage.history(repo_type, repo_id, head)
         ]
 
-    def resolve(self, user, repo_type, repo_id, revision, path) -> tuple[BinaryIO, dict[str, str]]:  # noqa: ANN001
+    def resolve(
+        self, user: str | None, repo_type: str, repo_id: str, revision: str, path: str
+    ) -> tuple[BinaryIO, dict[str, str]]:
         """An open file and the Hub's download headers (ETag, X-Repo-Commit, X-Linked-*)."""
         self._readable(user, repo_type, repo_id)
         commit = self.storage.resolve_revision(repo_type, repo_id, revision)
@@ -227,7 +234,9 @@ class HubApi:
         return self.storage.open_content(entry), headers
 
     # ---- writes -----------------------------------------------------------------------------------
-    def preupload(self, user, repo_type, repo_id, revision, body) -> dict[str, Any]:  # noqa: ANN001
+    def preupload(
+        self, user: str | None, repo_type: str, repo_id: str, revision: str, body: dict[str, Any]
+    ) -> dict[str, Any]:
         self._writable(user, repo_type, repo_id)
         try:
             tree = self.storage.resolve_revision(repo_type, repo_id, revision).tree
@@ -249,7 +258,9 @@ class HubApi:
             )
         return {"files": files}
 
-    def lfs_batch(self, user, repo_type, repo_id, body, base) -> dict[str, Any]:  # noqa: ANN001
+    def lfs_batch(
+        self, user: str | None, repo_type: str, repo_id: str, body: dict[str, Any], base: str
+    ) -> dict[str, Any]:
         self._writable(user, repo_type, repo_id)
         if body.get("operation") != "upload":
             raise HubError(400, "Only the 'upload' operation is supported.")
@@ -280,7 +291,16 @@ class HubApi:
         oid, size, _ = promised
         self.storage.put_lfs(stream, oid, size)
 
-    def commit(self, user, repo_type, repo_id, revision, lines, create_pr, base) -> dict[str, Any]:  # noqa: ANN001
+    def commit(
+        self,
+        user: str | None,
+        repo_type: str,
+        repo_id: str,
+        revision: str,
+        lines: list[dict[str, Any]],
+        create_pr: bool,
+        base: str,
+    ) -> dict[str, Any]:
         self._writable(user, repo_type, repo_id)
         if not lines or lines[0].get("key") != "header":
             raise HubError(400, "A commit starts with a header line.")
@@ -301,7 +321,16 @@ class HubApi:
             "pullRequestUrl": f"{repo_url}/discussions/{pr_num}" if pr_num else None,
         }
 
-    def ref(self, user, method, repo_type, repo_id, kind, name, body) -> dict[str, Any]:  # noqa: ANN001
+    def ref(
+        self,
+        user: str | None,
+        method: str,
+        repo_type: str,
+        repo_id: str,
+        kind: str,
+        name: str,
+        body: dict[str, Any],
+    ) -> dict[str, Any]:
         """Create (``POST``) or delete (``DELETE``) a branch or a tag."""
         self._writable(user, repo_type, repo_id)
         if method == "DELETE":

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import threading
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Iterator
@@ -261,12 +262,17 @@ def _parse_range(header: str, size: int) -> tuple[int, int] | None:
     return (start, end) if 0 <= start <= end else None
 
 
+@dataclass
 class _Request:
     """The parts of a request the routes need, body already read."""
 
-    def __init__(self, method, segments, query, body, content_type, user, base):  # noqa: ANN001
-        self.method, self.segments, self.query, self.body = method, segments, query, body
-        self.content_type, self.user, self.base = content_type, user, base
+    method: str
+    segments: list[str]
+    query: dict[str, list[str]]
+    body: bytes
+    content_type: str
+    user: str | None
+    base: str
 
     def json(self) -> dict[str, Any]:
         if not self.body:
