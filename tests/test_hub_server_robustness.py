@@ -185,3 +185,26 @@ def test_concurrent_commits_to_one_repo_are_all_kept(hub_api):
     assert len(set(oids)) == 8
     assert sorted(hub_api.list_repo_files(repo_id)) == sorted([".gitattributes"] + [f"f{i}.txt" for i in range(8)])
     assert len(hub_api.list_repo_commits(repo_id)) == 9
+
+
+def test_lfs_upload_with_chunked_transfer_encoding(hub_api, hub_url, alice_token):
+    repo_id = f"alice/chunked-{uuid.uuid4().hex[:8]}"
+    hub_api.create_repo(repo_id)
+    data = os.urandom(300_000)
+    oid = hashlib.sha256(data).hexdigest()
+    batch = httpx.post(
+        f"{hub_url}/{repo_id}.git/info/lfs/objects/batch",
+        headers={"Authorization": f"Bearer {alice_token}"},
+        json={"operation": "upload", "objects": [{"oid": oid, "size": len(data)}]},
+    )
+    href = batch.json()["objects"][0]["actions"]["upload"]["href"]
+
+    def chunks():
+        for start in range(0, len(data), 70_000):
+            yield data[start : start + 70_000]
+
+    upload = httpx.put(href, content=chunks())
+    assert upload.request.headers["Transfer-Encoding"] == "chunked"
+    assert upload.status_code == 200
+    hub_api.create_commit(repo_id, operations=[CommitOperationAdd("w.bin", data)], commit_message="chunked")
+    assert hub_api.get_paths_info(repo_id, ["w.bin"])[0].lfs.sha256 == oid

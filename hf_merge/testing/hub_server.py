@@ -103,7 +103,10 @@ class HubRequestHandler(BaseHTTPRequestHandler):
     def _iter_body(self) -> Iterator[bytes]:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             while True:
-                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                try:
+                    size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                except ValueError as error:
+                    raise HubError(400, "Malformed chunked request body.") from error
                 if size == 0:
                     while self.rfile.readline().strip():  # trailers, then the final empty line
                         pass
