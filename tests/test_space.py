@@ -204,3 +204,59 @@ def test_cli_publish_errors(seeded_merged_repo, bob_token, tmp_path, capsys):
     assert bob_token not in err
     code = cli_main(["space", "publish", "alice/does-not-exist", "--token", bob_token])
     assert code == 1 and "not found" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_published_space_runs_as_is_without_hf_merge(seeded_merged_repo, hub_api, alice_token, tmp_path):
+    """The Space repo, downloaded and started like the Hub does (``python app.py``), serves the model."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from gradio_client import Client, handle_file
+
+    space_id = "alice/tiny-merged-as-is"
+    cli_main(["space", "publish", seeded_merged_repo, "--space", space_id, "--token", alice_token, "-q", "--no-card-link"])
+    folder = Path(snapshot_download(space_id, repo_type="space", local_dir=tmp_path / "space"))
+    port = _free_port()
+    env = dict(os.environ, GRADIO_SERVER_PORT=str(port), GRADIO_SERVER_NAME="127.0.0.1", HF_HUB_OFFLINE="0")
+    # Importing hf_merge fails in the child: the Space must not need the package.
+    code = "import sys, runpy; sys.modules['hf_merge'] = None; runpy.run_path('app.py', run_name='__main__')"
+    process = subprocess.Popen([sys.executable, "-c", code], cwd=folder, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        for _ in range(240):
+            if process.poll() is not None:
+                pytest.fail("the Space exited:\n" + process.stdout.read()[-3000:])
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        client = Client(url, verbose=False)
+        merged, compared, caption = client.predict(
+            handle_file(str(EXAMPLE)), "", "synthetic/colors", 3, "base", api_name="/classify"
+        )
+        classes = ["red", "green", "blue", "yellow", "cyan", "magenta", "white", "black"]
+        image = Image.open(EXAMPLE).convert("RGB")
+        expected = reference_probabilities(snapshot_download(seeded_merged_repo), image, classes)
+        assert {c["label"]: c["confidence"] for c in merged["confidences"]} == pytest.approx(
+            {k: expected[k] for k in sorted(expected, key=expected.get, reverse=True)[:3]}, abs=1e-5
+        )
+        assert "alice/tiny-clip-base" in caption and len(compared["confidences"]) == 3
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_space_run_serves_a_local_folder(tiny_base, monkeypatch):
+    import gradio
+
+    launched = {}
+    monkeypatch.setattr(gradio.Blocks, "launch", lambda self, **kwargs: launched.update(kwargs, blocks=self))
+    assert cli_main(["space", "run", str(tiny_base), "--host", "127.0.0.1", "--port", "7999", "-q"]) == 0
+    assert launched["server_name"] == "127.0.0.1" and launched["server_port"] == 7999
+    assert launched["max_file_size"] == 10 * 1024 * 1024
+    assert isinstance(launched["blocks"], gradio.Blocks)
