@@ -63,7 +63,7 @@ def test_whoami(hub_api):
     assert hub_api.whoami()["name"] == "alice"
 
 
-def test_create_repo_model_space_private_and_dataset(hub_api, hub_url):
+def test_create_repo_model_space_private_and_dataset(hub_api, hub_url, tmp_path):
     model = _repo(hub_api, "model")
     assert hub_api.model_info(model).private is False
     assert hub_api.create_repo(model, exist_ok=True).repo_id == model  # 409 is accepted with exist_ok
@@ -75,6 +75,9 @@ def test_create_repo_model_space_private_and_dataset(hub_api, hub_url):
     assert hub_api.space_info(space).sdk == "gradio"
     url = hub_api.create_repo(space, repo_type="space", space_sdk="gradio", exist_ok=True)
     assert url == f"{hub_url}/spaces/{space}"
+    hub_api.upload_file(path_or_fileobj=b"import gradio\n", path_in_repo="app.py", repo_id=space, repo_type="space")
+    app = hf_hub_download(space, "app.py", repo_type="space", cache_dir=tmp_path)
+    assert Path(app).read_bytes() == b"import gradio\n"
 
     dataset = _repo(hub_api, "data", repo_type="dataset")
     hub_api.upload_file(path_or_fileobj=b"a,b\n1,2\n", path_in_repo="data.csv", repo_id=dataset, repo_type="dataset")
