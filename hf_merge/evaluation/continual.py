@@ -212,6 +212,25 @@ class ContinualEvaluator:
         if self.report.expert_accuracy is None and experts is not None:
             self.report.expert_accuracy = [None] * len(self.tasks)
 
+    @classmethod
+    def resume(cls, output_dir: str | Path, tasks: Sequence[str | Task], **options: Any) -> "ContinualEvaluator":
+        """Continue the report saved in ``output_dir`` (if any), e.g. when more experts are added later.
+
+        ``tasks`` lists the tasks of every expert, the earlier ones included.
+        """
+        path = Path(output_dir) / RESULTS_FILENAME
+        report = EvaluationReport.from_json(path) if path.is_file() else None
+        if report is not None and report.tasks != [get_task(t).name for t in tasks][: len(report.tasks)]:
+            raise EvaluationError(
+                f"{path}: the saved results are for tasks {report.tasks}, which do not start the given task list"
+            )
+        if report is not None:
+            for name in ("base_accuracy", "expert_accuracy"):
+                values = getattr(report, name)
+                if values is not None and len(values) < len(tasks):
+                    setattr(report, name, values + [None] * (len(tasks) - len(values)))
+        return cls(tasks, report=report, **options)
+
     def __call__(self, step: int, output_dir: str | Path, state: Any = None) -> EvaluationReport:
         """Evaluate the model saved in ``output_dir`` after step ``step`` and save the report there."""
         if step < 1 or step > len(self.tasks):
