@@ -266,6 +266,11 @@ def publish_space(
     api = _api(token)
     with tempfile.TemporaryDirectory(prefix="hf-merge-space-") as tmp:
         config = build_space_config(merged_repo, token=token, work_dir=Path(tmp) / "merge")
+        if not private and _is_private(api, merged_repo):
+            logger.warning(
+                "%s is private: add an HF_TOKEN secret with read access in the Space settings, "
+                "or the public Space cannot load it", merged_repo,
+            )
         readme = render_space_readme(config, space_id)
         folder = write_space_folder(config, Path(tmp) / "space", readme=readme)
         try:
@@ -286,6 +291,13 @@ def publish_space(
         except Exception as error:  # e.g. a Space for someone else's model: the Space still stands
             logger.warning("The Space is published, but the card of %s could not link it: %s", merged_repo, _one_line(error))
     return url
+
+
+def _is_private(api, repo_id: str) -> bool:
+    try:
+        return bool(api.model_info(repo_id).private)
+    except Exception:  # only a hint; the Space is published either way
+        return False
 
 
 def link_space_in_card(merged_repo: str, space_id: str, *, token: str | None = None) -> bool:
