@@ -143,3 +143,17 @@ def test_cli_eval_writes_json(tiny_base, tmp_path, capsys):
     assert main(["eval", str(tiny_base)]) == 2
     err = capsys.readouterr().err
     assert "unknown task 'not-a-task'" in err
+
+
+def test_engine_on_step_fills_the_report(tiny_base, experts, tmp_path):
+    from hf_merge.engine import ContinualMerger
+
+    out = tmp_path / "engine-merge"
+    evaluator = ContinualEvaluator(TASKS[:2], limit=16, device="cpu")
+    merger = ContinualMerger(tiny_base, out, method="average", on_step=evaluator, device="cpu")
+    merger.add_all(experts[:2])
+    saved = EvaluationReport.from_json(out)
+    assert saved.num_steps == 2 and saved.tasks == ["colors-all", "colors-bw"]
+    assert (out / "merge_state.json").is_file()  # the report sits beside the merge, which is intact
+    final = evaluate_model(out, TASKS[:2], limit=16, device="cpu")
+    assert saved.accuracy_matrix()[1] == [final[t.name]["accuracy"] for t in TASKS[:2]]

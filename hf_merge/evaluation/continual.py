@@ -240,7 +240,8 @@ class ContinualEvaluator:
             self._reference("base", self.report.base_accuracy, self.base, range(len(self.tasks)))
         if self.experts is not None and self.report.expert_accuracy is not None and step <= len(self.experts):
             self._reference("expert", self.report.expert_accuracy, self.experts[step - 1], [step - 1])
-        results = self.evaluator.evaluate(str(output_dir), tasks=current)
+        # One task can be the task of several experts: evaluate it once.
+        results = self.evaluator.evaluate(str(output_dir), tasks=list({t.name: t for t in current}.values()))
         self.report.add_step(step, results, [t.name for t in current])
         self.report.to_json(Path(output_dir) / RESULTS_FILENAME)
         logger.info(
