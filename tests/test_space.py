@@ -260,3 +260,23 @@ def test_space_run_serves_a_local_folder(tiny_base, monkeypatch):
     assert launched["server_name"] == "127.0.0.1" and launched["server_port"] == 7999
     assert launched["max_file_size"] == 10 * 1024 * 1024
     assert isinstance(launched["blocks"], gradio.Blocks)
+
+
+def test_config_of_a_real_engine_merge(seeded_hub, tmp_path, app):
+    """A folder written by the merge engine (OPCM over Hub repos) gives a Space with its lineage."""
+    from hf_merge.engine import merge
+
+    result = merge(seeded_hub.base, seeded_hub.experts[:2], method="opcm", output_dir=tmp_path / "out")
+    config = build_space_config(result.output_dir, keep_local_paths=True)
+    assert config["method"] == "opcm"
+    assert config["base"]["repo_id"] == seeded_hub.base
+    assert config["base"]["commit_sha"] == seeded_hub.commits[seeded_hub.base]
+    assert [(e["repo_id"], e["commit_sha"], e["step"]) for e in config["experts"]] == [
+        (repo, seeded_hub.commits[repo], step) for step, repo in enumerate(seeded_hub.experts[:2], start=1)
+    ]
+    choices = dict((key, name) for name, key in app.comparison_choices(config))
+    assert choices["base"] == f"Base: {seeded_hub.base}"
+    assert choices["expert:1"] == f"Expert 2: {seeded_hub.experts[1]}"
+    # The merged model loads and classifies in the app.
+    scores = app.ZeroShotModel(str(result.output_dir)).classify(Image.open(EXAMPLE).convert("RGB"), ("a", "b"))
+    assert sum(scores.values()) == pytest.approx(1.0)
