@@ -1,0 +1,97 @@
+"""Merge state JSON and the atomic replacement of an output folder."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from hf_merge.errors import MergeStateError
+from hf_merge.state import STATE_NAME, MergeState, OutputTransaction, recover
+
+
+def make_state(step: int) -> MergeState:
+    return MergeState(
+        method="opcm",
+        hyperparameters={"alpha": 0.5},
+        step=step,
+        base={"repo_id": "org/base", "commit_sha": "a" * 40},
+        lineage=[{"repo_id": f"org/e{i}", "commit_sha": "b" * 40, "step": i} for i in range(1, step + 1)],
+        method_state={"prev_lambda": 1.5, "norms": [1.0, 2.0]},
+    )
+
+
+def commit_step(output, step: int, weights: dict[str, str]) -> None:
+    tx = OutputTransaction(output)
+    for name, text in weights.items():
+        (tx.staging / name).write_text(text)
+    make_state(step).save(tx.staging)
+    tx.commit(list(weights))
+
+
+def test_round_trip_and_json_layout(tmp_path):
+    state = make_state(2)
+    state.save(tmp_path)
+    assert MergeState.load(tmp_path) == state
+    data = json.loads((tmp_path / STATE_NAME).read_text())
+    assert data["method_state"]["prev_lambda"] == 1.5
+    assert [e["step"] for e in data["lineage"]] == [1, 2]
+    assert not [p for p in tmp_path.iterdir() if p.name != STATE_NAME]  # no temp file left
+
+
+def test_missing_corrupt_and_future_states_are_errors(tmp_path):
+    with pytest.raises(MergeStateError, match="no merge state"):
+        MergeState.load(tmp_path)
+    (tmp_path / STATE_NAME).write_text("{not json")
+    with pytest.raises(MergeStateError, match="corrupt"):
+        MergeState.load(tmp_path)
+    (tmp_path / STATE_NAME).write_text(json.dumps({"method": "opcm", "hyperparameters": {}, "bogus": 1}))
+    with pytest.raises(MergeStateError, match="corrupt"):
+        MergeState.load(tmp_path)
+    (tmp_path / STATE_NAME).write_text(json.dumps({"method": "opcm", "hyperparameters": {}, "format_version": 99}))
+    with pytest.raises(MergeStateError, match="newer"):
+        MergeState.load(tmp_path)
+
+
+def test_commit_replaces_weights_and_drops_stale_shards(tmp_path):
+    commit_step(tmp_path, 1, {"model-00001-of-00002.safetensors": "1a", "model-00002-of-00002.safetensors": "1b",
+                              "model.safetensors.index.json": "{}"})
+    (tmp_path / "README.md").write_text("card")  # files of others are left alone
+    commit_step(tmp_path, 2, {"model.safetensors": "2"})
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["README.md", "merge_state.json", "model.safetensors"]
+    assert MergeState.load(tmp_path).step == 2
+
+
+def test_recover_discards_an_unfinished_step(tmp_path):
+    commit_step(tmp_path, 1, {"model.safetensors": "1"})
+    tx = OutputTransaction(tmp_path)
+    (tx.staging / "model.safetensors").write_text("half-written")
+    recover(tmp_path)  # the process died before the commit point
+    assert (tmp_path / "model.safetensors").read_text() == "1"
+    assert MergeState.load(tmp_path).step == 1
+    assert not tx.staging.exists()
+
+
+def test_recover_rolls_an_interrupted_commit_forward(tmp_path, monkeypatch):
+    commit_step(tmp_path, 1, {"model.safetensors": "1"})
+    real_replace = os.replace
+    moved = []
+
+    def dying_replace(src, dst):
+        # die after the commit point, once the weights moved but before the state did
+        if str(dst).endswith(STATE_NAME) and ".hf-merge-pending" in str(src):
+            raise KeyboardInterrupt
+        moved.append(dst)
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", dying_replace)
+    with pytest.raises(KeyboardInterrupt):
+        commit_step(tmp_path, 2, {"model.safetensors": "2"})
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert (tmp_path / "model.safetensors").read_text() == "2"
+    assert MergeState.load(tmp_path).step == 1  # state not moved yet: recovery must run first
+    recover(tmp_path)
+    assert MergeState.load(tmp_path).step == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merge_state.json", "model.safetensors"]
