@@ -86,14 +86,16 @@ def test_three_step_merge_accuracy_matrix_and_bwt(tiny_base, experts, tmp_path):
     bwt = ((matrix[2][0] - matrix[0][0]) + (matrix[2][1] - matrix[1][1])) / 2
     assert report.bwt == pytest.approx(bwt, abs=1e-12)
     assert report.average_accuracy == pytest.approx(sum(matrix[2]) / 3)
-    assert report.average_accuracy_per_step() == pytest.approx([matrix[0][0], (matrix[1][0] + matrix[1][1]) / 2, sum(matrix[2]) / 3])
+    per_step = [matrix[0][0], (matrix[1][0] + matrix[1][1]) / 2, sum(matrix[2]) / 3]
+    assert report.average_accuracy_per_step() == pytest.approx(per_step)
 
     saved = json.loads((out / RESULTS_FILENAME).read_text())
     assert saved["schema_version"] == 1 and saved["tasks"] == [t.name for t in TASKS]
     assert saved["accuracy_matrix"] == matrix and saved["bwt"] == pytest.approx(bwt)
     assert saved["experts"] == ["e0", "e1", "e2"] and saved["limit"] == 20
     assert saved["base_accuracy"] is None and saved["expert_accuracy"] is None
-    assert [s["step"] for s in saved["steps"]] == [1, 2, 3] and saved["steps"][2]["results"]["colors-all"]["num_samples"] == 20
+    assert [s["step"] for s in saved["steps"]] == [1, 2, 3]
+    assert saved["steps"][2]["results"]["colors-all"]["num_samples"] == 20
     again = EvaluationReport.from_json(out)
     assert again.to_dict() == report.to_dict()
     assert EvaluationReport.from_json(report.to_json()).bwt == report.bwt

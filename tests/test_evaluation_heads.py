@@ -52,7 +52,8 @@ def test_single_template_head_reproduces_clip_forward(clip):
     task = Task("one-template", ("red", "blue"), ("a photo of a {}.",))
     head = build_head(model, processor.tokenizer, task)
     images, _ = solid_colors(n_per_class=1)
-    inputs = processor(text=task.prompts("red") + task.prompts("blue"), images=images[:3], return_tensors="pt", padding=True)
+    prompts = task.prompts("red") + task.prompts("blue")
+    inputs = processor(text=prompts, images=images[:3], return_tensors="pt", padding=True)
     reference = model(**inputs).logits_per_image
     pixels = inputs["pixel_values"]
     logits = head.logits(model.get_image_features(pixel_values=pixels).pooler_output)

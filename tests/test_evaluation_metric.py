@@ -86,6 +86,7 @@ def test_info_and_plain_function():
     metric = ZeroShotAccuracy()
     assert metric.name == "zero_shot_accuracy"
     assert "top-k" in metric.description
-    assert accuracy_scores([], [], num_classes=2) == {"accuracy": 0.0, "per_class_accuracy": [None, None], "num_samples": 0}
+    empty = accuracy_scores([], [], num_classes=2)
+    assert empty == {"accuracy": 0.0, "per_class_accuracy": [None, None], "num_samples": 0}
     with pytest.raises(ValueError):
         accuracy_scores([0], [0, 1])

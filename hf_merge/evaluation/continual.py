@@ -166,7 +166,9 @@ class EvaluationReport:
         try:
             return cls.from_dict(json.loads(source))
         except (json.JSONDecodeError, TypeError, ValueError, IndexError) as error:
-            raise EvaluationError(f"evaluation results are not valid JSON of schema {SCHEMA_VERSION}: {error}") from error
+            raise EvaluationError(
+                f"evaluation results are not valid JSON of schema {SCHEMA_VERSION}: {error}"
+            ) from error
 
 
 class ContinualEvaluator:

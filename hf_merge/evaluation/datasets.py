@@ -225,7 +225,9 @@ def _to_rgb(task: Task, item: Any, index: int) -> Image.Image:
             with Image.open(io.BytesIO(item["bytes"])) as image:
                 return image.convert("RGB")
         except Exception as error:
-            raise EvaluationError(f"task {task.name}: unreadable image at index {index}: {_first_line(error)}") from error
+            raise EvaluationError(
+                f"task {task.name}: unreadable image at index {index}: {_first_line(error)}"
+            ) from error
     if isinstance(item, np.ndarray) and item.ndim in (2, 3):
         array = item.squeeze(-1) if item.ndim == 3 and item.shape[-1] == 1 else item
         if array.dtype != np.uint8:
@@ -233,7 +235,9 @@ def _to_rgb(task: Task, item: Any, index: int) -> Image.Image:
         try:
             return Image.fromarray(array).convert("RGB")
         except Exception as error:
-            raise EvaluationError(f"task {task.name}: unreadable image at index {index}: {_first_line(error)}") from error
+            raise EvaluationError(
+                f"task {task.name}: unreadable image at index {index}: {_first_line(error)}"
+            ) from error
     raise EvaluationError(
         f"task {task.name}: unreadable image at index {index}: expected a PIL image or uint8 array, "
         f"got {type(item).__name__}"
