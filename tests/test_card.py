@@ -1,0 +1,139 @@
+"""The model card: Hub metadata, license rule, lineage, accuracy table and plot, recipe, usage."""
+
+from __future__ import annotations
+
+import pytest
+from huggingface_hub import ModelCard
+
+from hf_merge.card import METHOD_DESCRIPTIONS, build_card, choose_license, read_license, write_card
+from hf_merge.evaluation import EvaluationReport
+from hf_merge.hub import endpoint
+from hf_merge.recipe import EvalSpec, MergeRecipe, known_methods
+from hf_merge.state import MergeState
+
+BASE = "openai/clip-vit-base-patch32"
+EXPERTS = ["org/clip-sun397", "org/clip-dtd", "org/clip-mnist"]
+SHAS = ["a" * 40, "b" * 40, "c" * 40]
+TASKS = ["sun397", "dtd", "mnist"]
+
+
+def _result_folder(tmp_path, *, evaluated=True, method="opcm"):
+    state = MergeState(
+        method=method,
+        hyperparameters={"alpha": 0.5, "zero_diagonal": True} if method == "opcm" else {},
+        base={"repo_id": BASE, "revision": None, "commit_sha": "f" * 40, "name": BASE},
+        lineage=[{"repo_id": r, "revision": None, "commit_sha": s, "name": r, "step": i}
+                 for i, (r, s) in enumerate(zip(EXPERTS, SHAS), start=1)],
+        step=3,
+    )
+    state.save(tmp_path)
+    MergeRecipe(base=BASE, experts=EXPERTS, method=method, eval=EvalSpec(tasks=TASKS, every_step=True)).save(tmp_path)
+    if evaluated:
+        report = EvaluationReport(limit=100)
+        rows = [[0.9], [0.8, 0.7], [0.75, 0.65, 0.95]]
+        for step, row in enumerate(rows, start=1):
+            results = {t: {"accuracy": a, "dataset": f"tanganke/{t}"} for t, a in zip(TASKS, row)}
+            report.add_step(step, results, TASKS[:step])
+        report.to_json(tmp_path / "eval_results.json")
+    return tmp_path
+
+
+MIT = {BASE: "mit", **{e: "mit" for e in EXPERTS}}
+
+
+def test_front_matter_has_every_field(tmp_path):
+    folder = _result_folder(tmp_path)
+    path = write_card(folder, repo_id="me/merged", licenses=MIT)
+    card = ModelCard.load(path)  # parses the metadata, model-index included
+    data = card.data
+    assert data.library_name == "transformers"
+    assert data.pipeline_tag == "zero-shot-image-classification"
+    assert data.base_model == [BASE, *EXPERTS]
+    assert data.get("base_model_relation") == "merge"
+    assert data.tags == ["merge", "hf-merge", "opcm", "continual-merging", "clip"]
+    assert data.license == "mit"
+    results = {r.dataset_name: r for r in data.eval_results}
+    assert set(results) == set(TASKS)
+    assert results["dtd"].metric_value == 0.65 and results["dtd"].dataset_type == "tanganke/dtd"
+    assert results["dtd"].task_type == "zero-shot-image-classification" and results["dtd"].metric_type == "accuracy"
+    assert data.model_name == "merged"
+
+
+def test_body_sections(tmp_path):
+    folder = _result_folder(tmp_path)
+    text = build_card(folder, repo_id="me/merged", licenses=MIT, space_id="me/merged-demo").text
+    assert "https://arxiv.org/abs/2501.09522" in text
+    assert "| alpha | `0.5` |" in text and "| zero_diagonal | `True` |" in text
+    for step, (repo, sha) in enumerate(zip(EXPERTS, SHAS), start=1):
+        assert f"| {step} | [{repo}]({endpoint()}/{repo}/tree/{sha}) | `{sha}` |" in text
+    assert "| 3 | 75.0 | 65.0 | 95.0 | **78.3** |" in text
+    assert "| 2 | 80.0 | 70.0 | – | **75.0** |" in text
+    # BWT = mean(0.75 - 0.9, 0.65 - 0.7) = -0.10
+    assert "backward transfer (BWT): **-10.0**" in text
+    assert "at most 100 test examples per task" in text
+    assert (folder / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    assert 'pipeline("zero-shot-image-classification", model="me/merged")' in text
+    assert f"[me/merged-demo]({endpoint()}/spaces/me/merged-demo)" in text
+    assert "hf-merge add me/merged --experts" in text
+    recipe = text.split("```yaml\n", 1)[1].split("```", 1)[0]
+    assert MergeRecipe.from_yaml(recipe).experts == EXPERTS
+    assert "License check needed" not in text
+
+
+def test_without_evaluation_there_is_no_table_plot_or_model_index(tmp_path):
+    folder = _result_folder(tmp_path, evaluated=False)
+    card = ModelCard.load(write_card(folder, licenses=MIT))
+    assert card.data.eval_results is None and "model-index" not in card.content.split("---")[1]
+    assert "## Evaluation" not in card.text and not (folder / "accuracy.png").exists()
+    assert f'model="{folder.resolve()}"' in card.text  # a local result: the snippet loads the folder
+
+
+def test_license_rule():
+    assert choose_license({"b": "mit", "e": "mit"}, "b") == ("mit", None)
+    license_, note = choose_license({"b": "mit", "e": "apache-2.0"}, "b")
+    assert license_ == "other" and "`e`: apache-2.0" in note and "`b`: mit" in note
+    license_, note = choose_license({"b": None, "e": None}, "b")
+    assert license_ == "other" and "none of the parent models declares a license" in note
+    license_, note = choose_license({"b": None, "e": "mit"}, "b")
+    assert license_ == "other" and "`b`: not declared" in note
+
+
+def test_disagreeing_licenses_are_flagged_in_the_body(tmp_path):
+    folder = _result_folder(tmp_path, evaluated=False)
+    card = build_card(folder, licenses={**MIT, EXPERTS[1]: "cc-by-nc-4.0"})
+    assert card.data.license == "other"
+    assert "License check needed" in card.text and "cc-by-nc-4.0" in card.text
+
+
+def test_read_license_from_a_model_folder(tmp_path):
+    (tmp_path / "README.md").write_text("---\nlicense: apache-2.0\ntags: [clip]\n---\n# model\n")
+    assert read_license(tmp_path) == "apache-2.0"
+    assert read_license(tmp_path / "missing") is None
+    (tmp_path / "README.md").write_text("no front matter at all\n")
+    assert read_license(tmp_path) is None
+
+
+def test_regenerated_card_keeps_the_parents_licenses(tmp_path):
+    from hf_merge.cli import main
+
+    folder = _result_folder(tmp_path, evaluated=False)
+    write_card(folder, repo_id="me/merged", licenses=MIT)
+    (folder / "README.md").write_text((folder / "README.md").read_text().replace("# merged", "# edited"))
+    assert main(["card", str(folder), "--repo-id", "me/merged", "-q"]) == 0
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.license == "mit" and "# edited" not in card.text
+
+
+@pytest.mark.parametrize("method", known_methods())
+def test_every_method_has_a_described_card(method, tmp_path):
+    title, summary = METHOD_DESCRIPTIONS[method]
+    assert "arxiv.org/abs/" in summary
+    folder = _result_folder(tmp_path, evaluated=False, method=method)
+    card = build_card(folder, licenses=MIT)
+    assert method in card.data.tags and title in card.text
+
+
+def test_card_passes_the_servers_yaml_validation(tmp_path, hub_server):
+    folder = _result_folder(tmp_path)
+    card = build_card(folder, repo_id="me/merged", licenses=MIT)
+    card.validate()  # POST /api/validate-yaml; raises ValueError on errors
