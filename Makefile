@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test browser bench clean
+.PHONY: demo test browser zoo-data bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -13,18 +13,24 @@ $(STAMP): pyproject.toml
 	# torch first and pinned: the CPU wheel; an unpinned torch would pull CUDA builds.
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[dev,zoo]'
+	$(BIN)/python -m pip install -q --no-deps clip-anytorch==2.6.0 animal-mnist==0.4
 	touch $@
+
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT_INSTALL := $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q
 
 # Debian's Chromium drives the browser tests (never a downloaded browser build).
 browser:
-	@command -v chromium >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q chromium chromium-driver; \
-	  else sudo apt-get update -q && sudo apt-get install -y -q chromium chromium-driver; fi; }
+	@command -v chromium >/dev/null 2>&1 || { $(APT_INSTALL) chromium chromium-driver; }
 
-demo: $(STAMP)
+# Fashion-MNIST for the offline zoo comes from Debian.
+zoo-data:
+	@test -d /usr/share/datasets/fashion-mnist || { $(APT_INSTALL) dataset-fashion-mnist; }
+
+demo: $(STAMP) zoo-data
 	$(BIN)/hf-merge demo
 
-test: $(STAMP) browser
+test: $(STAMP) browser zoo-data
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

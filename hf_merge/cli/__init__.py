@@ -18,7 +18,7 @@ from ..errors import HfMergeError
 from ..log import set_verbosity
 
 # One module per group of subcommands; each defines ``register(subparsers)``.
-_COMMAND_MODULES = ("merge", "evaluate", "space", "hub")
+_COMMAND_MODULES = ("merge", "evaluate", "space", "hub", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
