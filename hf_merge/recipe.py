@@ -42,13 +42,17 @@ SCOPES = ("vision", "text", "all")
 _FALLBACK_METHOD_PARAMETERS: dict[str, dict[str, Any]] = {
     "opcm": {"alpha": 0.5, "zero_diagonal": True, "svd_dtype": "float32"},
     "average": {},
-    "task_arithmetic": {"scaling": 0.3},
-    "ties": {"scaling": 0.3, "keep": 0.2},
-    "magmax": {"scaling": 0.5},
+    "task_arithmetic": {"scaling_factor": 0.3},
+    "ties": {"scaling_factor": 0.3, "threshold": 0.2},
+    "magmax": {"scaling_factor": 0.5},
 }
 
-# Spellings people use for the same knob (the paper writes λ for the scaling factor).
-_PARAMETER_ALIASES = {"lambda": "scaling", "lambda_": "scaling", "lam": "scaling", "k": "keep"}
+# Spellings people use for the same knob (the paper writes λ for the scaling factor, TIES keeps
+# the top-k entries); an alias applies only where the method declares its target.
+_PARAMETER_ALIASES = {
+    "lambda": "scaling_factor", "lambda_": "scaling_factor", "lam": "scaling_factor", "scaling": "scaling_factor",
+    "keep": "threshold", "k": "threshold", "top_k": "threshold",
+}
 
 
 def method_parameters(method: str) -> dict[str, Any]:
@@ -194,7 +198,9 @@ class MergeRecipe:
             raise RecipeError(f"`parameters` must be a mapping of {self.method} parameters, got {self.parameters!r}")
         checked: dict[str, Any] = {}
         for raw_name, value in self.parameters.items():
-            name = _PARAMETER_ALIASES.get(raw_name, raw_name)
+            name = raw_name
+            if name not in declared and _PARAMETER_ALIASES.get(name) in declared:
+                name = _PARAMETER_ALIASES[name]
             if name not in declared:
                 hint = _suggest(raw_name, declared)
                 valid = ", ".join(sorted(declared)) or "none"

@@ -61,7 +61,7 @@ def test_parameter_of_another_method_is_refused():
     with pytest.raises(RecipeError, match="'keep' for method 'opcm'"):
         MergeRecipe(base=BASE, experts=EXPERTS, method="opcm", parameters={"keep": 0.2})
     ties = MergeRecipe(base=BASE, experts=EXPERTS, method="ties", parameters={"keep": 0.1, "lambda": 0.3})
-    assert ties.parameters == {"keep": 0.1, "scaling": 0.3}  # λ is the scaling factor
+    assert ties.parameters == {"threshold": 0.1, "scaling_factor": 0.3}  # λ is the scaling factor
 
 
 def test_parameter_types_are_checked():

@@ -40,7 +40,7 @@ def _register_merge(subparsers: Any) -> None:
     method = parser.add_argument_group("method parameters (unset ones take the method's defaults)")
     method.add_argument("--alpha", type=float, help="OPCM: share of the merged task vector's spectrum that is protected (0.5).")
     method.add_argument("--scaling", "--lambda", dest="scaling", type=float, help="Task arithmetic / TIES / MagMax scaling factor λ.")
-    method.add_argument("--keep", type=float, help="TIES: fraction of task-vector entries kept (0.2).")
+    method.add_argument("--keep", type=float, help="TIES: fraction of task-vector entries kept (threshold, 0.2).")
     method.add_argument("--zero-diagonal", dest="zero_diagonal", action="store_true", default=None, help="OPCM: zero the projected diagonal (default).")
     method.add_argument("--no-zero-diagonal", dest="zero_diagonal", action="store_false", help="OPCM: keep the diagonal (the first reference release).")
     method.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="Any other method parameter (repeatable).")
