@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 
@@ -159,3 +160,18 @@ def test_engine_on_step_fills_the_report(tiny_base, experts, tmp_path):
     assert (out / "merge_state.json").is_file()  # the report sits beside the merge, which is intact
     final = evaluate_model(out, TASKS[:2], limit=16, device="cpu")
     assert saved.accuracy_matrix()[1] == [final[t.name]["accuracy"] for t in TASKS[:2]]
+
+
+def test_evaluate_model_accepts_a_clip_model_object(tiny_base):
+    from transformers import CLIPModel, CLIPProcessor
+
+    by_path = evaluate_model(tiny_base, ["synthetic/colors"], limit=16, device="cpu")
+    model, processor = CLIPModel.from_pretrained(tiny_base), CLIPProcessor.from_pretrained(tiny_base)
+    assert evaluate_model(model, ["synthetic/colors"], limit=16, processor=processor, device="cpu") == by_path
+    assert evaluate_model(model, ["synthetic/colors"], limit=16, device="cpu") == by_path  # processor beside weights
+    config = copy.deepcopy(model.config)
+    config._name_or_path = ""  # built in memory: no folder to find a processor in
+    with pytest.raises(EvaluationError, match="needs its processor"):
+        evaluate_model(CLIPModel(config), ["synthetic/colors"], limit=16, device="cpu")
+    with pytest.raises(EvaluationError, match="no tasks"):
+        evaluate_model(tiny_base, [], device="cpu")

@@ -62,7 +62,7 @@ def _run(args: argparse.Namespace) -> int:
         document = {
             "model": args.model,
             "limit": args.limit,
-            "results": {name: {k: v for k, v in m.items()} for name, m in results.items()},
+            "results": results,
         }
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -193,12 +193,12 @@ Volvo XC90 SUV 2007; smart fortwo Convertible 2012
     "resisc45": {
         "dataset": "tanganke/resisc45", "split": "test",
         "templates": [
-            f"{source} {kind} of {article}{{}}."
-            for article in ("", "a ", "the ")
-            for kind, source in (
-                ("imagery", "satellite"), ("imagery", "aerial"), ("photo", "satellite"),
-                ("photo", "aerial"), ("view", "satellite"), ("view", "aerial"),
-            )
+            "satellite imagery of {}.", "aerial imagery of {}.", "satellite photo of {}.",
+            "aerial photo of {}.", "satellite view of {}.", "aerial view of {}.",
+            "satellite imagery of a {}.", "aerial imagery of a {}.", "satellite photo of a {}.",
+            "aerial photo of a {}.", "satellite view of a {}.", "aerial view of a {}.",
+            "satellite imagery of the {}.", "aerial imagery of the {}.", "satellite photo of the {}.",
+            "aerial photo of the {}.", "satellite view of the {}.", "aerial view of the {}.",
         ],
         "classes": """
 airplane; airport; baseball diamond; basketball court; beach; bridge; chaparral; church;
@@ -273,9 +273,9 @@ white circle with gray strike bar indicating no passing for trucks has ended
     "dtd": {
         "dataset": "tanganke/dtd", "split": "test",
         "templates": [
-            f"a photo of {article} {{}} {noun}."
-            for article in ("a", "the")
-            for noun in ("texture", "pattern", "thing", "object")
+            "a photo of a {} texture.", "a photo of a {} pattern.", "a photo of a {} thing.",
+            "a photo of a {} object.", "a photo of the {} texture.", "a photo of the {} pattern.",
+            "a photo of the {} thing.", "a photo of the {} object.",
         ],
         "classes": """
 banded; blotchy; braided; bubbly; bumpy; chequered; cobwebbed; cracked; crosshatched;

@@ -98,7 +98,7 @@ class Evaluator:
             model, loaded = load_clip(model, device=self.device, token=self.token)
             processor = processor or loaded
         elif processor is None:
-            raise EvaluationError("evaluating a CLIPModel object needs its processor (processor=...)")
+            processor = _processor_beside(model)
         model.eval().to(self.device)
         selected = [get_task(t) for t in tasks] if tasks is not None else self.tasks
         return {task.name: self.evaluate_task(model, processor, task) for task in selected}
@@ -149,6 +149,16 @@ def evaluate_model(
         raise EvaluationError("no tasks to evaluate; pass at least one task name")
     evaluator = Evaluator(tasks, limit=limit, batch_size=batch_size, device=device, token=token)
     return evaluator.evaluate(model, processor)
+
+
+def _processor_beside(model: Any) -> Any:
+    """The processor saved with a model loaded from a local folder; models built in memory need one passed."""
+    folder = Path(getattr(model, "name_or_path", "") or "")
+    if str(folder) and folder.is_dir() and (folder / "preprocessor_config.json").is_file():
+        from transformers import CLIPProcessor
+
+        return CLIPProcessor.from_pretrained(folder)
+    raise EvaluationError("evaluating a CLIPModel object needs its processor: pass processor=CLIPProcessor(...)")
 
 
 def _tokenizer(processor: Any) -> Any:
