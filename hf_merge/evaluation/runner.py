@@ -92,7 +92,9 @@ class Evaluator:
     ) -> dict[str, dict[str, Any]]:
         """Metrics of ``model`` per task name (all of this evaluator's tasks unless ``tasks`` is given).
 
-        ``model`` is a ``CLIPModel`` (then ``processor`` is required) or a folder / repo id.
+        ``model`` is a folder, a ``repo_id[@revision]`` or a ``CLIPModel`` (moved to this
+        evaluator's device). A ``CLIPModel`` needs ``processor`` unless it was loaded from a folder
+        that holds its processor files.
         """
         if not hasattr(model, "get_image_features"):
             model, loaded = load_clip(model, device=self.device, token=self.token)
