@@ -285,7 +285,8 @@ def _publish(output_dir: Path, recipe: MergeRecipe, *, token: str | None, licens
             raise UsageError("a Space needs a published model: set push_to_hub as well as space")
         from .space import publish_space
 
-        result.space_url = publish_space(recipe.push_to_hub, recipe.space, token=token)
+        # The card pushed above already links the Space, so the model repo keeps one commit per run.
+        result.space_url = publish_space(recipe.push_to_hub, recipe.space, token=token, private=recipe.private, link_card=False)
     return result
 
 

@@ -12,6 +12,7 @@ from _cli import EVAL_LIMIT, TASK, assert_same_weights, hf_merge, state_dict
 from huggingface_hub import ModelCard
 
 REPO = "alice/cli-merged"
+SPACE = "alice/cli-merged-demo"
 pytestmark = pytest.mark.slow
 
 
@@ -22,7 +23,7 @@ def pushed(seeded_hub, alice_token, tmp_path_factory):
     result = hf_merge(
         ["merge", "--base", seeded_hub.base, "--experts", *experts, "--method", "opcm", "--alpha", "0.5",
          "--eval", *[TASK] * 4, "--eval-every-step", "--eval-limit", EVAL_LIMIT,
-         "--output", str(output), "--push-to-hub", REPO, "--token", alice_token]
+         "--output", str(output), "--push-to-hub", REPO, "--space", SPACE, "--token", alice_token]
     )
     assert result.returncode == 0, result.stderr
     return output, result, experts
@@ -96,6 +97,13 @@ def test_summary_table_and_state(pushed, seeded_hub):
     state = json.loads((output / "merge_state.json").read_text())
     assert [e["commit_sha"] for e in state["lineage"]] == [seeded_hub.commits[r] for r in experts]
     assert "output" not in yaml.safe_load((output / "recipe.yaml").read_text())
+
+
+def test_space_is_published_and_linked(pushed, seeded_hub, hub_api):
+    _, result, _ = pushed
+    assert f"space: {seeded_hub.endpoint}/spaces/{SPACE}" in result.stdout
+    assert hub_api.repo_exists(SPACE, repo_type="space")
+    assert f"[{SPACE}]({seeded_hub.endpoint}/spaces/{SPACE})" in ModelCard.load(REPO).text
 
 
 @pytest.mark.parametrize("command", [[], ["merge"], ["add"], ["card"], ["push"]])
