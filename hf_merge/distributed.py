@@ -40,8 +40,13 @@ class Executor:
     def from_accelerate(cls, device: str | torch.device | None = None) -> "Executor":
         """Use ``accelerate.PartialState`` (one process unless started by ``accelerate launch``)."""
         from accelerate import PartialState
+        from accelerate.utils import parse_flag_from_env
 
-        state = PartialState()
+        # PartialState only goes multi-process on CPU when told it is on CPU (AcceleratorState
+        # reads ACCELERATE_USE_CPU itself; PartialState does not).
+        wants_cpu = device is not None and torch.device(device).type == "cpu"
+        cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or wants_cpu or not torch.accelerator.is_available()
+        state = PartialState(cpu=cpu)
         chosen = torch.device(device) if device is not None else state.device
         if chosen.type == "mps":  # float64 SVDs and some linalg kernels are unavailable there
             chosen = torch.device("cpu")
