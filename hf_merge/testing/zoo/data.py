@@ -127,6 +127,10 @@ def _raw_faces() -> tuple[np.ndarray, np.ndarray]:
 
 
 def _shuffled_splits(x: np.ndarray, y: np.ndarray, sizes: tuple[int, int, int], seed: int, nearest: bool = False):
+    # Exact duplicates (Animal-Shape has ~300) would leak between splits: keep the first of each.
+    _, first = np.unique(x.reshape(len(x), -1), axis=0, return_index=True)
+    keep = np.sort(first)
+    x, y = x[keep], y[keep]
     order = np.random.default_rng(seed).permutation(len(x))
     n_train, n_val, n_test = sizes
     if n_train + n_val + n_test > len(x):
