@@ -169,3 +169,18 @@ def test_push_to_unreachable_endpoint_is_a_push_error(tiny_base, tmp_path, monke
         hub.push_merge(folder, "alice/unreachable", token="hf_secret_value")
     assert "intact" in _one_line(info.value) and "hf_secret_value" not in str(info.value)
     assert info.value.retry_command.startswith("hf-merge push ")
+
+
+def test_merge_with_evict_leaves_no_expert_in_the_cache(seeded_hub, tmp_path):
+    from huggingface_hub import scan_cache_dir
+
+    from hf_merge.api import merge
+
+    experts = seeded_hub.experts[3:5]
+    for repo in experts:  # a cached copy from an earlier test must not hide a missing eviction
+        hub.evict(hub.download_model(repo))
+    result = merge(base=seeded_hub.base, experts=experts, output=str(tmp_path / "out"), evict=True)
+    assert [s["repo_id"] for s in result.steps] == experts
+    cached = {repo.repo_id: len(repo.revisions) for repo in scan_cache_dir(constants.HF_HUB_CACHE).repos}
+    assert all(cached.get(repo, 0) == 0 for repo in experts), cached
+    assert cached.get(seeded_hub.base, 0) >= 1  # the base is kept: later merges need it
