@@ -250,6 +250,8 @@ def _as_recipe(recipe: MergeRecipe | str | Path | None, fields: dict[str, Any]) 
         recipe = MergeRecipe.load(recipe)
     if fields:
         data = recipe.to_dict()
+        if fields.get("method", recipe.method) != recipe.method and "parameters" not in fields:
+            data.pop("parameters", None)  # they belong to the recipe's method
         data.update({k: v for k, v in fields.items() if v is not None})
         return MergeRecipe.from_dict(data, source="recipe")
     return recipe

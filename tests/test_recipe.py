@@ -145,3 +145,32 @@ def test_example_recipes_are_valid():
     assert paper.experts == [f"tanganke/clip-vit-base-patch32_{t}" for t in tasks]
     assert paper.eval.tasks == tasks and paper.eval.every_step
     MergeRecipe.load(examples / "offline_demo.yaml")
+
+
+def test_cli_flags_override_the_yaml(tmp_path, monkeypatch):
+    """``--config`` plus flags: flags win; another --method drops the YAML's method parameters."""
+    from pathlib import Path
+
+    import hf_merge.api as api
+    from hf_merge.cli import main
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def fake_merge(recipe, **kwargs):
+        seen.append(recipe)
+        raise Stop
+
+    monkeypatch.setattr(api, "merge", fake_merge)
+    paper = str(Path(__file__).resolve().parents[1] / "examples" / "paper_vit_b32_8tasks.yaml")
+    for argv in (["--alpha", "0.7", "--eval-limit", "5"], ["--method", "ties", "--keep", "0.1", "--shuffle", "--seed", "4"]):
+        with pytest.raises(Stop):
+            main(["merge", "--config", paper, *argv])
+    opcm, ties = seen
+    assert opcm.method == "opcm" and opcm.parameters == {"alpha": 0.7}
+    assert opcm.eval.limit == 5 and opcm.eval.every_step and len(opcm.eval.tasks) == 8
+    assert ties.method == "ties" and ties.parameters == {"threshold": 0.1}
+    assert ties.shuffle and ties.seed == 4 and ties.ordered_eval_tasks()[0] == ties.eval.tasks[
+        ties.experts.index(ties.ordered_experts()[0])]

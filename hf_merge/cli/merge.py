@@ -80,7 +80,9 @@ def run_merge(args: argparse.Namespace) -> int:
     if args.config:
         recipe = MergeRecipe.load(args.config)
         data = recipe.to_dict()
-        parameters = dict(data.get("parameters") or {})
+        # Parameters in the YAML belong to its method: switching method on the command line drops them.
+        same_method = fields.get("method", recipe.method) == recipe.method
+        parameters = dict(data.get("parameters") or {}) if same_method else {}
         parameters.update(fields.pop("parameters", {}))
         if "eval" in fields and data.get("eval"):
             fields["eval"] = {**data["eval"], **fields["eval"]}
