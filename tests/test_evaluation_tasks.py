@@ -110,3 +110,11 @@ def test_image_folder_becomes_a_task(tmp_path):
     task = get_task(str(tmp_path / "pets"))
     assert task.name == "pets" and task.classes == ("cat", "dog") and task.dataset.kind == "imagefolder"
     assert task.to_dict()["dataset"]["kind"] == "imagefolder"
+
+
+def test_cli_task_sets_expand_to_the_paper_sequences():
+    from hf_merge.cli.evaluate import expand_task_sets
+
+    assert expand_task_sets(["paper-8"]) == list(PAPER_TASKS_8)
+    assert expand_task_sets(["PAPER_20"]) == list(PAPER_TASKS_20)
+    assert expand_task_sets(["mnist,svhn", "synthetic/colors"]) == ["mnist", "svhn", "synthetic/colors"]

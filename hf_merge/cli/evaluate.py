@@ -24,7 +24,12 @@ def register(subparsers) -> None:
         ),
     )
     parser.add_argument("model", nargs="?", help="Folder, repo id or repo_id@revision of a CLIPModel.")
-    parser.add_argument("--tasks", nargs="+", metavar="TASK", help="Task names or image folders.")
+    parser.add_argument(
+        "--tasks",
+        nargs="+",
+        metavar="TASK",
+        help="Task names, image folders, or paper-8 / paper-14 / paper-20 for the published task sets.",
+    )
     parser.add_argument("--limit", type=int, help="Evaluate at most N examples per task (evenly spaced).")
     parser.add_argument("--output", type=Path, help="Write the results as JSON to this file.")
     parser.add_argument("--batch-size", type=int, default=64, help="Images per forward pass (default: 64).")
@@ -51,7 +56,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.batch_size <= 0:
         raise UsageError(f"--batch-size must be positive, got {args.batch_size}")
     try:
-        tasks = [get_task(name) for name in args.tasks]
+        tasks = [get_task(name) for name in expand_task_sets(args.tasks)]
     except EvaluationError as error:
         raise UsageError(str(error)) from error
     results = evaluate_model(
@@ -67,6 +72,19 @@ def _run(args: argparse.Namespace) -> int:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return 0
+
+
+def expand_task_sets(names: list[str]) -> list[str]:
+    """Replace ``paper-8``, ``paper-14`` and ``paper-20`` by their tasks; split comma-separated lists."""
+    from ..evaluation import PAPER_TASKS_8, PAPER_TASKS_14, PAPER_TASKS_20
+
+    sets = {"paper-8": PAPER_TASKS_8, "paper-14": PAPER_TASKS_14, "paper-20": PAPER_TASKS_20}
+    expanded: list[str] = []
+    for item in names:
+        for name in (part.strip() for part in item.split(",")):
+            if name:
+                expanded.extend(sets.get(name.lower().replace("_", "-"), (name,)))
+    return expanded
 
 
 def format_table(results: dict[str, dict]) -> str:
