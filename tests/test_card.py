@@ -137,3 +137,20 @@ def test_card_passes_the_servers_yaml_validation(tmp_path, hub_server):
     folder = _result_folder(tmp_path)
     card = build_card(folder, repo_id="me/merged", licenses=MIT)
     card.validate()  # POST /api/validate-yaml; raises ValueError on errors
+
+
+@pytest.mark.slow
+def test_final_only_evaluation_of_a_local_merge(tiny_base, tiny_experts, tmp_path):
+    import json
+
+    from hf_merge.api import merge
+
+    result = merge(base=str(tiny_base), experts=[str(e) for e in tiny_experts[:2]], output=str(tmp_path / "out"),
+                   eval={"tasks": ["synthetic/colors"], "limit": 8})
+    report = json.loads((result.output_dir / "eval_results.json").read_text())
+    assert len(report["accuracy_matrix"]) == 1 and report["steps"][0]["step"] == 2
+    assert result.accuracy[0] is None and result.accuracy[1] == pytest.approx(report["accuracy_matrix"][0][0])
+    card = ModelCard.load(result.output_dir / "README.md")
+    assert card.data.base_model is None  # local folders are not Hub models
+    assert f"| 2 | {100 * report['accuracy_matrix'][0][0]:.1f} |" in card.text
+    assert [s["name"] for s in result.steps] == [str(e.resolve()) for e in tiny_experts[:2]]
