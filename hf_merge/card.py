@@ -365,6 +365,7 @@ def plot_accuracy(accuracy: AccuracyTable, path: str | Path) -> Path:
     ax.plot(accuracy.steps, [100 * a for a in accuracy.averages()], color="black", linewidth=2.5, marker="s", label="average")
     ax.set_xlabel("merge step (experts merged)")
     ax.set_ylabel("zero-shot accuracy (%)")
+    ax.set_ylim(0, 100)
     ax.set_xticks(accuracy.steps)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2, loc="best")
