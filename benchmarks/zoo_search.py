@@ -37,6 +37,7 @@ def main() -> None:
     ap.add_argument("--ft-batch", type=int, default=64)
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--elastic", type=float, default=0.0)
     ap.add_argument("--corpus-scale", type=float, default=1.0)
     ap.add_argument("--ft-lr", type=float, default=1e-4)
     ap.add_argument("--ft-steps", type=int, default=100)
@@ -52,7 +53,7 @@ def main() -> None:
     shape = ModelShape(patch_size=args.patch, vision_width=args.width, vision_layers=args.layers,
                        text_width=args.width, text_layers=args.text_layers, heads=max(4, args.width // 32),
                        projection_dim=args.width, context_length=args.ctx)
-    pcfg = PretrainConfig(epochs=args.epochs, lr=args.lr)
+    pcfg = PretrainConfig(epochs=args.epochs, lr=args.lr, elastic=args.elastic)
     key = hashlib.sha1(json.dumps([repr(shape), repr(pcfg), args.corpus_scale, args.seed]).encode()).hexdigest()[:10]
     cache = Path("/tmp/zoo_search") / f"base-{key}.pt"
     cache.parent.mkdir(exist_ok=True)

@@ -26,9 +26,10 @@ class PretrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.1
     warmup_steps: int = 50
+    elastic: float = 0.0  # strength of the random elastic distortion (grid units; 0.1 is strong)
 
 
-def augment(bank: torch.Tensor, pixelate: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
+def augment(bank: torch.Tensor, pixelate: torch.Tensor, size: int, gen: torch.Generator, elastic: float = 0.0) -> torch.Tensor:
     """Random zoom / rotation / shift / contrast of 64 px bank images, down to ``size`` px in [0, 1]."""
     n = len(bank)
     scale = 0.75 + 0.45 * torch.rand(n, generator=gen)  # >1 zooms out
@@ -37,6 +38,10 @@ def augment(bank: torch.Tensor, pixelate: torch.Tensor, size: int, gen: torch.Ge
     cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
     theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
     grid = F.affine_grid(theta, (n, 3, 64, 64), align_corners=False)
+    if elastic > 0:
+        # A smooth random displacement field: printed glyphs and emoji wobble like handwriting.
+        coarse = (torch.rand(n, 2, 5, 5, generator=gen) - 0.5) * (2 * elastic)
+        grid = grid + F.interpolate(coarse, size=(64, 64), mode="bicubic", align_corners=False).permute(0, 2, 3, 1)
     x = F.grid_sample(bank, grid, padding_mode="zeros", align_corners=False)
     x = F.interpolate(x, size=(size, size), mode="area")
     if pixelate.any():
@@ -83,7 +88,7 @@ def pretrain(corpus: Corpus, tokenizer, shape: ModelShape, config: PretrainConfi
         order = torch.randperm(len(ids), generator=gen)
         for b in range(steps_per_epoch):
             sel = order[b * config.batch_size : (b + 1) * config.batch_size]
-            pixels = normalise(augment(bank[index[sel]], pix[sel], shape.image_size, gen))
+            pixels = normalise(augment(bank[index[sel]], pix[sel], shape.image_size, gen, config.elastic))
             out = model(input_ids=ids[sel], pixel_values=pixels, return_loss=True)
             opt.zero_grad(set_to_none=True)
             out.loss.backward()
