@@ -210,3 +210,8 @@ def _load_builtins() -> None:
         dataset=DatasetSpec(kind="python", path="hf_merge.evaluation.synthetic:solid_colors"),
     )
     _REGISTRY[_key(colors.name)] = colors
+    # The offline zoo's tasks (``offline/mnist``, ...) are known by name everywhere, so that
+    # ``hf-merge merge --eval offline/mnist`` works in a fresh process; their data loads lazily.
+    from hf_merge.testing.zoo.tasks import register_offline_tasks
+
+    register_offline_tasks()
