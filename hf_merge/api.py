@@ -312,6 +312,8 @@ def _evaluation_hook(
             raise RecipeError(str(error)) from None
     total = len(experts)
     if spec.every_step:
+        if done and len(tasks) == total - done:  # tasks given for the new experts only
+            return _FromStep(ContinualEvaluator(tasks, limit=spec.limit, expert_names=list(experts)[done:]), done)
         if len(tasks) != total:
             raise RecipeError(
                 f"eval.every_step needs one task per expert, in merge order ({total} experts, {len(tasks)} tasks)"
@@ -335,7 +337,11 @@ class _FromStep:
         self.evaluator, self.offset = evaluator, offset
 
     def __call__(self, step: int, output_dir: Path, state: Any = None) -> Any:
-        return self.evaluator(step - self.offset, output_dir, state)
+        report = self.evaluator(step - self.offset, output_dir, state)
+        # The saved rows keep the real step numbers, so the card's table and plot line up.
+        report.steps[-1]["step"] = step
+        report.to_json(Path(output_dir) / EVAL_FILENAME)
+        return report
 
 
 class _FinalEvaluation:

@@ -154,3 +154,21 @@ def test_final_only_evaluation_of_a_local_merge(tiny_base, tiny_experts, tmp_pat
     assert card.data.base_model is None  # local folders are not Hub models
     assert f"| 2 | {100 * report['accuracy_matrix'][0][0]:.1f} |" in card.text
     assert [s["name"] for s in result.steps] == [str(e.resolve()) for e in tiny_experts[:2]]
+
+
+@pytest.mark.slow
+def test_add_evaluates_only_the_new_steps_of_an_unevaluated_merge(tiny_base, tiny_experts, tmp_path):
+    import json
+
+    from hf_merge.api import add, merge
+
+    folder = tmp_path / "out"
+    merge(base=str(tiny_base), experts=[str(e) for e in tiny_experts[:2]], output=str(folder))
+    assert not (folder / "eval_results.json").exists()
+    result = add(folder, [str(tiny_experts[2])], eval=EvalSpec(tasks=["synthetic/colors"], every_step=True, limit=8))
+    report = json.loads((folder / "eval_results.json").read_text())
+    assert [s["step"] for s in report["steps"]] == [3] and len(report["accuracy_matrix"]) == 1
+    assert result.accuracy[:2] == [None, None] and result.accuracy[2] is not None
+    text = (folder / "README.md").read_text()
+    assert "\n| 3 | " in text.split("## Evaluation", 1)[1]
+    assert result.commit_url is None  # a local folder is pushed nowhere unless asked
