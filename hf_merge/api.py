@@ -8,23 +8,19 @@ the recipe and the model card -> push one commit -> publish the Space.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import hub
 from .card import CARD_FILENAME, EVAL_FILENAME, STATE_FILENAME, lineage, load_state, read_license, write_card
-from .errors import IncompatibleExpertError, MergeStateError, RecipeError, UsageError
+from .errors import MergeStateError, RecipeError, UsageError
 from .log import get_logger, progress_disabled
+from .preflight import check_models
 from .recipe import EvalSpec, MergeRecipe, _reference_key
-from .sources import ModelSource, resolve, split_reference
+from .sources import resolve, split_reference
 
 logger = get_logger(__name__)
-
-# Config fields that must agree for two CLIP checkpoints to be merged tensor by tensor.
-_ARCHITECTURE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "patch_size", "image_size")
-
 
 @dataclass
 class MergeResult:
@@ -201,45 +197,6 @@ def card(output_dir: str | Path, *, repo_id: str | None = None, space: str | Non
     if repo_id is None and (output_dir / "recipe.yaml").is_file():
         repo_id = _recipe_of(output_dir).push_to_hub
     return write_card(output_dir, repo_id=repo_id, licenses=None, space_id=space)
-
-
-def check_models(base: str, experts: Sequence[str], *, token: str | None, allow_pickle: bool = False) -> None:
-    """Fail fast, before downloading weights: every model exists, is readable and matches the base.
-
-    Reads only ``config.json`` of each model (and the repo's file list), so a typo in the eighth
-    expert is reported in seconds instead of after seven merges.
-    """
-    reference_config = _config_of(base, token=token, allow_pickle=allow_pickle)
-    for expert in experts:
-        config = _config_of(expert, token=token, allow_pickle=allow_pickle)
-        problem = _architecture_mismatch(reference_config, config)
-        if problem:
-            raise IncompatibleExpertError(f"expert {expert} does not match the base {base}: {problem}")
-
-
-def _config_of(reference: str, *, token: str | None, allow_pickle: bool) -> dict[str, Any]:
-    path = Path(reference).expanduser()
-    if path.is_dir():
-        config_path = path / "config.json"
-        if not config_path.is_file():
-            raise IncompatibleExpertError(f"{reference} has no config.json: it is not a transformers model folder")
-        return json.loads(config_path.read_text(encoding="utf-8"))
-    repo_id, revision = split_reference(reference)
-    hub.check_model(repo_id, revision, token=token, allow_pickle=allow_pickle)
-    return hub.fetch_config(repo_id, revision, token=token)
-
-
-def _architecture_mismatch(base: dict[str, Any], other: dict[str, Any]) -> str | None:
-    if base.get("model_type") != other.get("model_type"):
-        return f"model_type {other.get('model_type')!r} instead of {base.get('model_type')!r}"
-    for tower in ("vision_config", "text_config"):
-        a, b = base.get(tower) or {}, other.get(tower) or {}
-        for key in _ARCHITECTURE_FIELDS:
-            if key in a and a.get(key) != b.get(key):
-                return f"{tower}.{key} is {b.get(key)!r} instead of {a.get(key)!r}"
-    if base.get("projection_dim") != other.get("projection_dim"):
-        return f"projection_dim is {other.get('projection_dim')!r} instead of {base.get('projection_dim')!r}"
-    return None
 
 
 # ------------------------------------------------------------------------------------ internals

@@ -25,7 +25,7 @@ from huggingface_hub.errors import (
 )
 
 from .errors import AuthenticationError, CheckpointError, HfMergeError, ModelNotFoundError, PushError
-from .log import get_logger, progress_disabled
+from .log import get_logger
 from .sources import ModelSource
 
 logger = get_logger(__name__)
