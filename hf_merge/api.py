@@ -133,7 +133,10 @@ def add(
         repo_id, revision = split_reference(str(merged))
         output_dir = Path(output) if output else Path(repo_id.split("/")[-1])
         if (output_dir / STATE_FILENAME).exists():
-            raise UsageError(f"{output_dir} already holds a merge; pass --output to download {merged} elsewhere")
+            raise UsageError(
+                f"{output_dir} already holds a merge: pass --output DIR to download {merged} elsewhere, "
+                f"or continue the local copy with `hf-merge add {output_dir} --experts ... --push-to-hub {repo_id}`"
+            )
         hub.download_model(
             repo_id, revision=revision, token=token, allow_pickle=True,
             extra_patterns=hub.MERGE_RESULT_PATTERNS, local_dir=output_dir,
