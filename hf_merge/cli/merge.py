@@ -72,6 +72,7 @@ def _add_hub_flags(parser: argparse.ArgumentParser, *, push_help: str = "Push th
 
 
 def run_merge(args: argparse.Namespace) -> int:
+    _apply_quiet(args)
     from ..api import merge
     from ..errors import UsageError
     from ..recipe import MergeRecipe
@@ -168,6 +169,7 @@ def _register_add(subparsers: Any) -> None:
 
 
 def run_add(args: argparse.Namespace) -> int:
+    _apply_quiet(args)
     from ..api import add
     from ..recipe import EvalSpec
 
@@ -206,6 +208,7 @@ def _register_card(subparsers: Any) -> None:
 
 
 def run_card(args: argparse.Namespace) -> int:
+    _apply_quiet(args)
     from ..api import card
 
     path = card(args.dir, repo_id=args.repo_id, space=args.space)
@@ -230,6 +233,7 @@ def _register_push(subparsers: Any) -> None:
 
 
 def run_push(args: argparse.Namespace) -> int:
+    _apply_quiet(args)
     from ..api import push
 
     url = push(args.dir, args.repo_id, token=args.token, private=args.private, create_pr=args.create_pr,
@@ -239,6 +243,14 @@ def run_push(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------- output
+def _apply_quiet(args: argparse.Namespace) -> None:
+    """``--quiet`` silences the Hub client's download and upload bars too (it may be imported already)."""
+    if getattr(args, "quiet", False):
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+
+
 def _print_summary(result: Any, *, quiet: bool) -> None:
     """A short table of what was merged, then where the result is."""
     if not quiet:
