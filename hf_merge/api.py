@@ -72,7 +72,7 @@ def merge(recipe: MergeRecipe | str | Path | None = None, *, token: str | None =
             "or choose another --output"
         )
     experts = recipe.ordered_experts()
-    hook = _evaluation_hook(recipe.eval, recipe.ordered_eval_tasks(), experts, done=0)
+    hook = _evaluation_hook(recipe.eval, recipe.ordered_eval_tasks(), experts, done=0, base=recipe.base, token=token)
     check_models(recipe.base, experts, token=token, allow_pickle=recipe.allow_pickle)
 
     from .engine import ContinualMerger
@@ -91,6 +91,8 @@ def merge(recipe: MergeRecipe | str | Path | None = None, *, token: str | None =
     )
     with merger:
         _merge_experts(merger, experts, recipe, token, licenses)
+    if not merger.executor.is_main_process:  # under `accelerate launch`, the main process publishes
+        return MergeResult(output_dir=output_dir, recipe=recipe)
     return _publish(output_dir, recipe, token=token, licenses=licenses, create_pr=create_pr)
 
 
@@ -163,7 +165,8 @@ def add(
             setattr(recipe, name, value)
     tasks = _continued_tasks(recipe, eval, len(done), len(experts))
     recipe.validate()
-    hook = _evaluation_hook(recipe.eval, tasks, recipe.experts, done=len(done), output_dir=output_dir)
+    hook = _evaluation_hook(recipe.eval, tasks, recipe.experts, done=len(done), output_dir=output_dir,
+                            base=_pinned_base(base_entry, recipe.base), token=token)
     check_models(recipe.base, experts, token=token, allow_pickle=recipe.allow_pickle)
 
     from .engine import ContinualMerger
@@ -177,6 +180,8 @@ def add(
     merger = ContinualMerger.resume(output_dir, base=base, on_step=hook, token=token, allow_pickle=recipe.allow_pickle)
     with merger:
         _merge_experts(merger, experts, recipe, token, licenses)
+    if not merger.executor.is_main_process:
+        return MergeResult(output_dir=output_dir, recipe=recipe)
     message = f"hf-merge: add {len(experts)} expert{'s' if len(experts) > 1 else ''} ({', '.join(experts)})"
     return _publish(output_dir, recipe, token=token, licenses=licenses, create_pr=create_pr, commit_message=message)
 
@@ -253,12 +258,15 @@ def _publish(output_dir: Path, recipe: MergeRecipe, *, token: str | None, licens
 
 
 def _evaluation_hook(
-    spec: EvalSpec | None, tasks: Sequence[str], experts: Sequence[str], *, done: int, output_dir: Path | None = None
+    spec: EvalSpec | None, tasks: Sequence[str], experts: Sequence[str], *, done: int, output_dir: Path | None = None,
+    base: str | None = None, token: str | None = None,
 ) -> Callable | None:
     """The engine's ``on_step`` callback that evaluates the merged model, or ``None`` without evaluation.
 
     ``every_step``: after step t, accuracy on the tasks of experts 1..t (one task per expert, in merge
-    order). Otherwise only the final model is evaluated, on every task.
+    order), plus the references the paper reports beside it: the base's zero-shot accuracy on every
+    task and each expert's accuracy on its own task (evaluated while the expert is still cached).
+    Otherwise only the final model is evaluated, on every task.
     """
     if spec is None or not tasks:
         return None
@@ -272,8 +280,14 @@ def _evaluation_hook(
             raise RecipeError(str(error)) from None
     total = len(experts)
     if spec.every_step:
+        from .evaluation import Evaluator
+
+        def continual(task_list: Sequence[str], expert_list: Sequence[str], report: Any = None) -> Any:
+            return ContinualEvaluator(task_list, base=base, experts=list(expert_list), expert_names=list(expert_list),
+                                      report=report, evaluator=Evaluator(task_list, limit=spec.limit, token=token))
+
         if done and len(tasks) == total - done:  # tasks given for the new experts only
-            return _FromStep(ContinualEvaluator(tasks, limit=spec.limit, expert_names=list(experts)[done:]), done)
+            return _FromStep(continual(tasks, list(experts)[done:]), done)
         if len(tasks) != total:
             raise RecipeError(
                 f"eval.every_step needs one task per expert, in merge order ({total} experts, {len(tasks)} tasks)"
@@ -285,9 +299,9 @@ def _evaluation_hook(
                 report = None  # an older or partial evaluation cannot be continued row by row
         if done and report is None:
             logger.warning("No per-step evaluation of the first %d steps to continue; evaluating from step %d on", done, done + 1)
-            return _FromStep(ContinualEvaluator(tasks[done:], limit=spec.limit, expert_names=list(experts)[done:]), done)
-        return ContinualEvaluator(tasks, limit=spec.limit, expert_names=list(experts), report=report)
-    return _FinalEvaluation(list(tasks), limit=spec.limit, final_step=total)
+            return _FromStep(continual(tasks[done:], list(experts)[done:]), done)
+        return continual(tasks, list(experts), report)
+    return _FinalEvaluation(list(tasks), limit=spec.limit, final_step=total, token=token)
 
 
 class _FromStep:
@@ -307,8 +321,8 @@ class _FromStep:
 class _FinalEvaluation:
     """Evaluate only the final model, on every task (``eval.every_step: false``)."""
 
-    def __init__(self, tasks: list[str], *, limit: int | None, final_step: int):
-        self.tasks, self.limit, self.final_step = tasks, limit, final_step
+    def __init__(self, tasks: list[str], *, limit: int | None, final_step: int, token: str | None = None):
+        self.tasks, self.limit, self.final_step, self.token = tasks, limit, final_step, token
 
     def __call__(self, step: int, output_dir: Path, state: Any = None) -> None:
         if step != self.final_step:
@@ -316,7 +330,7 @@ class _FinalEvaluation:
         from .evaluation import EvaluationReport, Evaluator
 
         unique = list(dict.fromkeys(self.tasks))
-        results = Evaluator(unique, limit=self.limit).evaluate(str(output_dir), tasks=unique)
+        results = Evaluator(unique, limit=self.limit, token=self.token).evaluate(str(output_dir), tasks=unique)
         report = EvaluationReport(limit=self.limit)
         report.add_step(1, results, unique)
         report.steps[0]["step"] = step  # one row: the final model after `step` experts

@@ -213,6 +213,11 @@ class ContinualEvaluator:
             self.report.base_accuracy = [None] * len(self.tasks)
         if self.report.expert_accuracy is None and experts is not None:
             self.report.expert_accuracy = [None] * len(self.tasks)
+        # A continued report covers the earlier experts only: room for the new ones.
+        for name in ("base_accuracy", "expert_accuracy"):
+            values = getattr(self.report, name)
+            if values is not None and len(values) < len(self.tasks):
+                setattr(self.report, name, values + [None] * (len(self.tasks) - len(values)))
 
     @classmethod
     def resume(cls, output_dir: str | Path, tasks: Sequence[str | Task], **options: Any) -> "ContinualEvaluator":
@@ -226,11 +231,6 @@ class ContinualEvaluator:
             raise EvaluationError(
                 f"{path}: the saved results are for tasks {report.tasks}, which do not start the given task list"
             )
-        if report is not None:
-            for name in ("base_accuracy", "expert_accuracy"):
-                values = getattr(report, name)
-                if values is not None and len(values) < len(tasks):
-                    setattr(report, name, values + [None] * (len(tasks) - len(values)))
         return cls(tasks, report=report, **options)
 
     def __call__(self, step: int, output_dir: str | Path, state: Any = None) -> EvaluationReport:

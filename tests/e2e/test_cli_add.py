@@ -68,6 +68,9 @@ def test_evaluation_continues_row_by_row(continued):
     report = json.loads(open(hf_hub_download(REPO, "eval_results.json")).read())
     assert len(report["accuracy_matrix"]) == 6
     assert [len([v for v in row if v is not None]) for row in report["accuracy_matrix"]] == [1, 2, 3, 4, 5, 6]
+    # The references grow with the merge: the base on all six tasks, each expert on its own.
+    assert len(report["base_accuracy"]) == 6 and None not in report["base_accuracy"]
+    assert len(report["expert_accuracy"]) == 6 and None not in report["expert_accuracy"]
     text = ModelCard.load(REPO).text
     assert "\n| 6 | " in text and "backward transfer" in text
 

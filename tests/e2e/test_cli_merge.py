@@ -114,3 +114,17 @@ def test_help_everywhere(command, capsys):
         main([*command, "--help"])
     assert exit_info.value.code == 0
     assert "usage: hf-merge" in capsys.readouterr().out
+
+
+def test_evaluation_reports_the_base_and_expert_references(pushed, seeded_hub):
+    """Beside the merged model's matrix: the base's zero-shot accuracy on every task and each expert's
+    accuracy on its own task, as the paper's tables show them."""
+    from hf_merge.evaluation import Evaluator
+
+    output, _, _ = pushed
+    report = json.loads((output / "eval_results.json").read_text())
+    evaluator = Evaluator([TASK], limit=int(EVAL_LIMIT))
+    base = evaluator.evaluate(str(seeded_hub.base_dir))[TASK]["accuracy"]
+    assert report["base_accuracy"] == pytest.approx([base] * 4, abs=1e-6)
+    experts = [evaluator.evaluate(str(d))[TASK]["accuracy"] for d in seeded_hub.expert_dirs[:4]]
+    assert report["expert_accuracy"] == pytest.approx(experts, abs=1e-6)
