@@ -43,6 +43,7 @@ _DTYPES: dict[str, torch.dtype] = {
     "F8_E5M2": torch.float8_e5m2,
 }
 _DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+_CHUNK = 16 * 2**20  # bytes copied out of a mapping between two releases of its pages
 
 
 def parse_size(size: int | str) -> int:
@@ -113,20 +114,27 @@ class SafetensorsFile:
             count *= dim
         if count == 0:
             return torch.empty(info.shape, dtype=info.dtype)
-        raw = np.frombuffer(self._mapping(), dtype=np.uint8, count=info.end - info.start, offset=info.start)
-        data = torch.from_numpy(raw.copy())
-        del raw  # the mapping cannot be closed while a view of it is alive
-        self._release(info)
+        mapping = self._mapping()
+        data = torch.empty(info.end - info.start, dtype=torch.uint8)
+        out = data.numpy()
+        # Copy in chunks, dropping each chunk's mapped pages as soon as it is copied: the read
+        # then costs one tensor of memory, not two (the copy plus the mapped pages).
+        for begin in range(0, len(out), _CHUNK):
+            end = min(begin + _CHUNK, len(out))
+            raw = np.frombuffer(mapping, dtype=np.uint8, count=end - begin, offset=info.start + begin)
+            out[begin:end] = raw
+            del raw  # the mapping cannot be closed while a view of it is alive
+            self._release(info.start + begin, info.start + end)
         return data.view(info.dtype).reshape(info.shape)
 
-    def _release(self, info: TensorInfo) -> None:
+    def _release(self, begin: int, end: int) -> None:
         # Mapped pages a read touched count as resident memory until dropped; dropping them keeps a
         # full pass over a large checkpoint at one tensor's worth of memory. Page cache keeps them.
         if self._map is None or not hasattr(mmap, "MADV_DONTNEED"):
             return
         page = mmap.PAGESIZE
-        start = info.start - info.start % page
-        length = min(info.end, len(self._map)) - start
+        start = begin - begin % page
+        length = min(end, len(self._map)) - start
         if length > 0:
             self._map.madvise(mmap.MADV_DONTNEED, start, length)
 
