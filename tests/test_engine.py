@@ -155,3 +155,30 @@ def test_usage_errors(tiny_base, tiny_experts, clean_three, tmp_path):
         merge(tiny_base, tiny_experts[:1], "opcm", tmp_path / "e", scope="audio")
     with pytest.raises(MergeStateError, match="already holds a merge"):
         ContinualMerger(tiny_base, clean_three, "opcm")
+
+
+def toy_model(folder, tensors):
+    folder.mkdir(parents=True)
+    save_file(tensors, folder / "model.safetensors")
+    return folder
+
+
+def test_integer_buffers_come_from_the_base_and_zero_delta_is_not_projected(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    base = {
+        "vision_model.a.weight": torch.randn(6, 4, generator=g),
+        "vision_model.b.weight": torch.randn(5, 7, generator=g),
+        "vision_model.ids": torch.arange(6),
+    }
+    first = dict(base, **{"vision_model.a.weight": base["vision_model.a.weight"] + torch.randn(6, 4, generator=g)})
+    tau_b = torch.randn(5, 7, generator=g)
+    second = dict(base, **{"vision_model.b.weight": base["vision_model.b.weight"] + tau_b, "vision_model.ids": torch.zeros(6, dtype=torch.int64)})
+    folders = [toy_model(tmp_path / name, t) for name, t in (("base", base), ("e1", first), ("e2", second))]
+    merged = weights(merge(folders[0], folders[1:], "opcm", tmp_path / "out").output_dir)
+    assert torch.equal(merged["vision_model.ids"], base["vision_model.ids"])
+    # b was zero in the merged task vector: the new task vector passes unprojected, only rescaled
+    moved = (merged["vision_model.b.weight"] - base["vision_model.b.weight"]).double().flatten()
+    cosine = torch.dot(moved, tau_b.double().flatten()) / (moved.norm() * tau_b.double().norm())
+    assert float(cosine) == pytest.approx(1.0, abs=1e-6)
+    projected = weights(merge(folders[0], folders[1:], "opcm", tmp_path / "p", project_zero_delta=True).output_dir)
+    assert not torch.allclose(projected["vision_model.b.weight"], merged["vision_model.b.weight"])
