@@ -17,6 +17,7 @@ import huggingface_hub
 from huggingface_hub import CommitOperationAdd, HfApi, constants
 from huggingface_hub.errors import (
     GatedRepoError,
+    HFValidationError,
     HfHubHTTPError,
     LocalEntryNotFoundError,
     OfflineModeIsEnabled,
@@ -273,6 +274,10 @@ def hub_errors(reference: str, *, token: str | None) -> Iterator[None]:
         yield
     except HfMergeError:
         raise
+    except HFValidationError:
+        raise ModelNotFoundError(
+            f"{reference} is neither an existing folder nor a valid repo id (USER/NAME or USER/NAME@REVISION)"
+        ) from None
     except GatedRepoError:
         raise AuthenticationError(
             f"{reference} is gated: accept its conditions on the Hub and use a token with access"

@@ -123,3 +123,11 @@ def test_exit_codes_from_a_real_process(seeded_hub, tmp_path):
                         "--output", str(tmp_path / "o")])
     assert runtime.returncode == 1 and len(error_lines(runtime.stderr)) == 1
     shutil.rmtree(tmp_path / "o", ignore_errors=True)
+
+
+def test_missing_local_folder(seeded_hub, capsys, tmp_path, alice_token):
+    missing = str(tmp_path / "no-such-folder")
+    code, err = _run(["--base", seeded_hub.base, "--experts", seeded_hub.experts[0], missing], capsys, tmp_path, alice_token)
+    assert code == 1
+    line = _assert_one_line(err)
+    assert missing in line and "neither an existing folder nor a valid repo id" in line
