@@ -33,6 +33,8 @@ class MergeResult:
         accuracy: Average accuracy (0-1) on the tasks seen so far after each step, when evaluated.
         commit_url: URL of the pushed commit (or pull request), when pushed.
         space_url: URL of the published Space, when published.
+        is_main_process: False in the other processes of an ``accelerate launch`` run, which merge
+            but leave writing and publishing to the main process.
     """
 
     output_dir: Path
@@ -41,6 +43,7 @@ class MergeResult:
     accuracy: list[float | None] = field(default_factory=list)
     commit_url: str | None = None
     space_url: str | None = None
+    is_main_process: bool = True
 
     @property
     def repo_id(self) -> str | None:
@@ -92,7 +95,7 @@ def merge(recipe: MergeRecipe | str | Path | None = None, *, token: str | None =
     with merger:
         _merge_experts(merger, experts, recipe, token, licenses)
     if not merger.executor.is_main_process:  # under `accelerate launch`, the main process publishes
-        return MergeResult(output_dir=output_dir, recipe=recipe)
+        return MergeResult(output_dir=output_dir, recipe=recipe, is_main_process=False)
     return _publish(output_dir, recipe, token=token, licenses=licenses, create_pr=create_pr)
 
 
@@ -181,7 +184,7 @@ def add(
     with merger:
         _merge_experts(merger, experts, recipe, token, licenses)
     if not merger.executor.is_main_process:
-        return MergeResult(output_dir=output_dir, recipe=recipe)
+        return MergeResult(output_dir=output_dir, recipe=recipe, is_main_process=False)
     message = f"hf-merge: add {len(experts)} expert{'s' if len(experts) > 1 else ''} ({', '.join(experts)})"
     return _publish(output_dir, recipe, token=token, licenses=licenses, create_pr=create_pr, commit_message=message)
 

@@ -253,6 +253,8 @@ def _apply_quiet(args: argparse.Namespace) -> None:
 
 def _print_summary(result: Any, *, quiet: bool) -> None:
     """A short table of what was merged, then where the result is."""
+    if not result.is_main_process:
+        return
     if not quiet:
         rows = [("step", "expert", "commit", "avg acc")]
         for entry, accuracy in zip(result.steps, result.accuracy or [None] * len(result.steps)):
