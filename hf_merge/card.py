@@ -74,6 +74,10 @@ class AccuracyTable:
     reported_bwt: float | None = None
     # column label -> task name (they differ where one task is the task of several experts)
     task_of: dict[str, str] = field(default_factory=dict)
+    # References the paper reports beside the merge: the base's zero-shot accuracy on each task
+    # and each expert's own accuracy on its task (column label -> [0, 1]).
+    base: dict[str, float] = field(default_factory=dict)
+    experts: dict[str, float] = field(default_factory=dict)
 
     def averages(self) -> list[float]:
         return [sum(row.values()) / len(row) if row else 0.0 for row in self.accuracy]
@@ -164,6 +168,8 @@ def accuracy_from_report(data: Mapping[str, Any]) -> AccuracyTable | None:
     )
     if data.get("bwt") is not None:
         table.reported_bwt = float(data["bwt"])
+    for name, values in (("base", data.get("base_accuracy")), ("experts", data.get("expert_accuracy"))):
+        setattr(table, name, {label: _fraction(v) for label, v in zip(labels, values or []) if v is not None})
     return table
 
 
@@ -335,6 +341,12 @@ def _accuracy_context(accuracy: AccuracyTable, output_dir: Path, plot: bool) -> 
     for step, row, average in zip(accuracy.steps, accuracy.accuracy, averages):
         cells = [f"{100 * row[t]:.1f}" if t in row else "–" for t in accuracy.tasks]
         rows.append({"step": step, "cells": cells, "average": f"{100 * average:.1f}"})
+    references = []
+    for label, values in (("zero-shot (base)", accuracy.base), ("individual experts", accuracy.experts)):
+        if values:
+            cells = [f"{100 * values[t]:.1f}" if t in values else "–" for t in accuracy.tasks]
+            references.append({"step": label, "cells": cells,
+                               "average": f"{100 * sum(values.values()) / len(values):.1f}"})
     bwt = accuracy.bwt()
     plot_name = None
     if plot:
@@ -343,6 +355,7 @@ def _accuracy_context(accuracy: AccuracyTable, output_dir: Path, plot: bool) -> 
     return {
         "tasks": accuracy.tasks,
         "rows": rows,
+        "references": references,
         "final_average": f"{100 * averages[-1]:.1f}",
         "bwt": f"{100 * bwt:+.1f}" if bwt is not None else None,
         "limit": accuracy.limit,

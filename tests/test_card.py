@@ -172,3 +172,21 @@ def test_add_evaluates_only_the_new_steps_of_an_unevaluated_merge(tiny_base, tin
     text = (folder / "README.md").read_text()
     assert "\n| 3 | " in text.split("## Evaluation", 1)[1]
     assert result.commit_url is None  # a local folder is pushed nowhere unless asked
+
+
+def test_reference_rows_for_the_base_and_the_experts(tmp_path):
+    import json
+
+    folder = _result_folder(tmp_path)
+    report = json.loads((folder / "eval_results.json").read_text())
+    report["base_accuracy"] = [0.5, 0.25, 0.125]
+    report["expert_accuracy"] = [0.95, 0.9, None]  # the last expert was not evaluated
+    (folder / "eval_results.json").write_text(json.dumps(report))
+    text = build_card(folder, repo_id="me/merged", licenses=MIT).text
+    assert "| *zero-shot (base)* | 50.0 | 25.0 | 12.5 | *29.2* |" in text
+    assert "| *individual experts* | 95.0 | 90.0 | – | *92.5* |" in text
+
+
+def test_no_reference_rows_without_references(tmp_path):
+    text = build_card(_result_folder(tmp_path), repo_id="me/merged", licenses=MIT).text
+    assert "zero-shot (base)" not in text and "individual experts" not in text
