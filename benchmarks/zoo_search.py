@@ -26,6 +26,28 @@ from hf_merge.testing.zoo.tokenizer import load_clip_tokenizer
 RESULTS = Path(__file__).parent / "results" / "zoo_search.jsonl"
 
 
+def report() -> str:
+    """Markdown table of every run recorded in zoo_search.jsonl."""
+    lines = ["| run | width x vision layers / text layers | patch | pretrain epochs | elastic | fine-tuning "
+             "| pretrain s | zero-shot | experts | average | TA 0.3 | TA 0.5 | task-vector cos |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for line in RESULTS.read_text().splitlines():
+        r = json.loads(line)
+        a = r["args"]
+        if a["note"] == "smoke":
+            continue
+        ft = f"lr {a['ft_lr']:g}, {a['ft_steps']} steps x {a.get('ft_batch', 128)}"
+        if a["last_layers"]:
+            ft += f", last {a['last_layers']} blocks"
+        if a["l2sp"]:
+            ft += f", L2-SP {a['l2sp']:g}"
+        lines.append(
+            f"| {a['note'].split(':')[0]} | {a['width']} x {a['layers']} / {a['text_layers']} | {a['patch']} | {a['epochs']} "
+            f"| {a.get('elastic', 0):g} | {ft} | {r['pretrain_s']} | {100 * r['zs']:.1f} | {100 * r['ft']:.1f} "
+            f"| {100 * r['avg']:.1f} | {100 * r['ta0.3']:.1f} | {100 * r['ta0.5']:.1f} | {r['tau_cos']:.3f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--width", type=int, default=128)
@@ -47,7 +69,12 @@ def main() -> None:
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--note", default="")
+    ap.add_argument("--base", default=None, help="a pretrained base folder to reuse (must match the shape flags)")
+    ap.add_argument("--report", action="store_true", help="print the table of recorded runs and exit")
     args = ap.parse_args()
+    if args.report:
+        print(report())
+        return
     torch.set_num_threads(args.threads)
     t0 = time.time()
     shape = ModelShape(patch_size=args.patch, vision_width=args.width, vision_layers=args.layers,
@@ -60,7 +87,13 @@ def main() -> None:
     tok = load_clip_tokenizer(shape.context_length)
     tasks = args.tasks.split(",")
     prompts = [t.format(c) for n in TASKS for c in TASKS[n].classnames for t in TASKS[n].templates]
-    if cache.exists():
+    if args.base and args.base.endswith(".pt"):
+        base = torch.load(args.base, weights_only=False)  # a file this script wrote itself
+    elif args.base:
+        from transformers import CLIPModel
+
+        base = CLIPModel.from_pretrained(args.base, use_safetensors=True).eval()
+    elif cache.exists():
         base = torch.load(cache, weights_only=False)
     else:
         corpus = build_corpus(seed=args.seed, scale=args.corpus_scale)

@@ -41,8 +41,8 @@ class ZooConfig:
     """
 
     shape: ModelShape = field(default_factory=lambda: ModelShape(vision_layers=4, text_layers=1, context_length=16))
-    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    pretrain: PretrainConfig = field(default_factory=lambda: PretrainConfig(epochs=6))
+    finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(steps=200, batch_size=64, lr=1e-4))
     tasks: tuple[str, ...] = ("mnist", "fashion_mnist", "animals", "digits8x8", "textures", "faces")
     corpus_scale: float = 1.0
     general_emoji: bool = True
@@ -65,7 +65,16 @@ class ZooConfig:
         return asdict(self)
 
     def fingerprint(self) -> str:
+        """Hash of everything that determines the zoo (names its cache folder)."""
         payload = json.dumps({"version": ZOO_VERSION, **self.to_dict()}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+    def base_fingerprint(self) -> str:
+        """Hash of what determines the base alone, so zoos differing only in fine-tuning share it."""
+        d = self.to_dict()
+        keep = {k: d[k] for k in ("shape", "pretrain", "corpus_scale", "general_emoji", "seed")}
+        keep["prompts"] = sorted(self.tasks)
+        payload = json.dumps({"version": ZOO_VERSION, **keep}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
@@ -104,7 +113,6 @@ def build_zoo(cache_dir: str | Path | None = None, config: ZooConfig | None = No
     if (target / MANIFEST).is_file() and not force:
         logger.info("Reusing the zoo in %s", target)
         return _load(target)
-    from hf_merge.testing.zoo.corpus import build_corpus
     from hf_merge.testing.zoo.tokenizer import load_clip_tokenizer
 
     work = target.with_name(f"{target.name}.tmp-{os.getpid()}")
@@ -112,10 +120,7 @@ def build_zoo(cache_dir: str | Path | None = None, config: ZooConfig | None = No
     start = time.time()
     tokenizer = load_clip_tokenizer(config.shape.context_length)
     prompts = [t.format(c) for n in config.tasks for c in TASKS[n].classnames for t in TASKS[n].templates]
-    logger.info("Pretraining the zoo's base model (%s)", config.fingerprint())
-    corpus = build_corpus(seed=config.seed, scale=config.corpus_scale, general=config.general_emoji)
-    base = pretrain(corpus, tokenizer, config.shape, config.pretrain, seed=config.seed, extra_texts=prompts)
-    base.eval()
+    base = _pretrained_base(root, config, tokenizer, prompts)
     metrics: dict[str, dict[str, float]] = {}
     experts = {}
     for i, name in enumerate(config.tasks):
@@ -141,6 +146,26 @@ def build_zoo(cache_dir: str | Path | None = None, config: ZooConfig | None = No
     work.rename(target)
     logger.info("Built the zoo in %s (%.0fs)", target, time.time() - start)
     return _load(target)
+
+
+def _pretrained_base(root: Path, config: ZooConfig, tokenizer, prompts: list[str]):
+    """The pretrained base, from ``root/bases/<base hash>`` when an earlier build made it."""
+    from transformers import CLIPModel
+
+    from hf_merge.testing.zoo.corpus import build_corpus
+
+    folder = root / "bases" / config.base_fingerprint()
+    if (folder / "model.safetensors").is_file():
+        logger.info("Reusing the pretrained base in %s", folder)
+        return CLIPModel.from_pretrained(folder, use_safetensors=True).eval()
+    logger.info("Pretraining the zoo's base model (%s)", config.base_fingerprint())
+    corpus = build_corpus(seed=config.seed, scale=config.corpus_scale, general=config.general_emoji)
+    base = pretrain(corpus, tokenizer, config.shape, config.pretrain, seed=config.seed, extra_texts=prompts)
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    base.save_pretrained(tmp, safe_serialization=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return base.eval()
 
 
 def repo_names(paths: ZooPaths, namespace: str) -> dict[str, str]:
