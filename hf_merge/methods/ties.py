@@ -25,34 +25,54 @@ _HIGH_BINS = 1 << 15  # sign bit is 0 for magnitudes
 _LOW_BINS = 1 << 16
 
 
-def _magnitude_bits(tensors: Iterator[torch.Tensor], batch: int = 1 << 22) -> Iterator[torch.Tensor]:
-    """|x| as int32 bit patterns, small tensors batched so each histogram call has real work."""
-    pending: list[torch.Tensor] = []
+def _magnitude_bits(groups: Iterator[tuple[torch.Tensor, ...]], batch: int = 1 << 22) -> Iterator[list[torch.Tensor]]:
+    """|x| as int32 bit patterns, per stream, small tensors batched so each histogram call has
+    real work."""
+    pending: list[list[torch.Tensor]] = []
     size = 0
-    for tensor in tensors:
-        pending.append(tensor.abs().to(torch.float32).reshape(-1).view(torch.int32))
-        size += pending[-1].numel()
+    for group in groups:
+        if not pending:
+            pending = [[] for _ in group]
+        for bucket, tensor in zip(pending, group):
+            bucket.append(tensor.abs().to(torch.float32).reshape(-1).view(torch.int32))
+        size += group[0].numel()
         if size >= batch:
-            yield torch.cat(pending)
+            yield [torch.cat(bucket) for bucket in pending]
             pending, size = [], 0
     if pending:
-        yield torch.cat(pending)
+        yield [torch.cat(bucket) for bucket in pending]
+
+
+def kth_smallest_magnitudes(groups: Callable[[], Iterator[tuple[torch.Tensor, ...]]], k: int) -> list[float]:
+    """Exact k-th smallest |x| (1-based) of each stream of tensors, all streams in the same two
+    passes: ``groups()`` yields one tuple of same-size tensors per name."""
+    high: list[torch.Tensor] = []
+    for bits_all in _magnitude_bits(groups()):
+        if not high:
+            high = [torch.zeros(_HIGH_BINS, dtype=torch.int64) for _ in bits_all]
+        for hist, bits in zip(high, bits_all):
+            hist += torch.bincount((bits >> 16).long(), minlength=_HIGH_BINS).cpu()
+    buckets, below = [], []
+    for hist in high:
+        cumulative = hist.cumsum(0)
+        bucket = int(torch.searchsorted(cumulative, torch.tensor(k)))
+        buckets.append(bucket)
+        below.append(int(cumulative[bucket - 1]) if bucket > 0 else 0)
+    low = [torch.zeros(_LOW_BINS, dtype=torch.int64) for _ in high]
+    for bits_all in _magnitude_bits(groups()):
+        for hist, bits, bucket in zip(low, bits_all, buckets):
+            inside = bits[(bits >> 16) == bucket] & 0xFFFF
+            hist += torch.bincount(inside.long(), minlength=_LOW_BINS).cpu()
+    values = []
+    for hist, bucket, before in zip(low, buckets, below):
+        offset = int(torch.searchsorted(hist.cumsum(0), torch.tensor(k - before)))
+        values.append(float(torch.tensor([(bucket << 16) | offset], dtype=torch.int32).view(torch.float32)))
+    return values
 
 
 def kth_smallest_magnitude(tensors: Callable[[], Iterator[torch.Tensor]], k: int) -> float:
     """Exact k-th smallest |x| (1-based) over all tensors ``tensors()`` yields, in two passes."""
-    high = torch.zeros(_HIGH_BINS, dtype=torch.int64)
-    for bits in _magnitude_bits(tensors()):
-        high += torch.bincount((bits >> 16).long(), minlength=_HIGH_BINS).cpu()
-    cumulative = high.cumsum(0)
-    bucket = int(torch.searchsorted(cumulative, torch.tensor(k)))
-    below = int(cumulative[bucket - 1]) if bucket > 0 else 0
-    low = torch.zeros(_LOW_BINS, dtype=torch.int64)
-    for bits in _magnitude_bits(tensors()):
-        inside = bits[(bits >> 16) == bucket] & 0xFFFF
-        low += torch.bincount(inside.long(), minlength=_LOW_BINS).cpu()
-    offset = int(torch.searchsorted(low.cumsum(0), torch.tensor(k - below)))
-    return float(torch.tensor([(bucket << 16) | offset], dtype=torch.int32).view(torch.float32))
+    return kth_smallest_magnitudes(lambda: ((t,) for t in tensors()), k)[0]
 
 
 @register_method
@@ -87,8 +107,7 @@ class ContinualTies(MergeMethod):
 
         count = sum(self.buffer[n].numel() for n in names)
         k = max(count - int(count * self._keep_fraction()), 1)
-        cut_merged = kth_smallest_magnitude(lambda: (self._deltas(expert, n)[0] for n in names), k)
-        cut_task = kth_smallest_magnitude(lambda: (self._deltas(expert, n)[1] for n in names), k)
+        cut_merged, cut_task = kth_smallest_magnitudes(lambda: (self._deltas(expert, n) for n in names), k)
 
         def trimmed(name: str) -> tuple[torch.Tensor, torch.Tensor]:
             delta, tau = self._deltas(expert, name)
