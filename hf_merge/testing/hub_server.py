@@ -111,23 +111,19 @@ class HubRequestHandler(BaseHTTPRequestHandler):
                     while self.rfile.readline().strip():  # trailers, then the final empty line
                         pass
                     break
-                remaining = size
-                while remaining:
-                    chunk = self.rfile.read(min(remaining, _CHUNK))
-                    if not chunk:
-                        raise HubError(400, "Request body ended early.")
-                    remaining -= len(chunk)
-                    yield chunk
+                yield from self._read_exactly(size)
                 self.rfile.readline()
         else:
-            remaining = int(self.headers.get("Content-Length") or 0)
-            while remaining:
-                chunk = self.rfile.read(min(remaining, _CHUNK))
-                if not chunk:
-                    raise HubError(400, "Request body ended early.")
-                remaining -= len(chunk)
-                yield chunk
+            yield from self._read_exactly(int(self.headers.get("Content-Length") or 0))
         self._body_consumed = True
+
+    def _read_exactly(self, remaining: int) -> Iterator[bytes]:
+        while remaining:
+            chunk = self.rfile.read(min(remaining, _CHUNK))
+            if not chunk:
+                raise HubError(400, "Request body ended early.")
+            remaining -= len(chunk)
+            yield chunk
 
     def _read_body(self) -> bytes:
         return b"".join(self._iter_body())
