@@ -18,6 +18,7 @@ CLIP; the figures are not comparable with the paper's, only the protocol is.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import statistics
@@ -91,12 +92,15 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="evaluate at most N images per task split")
     ap.add_argument("--tiny", action="store_true", help="use the miniature zoo (a smoke test of this script)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--ft-steps", type=int, default=None, help="override the zoo's expert fine-tuning steps")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.time()
     config = ZooConfig.tiny() if args.tiny else ZooConfig()
+    if args.ft_steps is not None:
+        config = dataclasses.replace(config, finetune=dataclasses.replace(config.finetune, steps=args.ft_steps))
     zoo = build_zoo(config=config)
     register_offline_tasks()
     workdir = Path(tempfile.mkdtemp(prefix="hf-merge-bench-"))
