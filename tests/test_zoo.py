@@ -50,7 +50,7 @@ def test_task_loader_shapes_classes_and_disjoint_splits(name):
     assert np.array_equal(again, load_task(name, "val")[0][:5])
 
 
-def test_tiny_zoo_is_deterministic_cached_and_loadable(tiny_zoo, tmp_path):
+def test_tiny_zoo_is_cached_and_loadable(tiny_zoo):
     from transformers import CLIPModel
 
     manifest = json.loads((tiny_zoo.root / "zoo.json").read_text())
@@ -60,11 +60,6 @@ def test_tiny_zoo_is_deterministic_cached_and_loadable(tiny_zoo, tmp_path):
     mtime = (tiny_zoo.root / "zoo.json").stat().st_mtime_ns
     again = build_zoo(tiny_zoo.root.parent, ZooConfig.tiny())
     assert again.root == tiny_zoo.root and (again.root / "zoo.json").stat().st_mtime_ns == mtime
-    # Built from scratch elsewhere: bit-identical weights.
-    other = build_zoo(tmp_path, ZooConfig.tiny())
-    for a, b in [(tiny_zoo.base, other.base), (tiny_zoo.experts["faces"], other.experts["faces"])]:
-        wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
-        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     base = load_file(tiny_zoo.base / "model.safetensors")
     expert = load_file(tiny_zoo.experts["digits8x8"] / "model.safetensors")
     changed = {k for k in base if not torch.equal(base[k], expert[k])}
@@ -73,6 +68,15 @@ def test_tiny_zoo_is_deterministic_cached_and_loadable(tiny_zoo, tmp_path):
     assert model.config.text_config.vocab_size == 49408
     card = (tiny_zoo.experts["faces"] / "README.md").read_text()
     assert "base_model: zoo-clip-base" in card and "faces" in card
+
+
+@pytest.mark.slow
+def test_tiny_zoo_rebuilds_bit_identically(tiny_zoo, tmp_path):
+    other = build_zoo(tmp_path, ZooConfig.tiny())
+    assert other.metrics == tiny_zoo.metrics
+    for a, b in [(tiny_zoo.base, other.base), (tiny_zoo.experts["faces"], other.experts["faces"])]:
+        wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_offline_tasks_evaluate_like_the_builder(tiny_zoo):
