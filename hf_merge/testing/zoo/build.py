@@ -15,7 +15,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
 
 from hf_merge.errors import HfMergeError, PushError
 from hf_merge.log import get_logger
