@@ -7,6 +7,7 @@ Everything on the card is read from the merge folder itself (``merge_state.json`
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -18,6 +19,7 @@ from .log import get_logger
 from .resources import templates_dir
 
 logger = get_logger(__name__)
+_HUB_DATASET_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 CARD_FILENAME = "README.md"
 PLOT_FILENAME = "accuracy.png"
@@ -312,6 +314,17 @@ def _decorate(source: dict[str, Any], hub: str) -> None:
     source["commit_display"] = f"`{sha}`" if sha else "local folder"
 
 
+def _dataset_id(dataset: str | None, task: str) -> str:
+    """The model-index ``dataset.type``: the Hub dataset id, or the task name for local data.
+
+    The Hub groups model-index results by dataset type, so a loader function or a folder shared by
+    several tasks would fold them into one entry.
+    """
+    if dataset and _HUB_DATASET_ID.fullmatch(dataset):
+        return dataset
+    return task
+
+
 def _eval_results(accuracy: AccuracyTable) -> list[EvalResult]:
     """One ``model-index`` entry per task: the final model's accuracy."""
     final, results, seen = accuracy.final(), [], set()
@@ -324,7 +337,7 @@ def _eval_results(accuracy: AccuracyTable) -> list[EvalResult]:
             EvalResult(
                 task_type="zero-shot-image-classification",
                 task_name="Zero-shot image classification",
-                dataset_type=accuracy.datasets.get(label, task),
+                dataset_type=_dataset_id(accuracy.datasets.get(label), task),
                 dataset_name=task,
                 dataset_split="test",
                 metric_type="accuracy",

@@ -64,9 +64,10 @@ def endpoint() -> str:
     return constants.ENDPOINT
 
 
-def prepare_client() -> None:
-    """Settings that depend on the endpoint: a loopback Hub speaks plain LFS, not Xet."""
-    host = urlparse(endpoint()).hostname or ""
+def prepare_client(url: str | None = None) -> None:
+    """Settings that depend on the endpoint (``url``, default ``HF_ENDPOINT``): a loopback Hub
+    speaks plain LFS, not Xet."""
+    host = urlparse(url or endpoint()).hostname or ""
     if host in _LOOPBACK_HOSTS or host.startswith("127."):
         # The client uploads through Xet whenever hf_xet is importable, whatever the server says.
         constants.HF_HUB_DISABLE_XET = True

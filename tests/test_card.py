@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 from huggingface_hub import ModelCard
 
 from hf_merge.card import METHOD_DESCRIPTIONS, build_card, choose_license, read_license, write_card
@@ -190,3 +191,20 @@ def test_reference_rows_for_the_base_and_the_experts(tmp_path):
 def test_no_reference_rows_without_references(tmp_path):
     text = build_card(_result_folder(tmp_path), repo_id="me/merged", licenses=MIT).text
     assert "zero-shot (base)" not in text and "individual experts" not in text
+
+
+def test_tasks_sharing_a_local_loader_get_one_model_index_entry_each(tmp_path):
+    """The Hub groups model-index results by dataset type: local data must not fold tasks together."""
+    import json
+
+    folder = _result_folder(tmp_path)
+    report = json.loads((folder / "eval_results.json").read_text())
+    for step in report["steps"]:
+        for metrics in step["results"].values():
+            metrics["dataset"] = "hf_merge.testing.zoo.data:load_task"
+    (folder / "eval_results.json").write_text(json.dumps(report))
+    data = ModelCard.load(write_card(folder, repo_id="me/merged", licenses=MIT)).data
+    assert sorted((r.dataset_type, r.dataset_name, r.metric_value) for r in data.eval_results) == [
+        ("dtd", "dtd", 0.65), ("mnist", "mnist", 0.95), ("sun397", "sun397", 0.75)]
+    index = yaml.safe_load(ModelCard.load(folder / "README.md").content.split("---")[1])["model-index"]
+    assert len(index[0]["results"]) == 3
