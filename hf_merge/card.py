@@ -389,6 +389,13 @@ def plot_accuracy(accuracy: AccuracyTable, path: str | Path) -> Path:
         if points:
             ax.plot(*zip(*points), marker="o", linewidth=1, alpha=0.7, label=task)
     ax.plot(accuracy.steps, [100 * a for a in accuracy.averages()], color="black", linewidth=2.5, marker="s", label="average")
+    if accuracy.base:
+        # The bar a merge has to clear: the base's zero-shot average over the same tasks.
+        baseline = [
+            100 * sum(accuracy.base[t] for t in row if t in accuracy.base) / max(1, sum(t in accuracy.base for t in row))
+            for row in accuracy.accuracy
+        ]
+        ax.plot(accuracy.steps, baseline, color="grey", linewidth=1.5, linestyle="--", label="zero-shot base (average)")
     ax.set_xlabel("merge step (experts merged)")
     ax.set_ylabel("zero-shot accuracy (%)")
     ax.set_ylim(0, 100)
