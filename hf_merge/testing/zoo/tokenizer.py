@@ -14,26 +14,13 @@ from importlib import util as importlib_util
 from pathlib import Path
 
 from hf_merge.errors import HfMergeError
+from hf_merge.testing.tiny_clip import bytes_to_unicode
 
 VOCAB_SIZE = 49408
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 BOS_ID = 49406
 EOS_ID = 49407
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    # Same table as GPT-2/CLIP: printable bytes map to themselves, the rest to code points >= 256,
-    # so every byte has a visible symbol and no input character is ever unknown.
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
 
 
 def bpe_merges_path() -> Path:
@@ -54,7 +41,7 @@ def clip_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
     """Return CLIP's ``(vocab, merges)``: 49,408 tokens and 48,894 merge rules."""
     lines = gzip.open(bpe_merges_path(), "rt", encoding="utf-8").read().split("\n")
     merges = lines[1 : 49152 - 256 - 2 + 1]
-    symbols = list(_bytes_to_unicode().values())
+    symbols = list(bytes_to_unicode().values())
     tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges] + [BOS_TOKEN, EOS_TOKEN]
     vocab = {tok: i for i, tok in enumerate(tokens)}
     if len(vocab) != VOCAB_SIZE:
