@@ -23,9 +23,11 @@ APT_INSTALL := $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q
 browser:
 	@command -v chromium >/dev/null 2>&1 || { $(APT_INSTALL) chromium chromium-driver; }
 
-# Fashion-MNIST for the offline zoo comes from Debian.
+# The offline zoo's Fashion-MNIST and the fonts its printed digits are drawn with come from Debian
+# (without the fonts the zoo still builds, with Pillow's built-in font and other numbers).
+ZOO_DEBS := dataset-fashion-mnist fonts-dejavu-core fonts-liberation
 zoo-data:
-	@test -d /usr/share/datasets/fashion-mnist || { $(APT_INSTALL) dataset-fashion-mnist; }
+	@dpkg -s $(ZOO_DEBS) >/dev/null 2>&1 || { $(APT_INSTALL) $(ZOO_DEBS); }
 
 demo: $(STAMP) zoo-data
 	$(BIN)/hf-merge demo
