@@ -122,7 +122,6 @@ def main() -> None:
             for i in range(len(flat)) for j in range(i + 1, len(flat))]
     res["tau_norm"] = sum(norms) / len(norms)
     res["tau_cos"] = sum(coss) / max(1, len(coss))
-    merged = torch.nn.Module()
     for label, lam in (("avg", 1.0 / len(taus)), ("ta0.3", 0.3), ("ta0.5", 0.5)):
         sd = dict(base_sd)
         for k in taus[0]:

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import hub
-from .card import CARD_FILENAME, EVAL_FILENAME, STATE_FILENAME, lineage, load_state, read_license, write_card
+from .accuracy_table import EVAL_FILENAME, load_accuracy
+from .card import CARD_FILENAME, STATE_FILENAME, lineage, load_state, read_license, write_card
 from .errors import MergeStateError, RecipeError, UsageError
 from .log import get_logger, progress_disabled
 from .preflight import check_models
@@ -357,7 +358,6 @@ def _continued_tasks(recipe: MergeRecipe, spec: EvalSpec | None, done: int, new:
 
 
 def _average_accuracy(output_dir: Path, n_steps: int) -> list[float | None]:
-    from .card import load_accuracy
 
     table = load_accuracy(output_dir)
     if table is None:

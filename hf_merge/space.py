@@ -20,7 +20,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from .card import METHOD_DESCRIPTIONS, PLOT_FILENAME, STATE_FILENAME, lineage, load_accuracy, load_state
+from .accuracy_table import load_accuracy
+from .card import METHOD_DESCRIPTIONS, PLOT_FILENAME, STATE_FILENAME, lineage, load_state
 from .errors import MergeStateError, SpaceError, UsageError
 from .log import get_logger
 from .resources import space_app_dir, templates_dir
