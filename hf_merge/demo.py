@@ -17,10 +17,12 @@ from __future__ import annotations
 import os
 import secrets
 import shlex
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .errors import HfMergeError
 from .log import get_logger
@@ -57,15 +59,28 @@ def run_demo(
     port: int = 0,
     serve: bool = False,
     space_port: int = 7860,
+    zoo_config: Any = None,
 ) -> DemoResult:
-    """Run the offline demo; with ``serve=True`` keep the Hub and the Space running until Ctrl-C."""
+    """Run the offline demo; with ``serve=True`` keep the Hub and the Space running until Ctrl-C.
+
+    Each run starts from a clean demo Hub and merge folder under ``output_dir`` (both are rebuilt
+    from the cached zoo in seconds), so the demo can be run again and again. ``zoo_config`` (a
+    :class:`~hf_merge.testing.zoo.ZooConfig`) picks another zoo than the default one.
+    """
     from .testing.hub_server import LocalHubServer
     from .testing.zoo import build_zoo, push_zoo
 
     output_dir = Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
+    merged_repo = f"{DEMO_USER}/zoo-clip-{method.replace('_', '-')}-merged"
+    space_repo = f"{DEMO_USER}/zoo-clip-{method.replace('_', '-')}-demo"
+    merged_dir = output_dir / merged_repo.split("/")[1]
+    for previous in (output_dir / "hub", merged_dir):
+        if previous.exists():
+            print(f"Removing the previous demo run's {previous}", flush=True)
+            shutil.rmtree(previous)
     print("[1/4] Building (or reusing) the offline model zoo ...", flush=True)
-    zoo = build_zoo()
+    zoo = build_zoo(config=zoo_config)
     # A fresh secret per run: the demo Hub lives only as long as this process, and no token is
     # ever written down or printed.
     token = secrets.token_hex(16)
@@ -76,9 +91,6 @@ def run_demo(
         repos = push_zoo(server.url, token, DEMO_USER, paths=zoo)
         experts = [repos[task] for task in zoo.experts]
         tasks = [f"offline/{task}" for task in zoo.experts]
-        merged_repo = f"{DEMO_USER}/zoo-clip-{method.replace('_', '-')}-merged"
-        space_repo = f"{DEMO_USER}/zoo-clip-{method.replace('_', '-')}-demo"
-        merged_dir = output_dir / merged_repo.split("/")[1]
         argv = ["hf-merge", "merge", "--base", repos["base"], "--experts", *experts, "--method", method,
                 "--eval", *tasks, "--eval-every-step", "--output", str(merged_dir),
                 "--push-to-hub", merged_repo, "--space", space_repo]
