@@ -8,17 +8,14 @@ test module (or plugin) imports them. Subprocesses started by tests inherit them
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from hf_merge.testing.net import free_port
 
 
-os.environ["HF_ENDPOINT"] = f"http://127.0.0.1:{_free_port()}"
+
+
+os.environ["HF_ENDPOINT"] = f"http://127.0.0.1:{free_port()}"
 os.environ["HF_HUB_DISABLE_XET"] = "1"
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="hf-merge-tests-home-")
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"

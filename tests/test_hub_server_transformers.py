@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from transformers import CLIPConfig, CLIPModel
 
 from hf_merge.cli.hub import parse_tokens
 from hf_merge.errors import UsageError
+from hf_merge.testing.net import free_port
 
 
 def _tiny_clip_config() -> CLIPConfig:
@@ -70,14 +70,10 @@ def test_parse_tokens_from_file(tmp_path):
     assert parse_tokens(["carol=three"], token_file) == {"carol": "three", "alice": "one", "bob": "two"}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_cli_serve_answers_the_client(tmp_path):
-    port = _free_port()
+    port = free_port()
     command = [
         sys.executable, "-m", "hf_merge.cli", "hub", "serve",
         "--root", str(tmp_path / "root"), "--port", str(port), "--token", "dave=dave-secret",

@@ -14,15 +14,12 @@ from PIL import Image
 
 from hf_merge.cli import main as cli_main
 from hf_merge.resources import space_app_dir
-from hf_merge.space import build_space_config, create_space_app, insert_space_link, load_app_module
+from hf_merge.space import build_space_config, insert_space_link, load_app_module
+from hf_merge.testing.net import free_port
 
 EXAMPLE = space_app_dir() / "examples" / "red_square.png"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def reference_probabilities(folder: str | Path, image: Image.Image, labels: list[str]) -> dict[str, float]:
@@ -42,14 +39,6 @@ def app():
     return load_app_module()
 
 
-@pytest.fixture(scope="module")
-def space_url(seeded_merged_repo, tmp_path_factory):
-    demo, app = create_space_app(seeded_merged_repo, work_dir=tmp_path_factory.mktemp("space"))
-    port = _free_port()
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True,
-                max_file_size=app.MAX_IMAGE_BYTES)
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
 
 
 def test_config_from_the_hub_repo(seeded_merged_repo, seeded_hub, tmp_path):
@@ -219,7 +208,7 @@ def test_published_space_runs_as_is_without_hf_merge(seeded_merged_repo, hub_api
     space_id = "alice/tiny-merged-as-is"
     cli_main(["space", "publish", seeded_merged_repo, "--space", space_id, "--token", alice_token, "-q", "--no-card-link"])
     folder = Path(snapshot_download(space_id, repo_type="space", local_dir=tmp_path / "space"))
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, GRADIO_SERVER_PORT=str(port), GRADIO_SERVER_NAME="127.0.0.1", HF_HUB_OFFLINE="0")
     # Importing hf_merge fails in the child: the Space must not need the package.
     code = "import sys, runpy; sys.modules['hf_merge'] = None; runpy.run_path('app.py', run_name='__main__')"

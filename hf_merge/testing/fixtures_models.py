@@ -99,3 +99,17 @@ def seeded_merged_repo(seeded_hub, hub_api, tmp_path_factory) -> str:
     hub_api.create_repo(MERGED_REPO, exist_ok=True)
     hub_api.upload_folder(repo_id=MERGED_REPO, folder_path=folder, commit_message="Add merged tiny CLIP")
     return MERGED_REPO
+
+
+@pytest.fixture(scope="session")
+def space_url(seeded_merged_repo, tmp_path_factory) -> str:
+    """The Space app of ``alice/tiny-clip-merged``, served locally; its URL."""
+    from ..space import create_space_app
+    from .net import free_port
+
+    demo, app = create_space_app(seeded_merged_repo, work_dir=tmp_path_factory.mktemp("space"))
+    port = free_port()
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True,
+                max_file_size=app.MAX_IMAGE_BYTES)
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()

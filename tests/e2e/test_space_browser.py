@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 
 import pytest
 import torch
@@ -10,7 +9,6 @@ from huggingface_hub import snapshot_download
 from PIL import Image
 
 from hf_merge.resources import space_app_dir
-from hf_merge.space import create_space_app
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -27,10 +25,6 @@ EXAMPLE = space_app_dir() / "examples" / "green_triangle.png"
 LABELS = ["green triangle", "red square", "blue circle", "yellow star", "a photo of ünïcode 😀"]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _reference(folder, labels: list[str]) -> dict[str, float]:
@@ -50,25 +44,17 @@ def _read_label(page, element_id: str) -> dict[str, float]:
     return {meters.nth(i).get_attribute("aria-label"): float(meters.nth(i).get_attribute("value")) for i in range(meters.count())}
 
 
-@pytest.fixture(scope="module")
-def space(seeded_merged_repo, tmp_path_factory):
-    demo, app = create_space_app(seeded_merged_repo, work_dir=tmp_path_factory.mktemp("space"))
-    port = _free_port()
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True,
-                max_file_size=app.MAX_IMAGE_BYTES)
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
 
 
 @pytest.fixture(scope="module")
-def page(space):
+def page(space_url):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
         page.set_default_timeout(60_000)
-        page.goto(space)
+        page.goto(space_url)
         page.wait_for_selector("#classify")
         yield page
         browser.close()
