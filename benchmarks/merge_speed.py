@@ -99,8 +99,6 @@ def child_streaming(method: str, out: str, base: str, experts: list[str]) -> dic
             svd_seconds[0] += time.perf_counter() - started
 
     torch.linalg.svd = timed_svd  # only timed, so the SVD share of a run is known under any load
-    import transformers.models.clip.modeling_clip  # noqa: F401  (imported by the merge anyway; not data)
-
     baseline = peak_rss()
     result = merge(base, experts, method, out)
     steps = result.steps
@@ -114,20 +112,31 @@ def child_streaming(method: str, out: str, base: str, experts: list[str]) -> dic
     }
 
 
-def child_svd(base: str, expert: str) -> dict:
-    """The SVDs of one OPCM step: one reduced SVD per linear weight of the merged tensors."""
+def child_svd(base: str, experts: list[str]) -> dict:
+    """The SVDs OPCM's steps 2..n do, alone: one reduced SVD per linear weight of D_t.
+
+    D_t = M_{t−1} − θ0 gains a task vector's worth of rank at each step, and SVD time depends on
+    the spectrum, so step t's SVDs are timed on the mean of τ_1..τ_{t−1} (what D_t spans)."""
     import torch
 
     from hf_merge.checkpoint import Checkpoint
     from hf_merge.validation import linear_weight_names, merged_names
 
-    with Checkpoint.open(base) as b, Checkpoint.open(expert) as e:
+    with Checkpoint.open(base) as b:
         names = sorted(linear_weight_names(b.config, merged_names(b, "vision")))
-        deltas = [e.get(n).float() - b.get(n).float() for n in names]
-    started = time.perf_counter()
-    for delta in deltas:
-        torch.linalg.svd(delta, full_matrices=False)
-    return {"seconds": time.perf_counter() - started, "count": len(deltas)}
+        theta0 = {n: b.get(n).float() for n in names}
+    total = {n: torch.zeros_like(t) for n, t in theta0.items()}
+    seconds = 0.0
+    for t, expert in enumerate(experts[:-1], start=1):
+        with Checkpoint.open(expert) as e:
+            for n in names:
+                total[n] += e.get(n).float() - theta0[n]
+        deltas = [total[n] / t for n in names]
+        started = time.perf_counter()
+        for delta in deltas:
+            torch.linalg.svd(delta, full_matrices=False)
+        seconds += time.perf_counter() - started
+    return {"seconds": seconds / max(len(experts) - 1, 1), "count": len(names)}
 
 
 def run_child(args: list[str]) -> dict:
@@ -160,7 +169,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         kind, *rest = args.child
-        report = child_streaming(rest[0], rest[1], rest[2], rest[3:]) if kind == "streaming" else child_svd(*rest)
+        report = child_streaming(rest[0], rest[1], rest[2], rest[3:]) if kind == "streaming" else child_svd(rest[0], rest[1:])
         print(json.dumps(report))
         return
 
@@ -169,12 +178,10 @@ def main() -> None:
     model_bytes = (base / "model.safetensors").stat().st_size
     work = args.cache / "runs"
     rows, svd_rows = [], []
-    svd = None
+    svd = None  # the bare SVD run of the largest OPCM merge, for the text
     # cheap methods first, OPCM last: the table is written after every run, so it is useful even if
     # the long OPCM runs are cut short
     for method in sorted(args.methods, key=lambda m: m == "opcm"):
-        if method == "opcm" and svd is None:
-            svd = run_child([sys.executable, __file__, "--child", "svd", str(base), str(experts[0])])
         for n in (args.opcm_experts or counts) if method == "opcm" else counts:
             shutil.rmtree(work, ignore_errors=True)
             stream = run_child([sys.executable, __file__, "--child", "streaming", method, str(work / "stream"),
@@ -188,6 +195,7 @@ def main() -> None:
             rows.append(row)
             print(format_row(row, model_bytes), flush=True)
             if method == "opcm" and n > 1:
+                svd = run_child([sys.executable, __file__, "--child", "svd", str(base), *map(str, experts[:n])])
                 per_step = stream["later_steps_seconds"] / (n - 1)
                 svd_rows.append((n, per_step, svd["seconds"], stream["svd_seconds"] / (n - 1)))
             args.results.parent.mkdir(parents=True, exist_ok=True)
@@ -237,16 +245,17 @@ def render(rows: list[dict], svd_rows: list[tuple], svd: dict | None, model_byte
     lines += [
         "",
         "Streaming s/expert = (merging + writing every step) / experts. Not included: the one-off set-up "
-        f"of a streaming run (opening checkpoints, importing transformers to find the nn.Linear weights), "
+        f"of a streaming run (opening the checkpoints, reading their headers), "
         f"{setup:.2f} s on average. Naive s/expert = (loading + merging + writing once) / experts.",
     ]
     if svd is not None:
         lines += [
             "",
-            f"OPCM against the bare SVD cost: one step needs {svd['count']} reduced SVDs (the nn.Linear weights), "
-            f"{svd['seconds']:.2f} s as bare `torch.linalg.svd` calls in a separate process. The CPU is shared, "
-            "so the SVD time inside each OPCM run is measured too (timed calls), and the overhead ratio "
-            "(step time / SVD time of the same run) is the figure that load on the machine does not distort.",
+            f"OPCM against the bare cost of its SVDs: steps 2..n each need {svd['count']} reduced SVDs (one per "
+            "nn.Linear weight; step 1 needs none). \"Bare\" is the same count of `torch.linalg.svd` calls alone in "
+            "a separate process, on D_t = mean(τ_1..τ_{t−1}) for t = 2..n (SVD time depends on the spectrum, "
+            "which fills up as experts are merged). The SVD calls inside each OPCM run are timed too: the ratio "
+            "of the step time to them compares the same matrices under the same load.",
             "",
             "| experts | OPCM s/step (steps ≥ 2, incl. writing) | bare SVD s/step (separate run) | ratio to bare "
             "| SVD s/step inside the run | ratio to SVDs of the same run |",

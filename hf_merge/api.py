@@ -409,6 +409,9 @@ def _previous_licenses(output_dir: Path) -> dict[str, str | None]:
 def _copy_result(source: Path, destination: Path) -> None:
     import shutil
 
+    from .state import recover
+
     if destination.exists() and any(destination.iterdir()):
         raise UsageError(f"output folder {destination} is not empty")
-    shutil.copytree(source, destination, dirs_exist_ok=True)
+    recover(source)  # a step committed before a crash belongs to the copy; spare and staging files do not
+    shutil.copytree(source, destination, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".hf-merge-*"))

@@ -1,9 +1,9 @@
 """Lazy tensor access over safetensors checkpoints, and a streaming sharded writer.
 
-A merge never loads a whole checkpoint: :class:`Checkpoint` parses the safetensors headers, maps
-the files into memory and copies out one tensor at a time. After each read the mapped pages are
-handed back to the kernel (``madvise(MADV_DONTNEED)``), so a pass over a checkpoint does not add
-the file's size to the process's resident memory. :class:`CheckpointWriter` writes tensors one at a
+A merge never loads a whole checkpoint: :class:`Checkpoint` parses the safetensors headers and
+reads one tensor at a time with positioned reads straight into the tensor's memory (one copy out of
+the page cache; a memory map would add a page fault per 4 KiB and, until released, the file's pages
+to the process's resident memory). :class:`CheckpointWriter` writes tensors one at a
 time into transformers-style shards (``model.safetensors`` or ``model-0000i-of-0000n.safetensors``
 plus ``model.safetensors.index.json``), without building the whole file in memory.
 """
@@ -11,15 +11,14 @@ plus ``model.safetensors.index.json``), without building the whole file in memor
 from __future__ import annotations
 
 import json
-import mmap
+import math
 import os
 import struct
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-import numpy as np
 import torch
 
 from .errors import CheckpointError
@@ -43,7 +42,6 @@ _DTYPES: dict[str, torch.dtype] = {
     "F8_E5M2": torch.float8_e5m2,
 }
 _DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
-_CHUNK = 16 * 2**20  # bytes copied out of a mapping between two releases of its pages
 
 
 def parse_size(size: int | str) -> int:
@@ -97,54 +95,39 @@ class SafetensorsFile:
                     f"but the file has {file_size} bytes; download it again"
                 )
             self.tensors[name] = TensorInfo(_DTYPES[entry["dtype"]], tuple(entry["shape"]), data_start + begin, data_start + end)
-        self._file = None
-        self._map: mmap.mmap | None = None
+        self._file: BinaryIO | None = None
 
-    def _mapping(self) -> mmap.mmap:
-        if self._map is None:
-            self._file = open(self.path, "rb")
-            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
-        return self._map
+    def _handle(self) -> BinaryIO:
+        if self._file is None:
+            self._file = open(self.path, "rb", buffering=0)
+        return self._file
 
     def get(self, name: str) -> torch.Tensor:
-        """A private (writable, unmapped) copy of one tensor."""
+        """A private copy of one tensor, read straight into its memory."""
         info = self.tensors[name]
-        count = 1
-        for dim in info.shape:
-            count *= dim
-        if count == 0:
-            return torch.empty(info.shape, dtype=info.dtype)
-        mapping = self._mapping()
-        data = torch.empty(info.end - info.start, dtype=torch.uint8)
-        out = data.numpy()
-        # Copy in chunks, dropping each chunk's mapped pages as soon as it is copied: the read
-        # then costs one tensor of memory, not two (the copy plus the mapped pages).
-        for begin in range(0, len(out), _CHUNK):
-            end = min(begin + _CHUNK, len(out))
-            raw = np.frombuffer(mapping, dtype=np.uint8, count=end - begin, offset=info.start + begin)
-            out[begin:end] = raw
-            del raw  # the mapping cannot be closed while a view of it is alive
-            self._release(info.start + begin, info.start + end)
-        return data.view(info.dtype).reshape(info.shape)
-
-    def _release(self, begin: int, end: int) -> None:
-        # Mapped pages a read touched count as resident memory until dropped; dropping them keeps a
-        # full pass over a large checkpoint at one tensor's worth of memory. Page cache keeps them.
-        if self._map is None or not hasattr(mmap, "MADV_DONTNEED"):
-            return
-        page = mmap.PAGESIZE
-        start = begin - begin % page
-        length = min(end, len(self._map)) - start
-        if length > 0:
-            self._map.madvise(mmap.MADV_DONTNEED, start, length)
+        tensor = torch.empty(info.shape, dtype=info.dtype)
+        if info.end > info.start:
+            out = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+            _read_exactly(self._handle(), out, info.start, self.path)
+        return tensor
 
     def close(self) -> None:
-        if self._map is not None:
-            self._map.close()
-            self._map = None
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _read_exactly(handle: BinaryIO, out: memoryview, offset: int, path: Path) -> None:
+    done = 0
+    while done < len(out):
+        if hasattr(os, "preadv"):  # positioned: no seek, and safe for several readers of one handle
+            got = os.preadv(handle.fileno(), [out[done:]], offset + done)
+        else:
+            handle.seek(offset + done)
+            got = handle.readinto(out[done:])
+        if not got:
+            raise CheckpointError(f"{path}: file ended early (truncated while being read?); download it again")
+        done += got
 
 
 class Checkpoint:
@@ -158,6 +141,8 @@ class Checkpoint:
         self.config = config
         self._files = files
         self._where = tensors  # name -> SafetensorsFile, or a loaded Tensor (pickle checkpoints)
+        self._finite: frozenset[str] = frozenset()
+        self._label = str(path)
 
     @classmethod
     def open(cls, path: str | Path, allow_pickle: bool = False) -> "Checkpoint":
@@ -227,11 +212,23 @@ class Checkpoint:
         return source.tensors[name].dtype if isinstance(source, SafetensorsFile) else source.dtype
 
     def get(self, name: str) -> torch.Tensor:
-        """Read one tensor (a fresh CPU copy in its stored dtype)."""
+        """Read one tensor (a fresh CPU copy in its stored dtype).
+
+        :class:`CheckpointError` if ``name`` is one of the tensors :meth:`require_finite` named and
+        holds NaN or Inf."""
         source = self._where[name]
-        if isinstance(source, SafetensorsFile):
-            return source.get(name)
-        return source.clone()
+        tensor = source.get(name) if isinstance(source, SafetensorsFile) else source.clone()
+        if name in self._finite and not all_finite(tensor):
+            raise CheckpointError(f"expert {self._label}: tensor '{name}' contains NaN or Inf values")
+        return tensor
+
+    def require_finite(self, names: Iterable[str], label: str) -> None:
+        """Check ``names`` for NaN and Inf whenever they are read.
+
+        A merge reads every tensor anyway; checking then, instead of in a pass of its own, saves
+        reading the expert twice. The caller must be ready to undo a step that fails midway."""
+        self._finite = frozenset(names)
+        self._label = label
 
     def close(self) -> None:
         for handle in self._files:
@@ -242,6 +239,14 @@ class Checkpoint:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or Inf in ``tensor``. NaN and Inf make the sum non-finite, and a sum costs a thirtieth
+    of an element-wise test; only a non-finite sum (or an overflowing one) needs that test."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return True
+    return math.isfinite(float(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
 @dataclass(frozen=True)
@@ -317,7 +322,12 @@ def _write_safetensors(path: Path, specs: list[TensorSpec], fetch: Callable[[str
         offset += spec.nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # data aligned to 8 bytes, as the reference writer does
-    with open(path, "wb") as handle:
+    # An existing file of ours (a recycled spare) is overwritten in place: its cached pages are
+    # reused instead of allocated anew. Anything linked elsewhere is replaced, never written through.
+    reuse = path.is_file() and not path.is_symlink() and path.stat().st_nlink == 1
+    if path.exists() and not reuse:
+        path.unlink()
+    with open(path, "r+b" if reuse else "wb") as handle:
         handle.write(struct.pack("<Q", len(encoded)))
         handle.write(encoded)
         for spec in specs:
@@ -327,5 +337,6 @@ def _write_safetensors(path: Path, specs: list[TensorSpec], fetch: Callable[[str
             data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
             if data.numel():
                 handle.write(memoryview(data.numpy()))
+        handle.truncate()
         handle.flush()
         os.fsync(handle.fileno())

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import CheckpointError
 from .log import get_logger
 
 logger = get_logger(__name__)
@@ -78,8 +79,19 @@ class Executor:
         with state.split_between_processes(list(names)) as mine:  # type: ignore[union-attr]
             mine = list(mine)
         local = {}
-        for name in mine:
-            local[name] = compute(name)
+        failure: tuple[bool, str] | None = None
+        try:
+            for name in mine:
+                local[name] = compute(name)
+        except Exception as err:  # every process must learn of it, or the others wait forever below
+            failure = (isinstance(err, CheckpointError), f"{err}")
+            raised = err
+        failures = [f for f in gather_object([failure]) if f is not None]
+        if failure is not None:
+            raise raised
+        if failures:
+            is_checkpoint_error, message = failures[0]
+            raise (CheckpointError if is_checkpoint_error else RuntimeError)(message)
         owners: dict[str, int] = {}
         for rank, chunk in enumerate(gather_object([mine])):
             for name in chunk:

@@ -9,9 +9,7 @@ one-call form.
 
 from __future__ import annotations
 
-import ctypes
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -23,18 +21,17 @@ import torch
 
 from .checkpoint import Checkpoint, CheckpointWriter, SafetensorsFile, TensorSpec, save_tensors
 from .distributed import Executor
-from .errors import MergeStateError, UsageError
+from .errors import CheckpointError, MergeStateError, UsageError
 from .log import get_logger
 from .methods import MergeContext, MergeMethod, get_method
 from .sources import ModelSource, resolve
-from .state import STATE_NAME, STATE_TENSORS_NAME, MergeState, OutputTransaction, recover
-from .validation import check_compatible, check_finite, linear_weight_names, merged_names
+from .state import STATE_NAME, STATE_TENSORS_NAME, MergeState, OutputTransaction, discard_spare, recover
+from .validation import check_compatible, linear_weight_names, merged_names
 
 logger = get_logger(__name__)
 
 ModelRef = str | Path | ModelSource
 OnStep = Callable[[int, Path, MergeState], None]
-_M_MMAP_THRESHOLD = -3  # mallopt parameter number, from glibc's malloc.h
 _COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # Files of the base that make the output loadable with from_pretrained (config, processor, tokenizer).
 _NOT_COPIED = {"model.safetensors.index.json", STATE_NAME, "eval_results.json"}
@@ -104,7 +101,6 @@ class ContinualMerger:
             raise UsageError(f"compute_dtype must be float32 or float64, got {compute_dtype!r}")
         self.output_dir = Path(output_dir).expanduser().resolve()
         self.executor = Executor.from_accelerate(device)
-        _return_freed_memory_promptly()
         self.on_step = on_step
         self.max_shard_size = max_shard_size
         self.token = token
@@ -119,14 +115,14 @@ class ContinualMerger:
         self.base = Checkpoint.open(self.base_source.path, allow_pickle=allow_pickle)
         self.names = merged_names(self.base, scope)
         self.method: MergeMethod = get_method(method)(**(hyperparameters or {}))
-        context = MergeContext(
+        self.context = MergeContext(
             base=self.base,
             names=self.names,
             linear_names=linear_weight_names(self.base.config, self.names),
             executor=self.executor,
             compute_dtype=_COMPUTE_DTYPES[compute_dtype],
         )
-        self.method.init(context)
+        self.method.init(self.context)
         base_info = self.base_source.to_dict()
         if self.base_source.repo_id is None:  # a local base can only be found again by its path
             base_info["local_path"] = str(self.base_source.path)
@@ -159,6 +155,15 @@ class ContinualMerger:
         if base is None:
             base = _recorded_base(state)
         return cls(base, output, state.method, scope=state.scope, hyperparameters=state.hyperparameters, _saved=state, **options)
+
+    def _roll_back(self) -> None:
+        """Put the method back to the last saved step (θ0 before the first), after a failed step."""
+        self.method.buffer = {}
+        self.method = get_method(self.state.method)(**self.state.hyperparameters)
+        self.method.init(self.context)
+        if self.state.step > 0:
+            self._restore(self.state)
+        self._broken = False
 
     def _restore(self, state: MergeState) -> None:
         recorded = state.base.get("commit_sha")
@@ -199,10 +204,14 @@ class ContinualMerger:
         source = resolve(expert, token=self.token, allow_pickle=self.allow_pickle)
         with Checkpoint.open(source.path, allow_pickle=self.allow_pickle) as checkpoint:
             check_compatible(self.base, checkpoint, source.name)
-            check_finite(checkpoint, self.names, source.name)
+            checkpoint.require_finite(self.names, source.name)
             started = time.perf_counter()
             self._broken = True  # until the step is both merged and saved
-            metrics = self.method.step(checkpoint)
+            try:
+                metrics = self.method.step(checkpoint)
+            except CheckpointError:  # a NaN found midway: the buffer is half updated
+                self._roll_back()
+                raise
             self.method.finalize()
             merge_seconds = time.perf_counter() - started
         step = self.state.step + 1
@@ -240,50 +249,38 @@ class ContinualMerger:
         if self.executor.is_main_process:
             transaction = OutputTransaction(self.output_dir)
             try:
-                self._write(transaction.staging)
-                weight_files = [p.name for p in transaction.staging.iterdir() if p.name.startswith("model")]
-                transaction.commit(weight_files)
+                weight_files = self._write(transaction.staging)
+                transaction.commit(weight_files, [self.state.state_tensors] if self.state.state_tensors else [])
             except BaseException:
                 transaction.abort()
                 raise
         self.executor.wait_for_everyone()
 
-    def _write(self, staging: Path) -> None:
+    def _write(self, staging: Path) -> list[str]:
+        """Write the step's files into ``staging``; returns the weight file names."""
         merged = set(self.names)
         specs = [TensorSpec(n, self.base.shape(n), self.base.dtype(n)) for n in self.base.names()]
         fetch = lambda name: self.method.output(name) if name in merged else self.base.get(name)  # noqa: E731
-        CheckpointWriter(staging, self.max_shard_size).save(specs, fetch)
+        weight_files = CheckpointWriter(staging, self.max_shard_size).save(specs, fetch)
         if self.state.state_tensors:
             save_tensors(staging / self.state.state_tensors, {n: self.method.buffer[n] for n in self.names})
         for item in self.base_source.path.iterdir():
             if item.is_file() and item.suffix in {".json", ".txt", ".model"} and item.name not in _NOT_COPIED:
                 shutil.copy2(item, staging / item.name)
         self.state.save(staging)
+        return weight_files
 
     def close(self) -> None:
+        """Release the base checkpoint and the spare weight files kept for the next step."""
         self.base.close()
+        if self.executor.is_main_process:
+            discard_spare(self.output_dir)
 
     def __enter__(self) -> "ContinualMerger":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _return_freed_memory_promptly() -> None:
-    """Serve large allocations from their own mappings (glibc), so freed tensors leave the process.
-
-    glibc raises its mmap threshold after each large free, up to 32 MiB; from then on tensors of a
-    few MiB come from the heap, and the holes the merge leaves while replacing tensors one by one
-    stay resident: hundreds of MiB on a ViT-B model. A fixed threshold turns the adjustment off.
-    """
-    if sys.platform != "linux":
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
-    except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
-        pass
 
 
 def _recorded_base(state: MergeState) -> ModelRef:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from hf_merge.checkpoint import Checkpoint, CheckpointWriter, TensorSpec, parse_size
+from hf_merge.checkpoint import Checkpoint, CheckpointWriter, TensorSpec, all_finite, parse_size
 from hf_merge.errors import CheckpointError
 
 
@@ -105,6 +105,25 @@ def test_missing_weights_shard_and_pickle_policy(tmp_path):
     (sharded / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(CheckpointError, match="shard model-00002-of-00002.safetensors .* missing"):
         Checkpoint.open(sharded)
+
+
+def test_all_finite_is_exact_even_when_the_sum_overflows():
+    assert all_finite(torch.randn(1000))
+    assert all_finite(torch.full((100,), 3e38))  # the float32 sum overflows; every value is finite
+    assert not all_finite(torch.tensor([1.0, float("nan")]))
+    assert not all_finite(torch.tensor([float("inf"), float("-inf")]))  # a NaN sum, caught as well
+    assert not all_finite(torch.tensor([1.0, float("-inf")], dtype=torch.bfloat16))
+    assert all_finite(torch.tensor([1, 2, 3])) and all_finite(torch.empty(0))
+
+
+def test_required_finite_tensors_are_checked_on_read(tmp_path):
+    save_file({"a": torch.tensor([1.0, float("nan")]), "b": torch.tensor([float("inf")])}, tmp_path / "model.safetensors")
+    with Checkpoint.open(tmp_path) as checkpoint:
+        assert checkpoint.get("a").isnan().any()  # nothing asked yet
+        checkpoint.require_finite(["a"], "org/expert")
+        with pytest.raises(CheckpointError, match=r"^expert org/expert: tensor 'a' contains NaN or Inf values$"):
+            checkpoint.get("a")
+        assert checkpoint.get("b").isinf().all()  # not in the required set
 
 
 def test_parse_size():

@@ -96,6 +96,26 @@ def test_bad_expert_is_rejected_and_earlier_state_untouched(defect, tiny_base, t
     assert snapshot(out)["model.safetensors"] == snapshot(clean_three)["model.safetensors"]
 
 
+@pytest.mark.parametrize("method", ["opcm", "average", "task_arithmetic", "ties", "magmax"])
+@pytest.mark.parametrize("first", [True, False], ids=["first-step", "later-step"])
+def test_nan_found_midway_undoes_the_half_done_step(method, first, tiny_base, tiny_experts, tmp_path):
+    poisoned = tmp_path / "poisoned"
+    shutil.copytree(tiny_experts[3], poisoned)
+    tensors = load_file(poisoned / "model.safetensors")
+    tensors["visual_projection.weight"][1, 2] = float("inf")  # read last: every other tensor is merged by then
+    save_file(tensors, poisoned / "model.safetensors")
+    reference = merge(tiny_base, tiny_experts[:3], method, tmp_path / "reference").output_dir
+    with ContinualMerger(tiny_base, tmp_path / "out", method) as merger:
+        merger.add_all(tiny_experts[:0 if first else 2])
+        with pytest.raises(CheckpointError, match="tensor 'visual_projection.weight' contains NaN or Inf"):
+            merger.add(poisoned)
+        assert merger.step == (0 if first else 2)
+        merger.add_all(tiny_experts[merger.step : 3])
+        assert (tmp_path / "out" / ".hf-merge-spare").is_dir()  # kept for the next step
+    assert snapshot(tmp_path / "out")["model.safetensors"] == snapshot(reference)["model.safetensors"]
+    assert not (tmp_path / "out" / ".hf-merge-spare").exists()  # discarded when the run ends
+
+
 def test_half_precision_checkpoints_keep_their_dtype(tiny_base, tiny_experts, tmp_path):
     def as_fp16(src, dst):
         shutil.copytree(src, dst)

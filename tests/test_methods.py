@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from hf_merge.engine import merge
+from hf_merge.methods.base import squared_norm
 from hf_merge.methods.opcm import project_task_vector, split_rank
 from hf_merge.methods.ties import kth_smallest_magnitude
 
@@ -235,6 +236,35 @@ def test_reduced_svd_formula_equals_full_matrix_projection():
         r = split_rank(torch.linalg.svdvals(delta), 0.5)
         assert float(p.diagonal().abs().max()) < 1e-12
         assert float(p[:r, :r].abs().max()) < 1e-12
+
+
+def test_in_place_projection_equals_the_copying_one_and_zero_delta_passes_tau_through():
+    g = torch.Generator().manual_seed(1)
+    delta, tau = torch.randn(30, 20, generator=g), torch.randn(30, 20, generator=g)
+    original = tau.clone()
+    copied = project_task_vector(delta, tau)
+    assert torch.equal(tau, original)  # the default leaves its input alone
+    in_place = project_task_vector(delta, tau, inplace=True)
+    assert in_place.data_ptr() == tau.data_ptr() and torch.equal(in_place, copied)
+    for alpha, zero_diagonal in ((0.0, False), (1.0, False)):  # r = 0 or r = k without the diagonal
+        kept = project_task_vector(delta, original, alpha=alpha, zero_diagonal=zero_diagonal)
+        assert float(kept.norm()) <= float(original.norm()) + 1e-6
+    zero = torch.zeros(30, 20)
+    assert torch.equal(project_task_vector(zero, original, project_zero_delta=False), original)
+    assert not torch.equal(project_task_vector(zero, original, project_zero_delta=True), original)
+
+
+def test_squared_norm_is_float64_accurate_for_every_shape_and_magnitude():
+    g = torch.Generator().manual_seed(2)
+    for shape in ((3_000_000,), (3072, 768), (768, 3, 32, 32), (1,)):
+        x = torch.randn(*shape, generator=g)
+        exact = float((x.double() ** 2).sum())
+        assert abs(squared_norm(x) - exact) <= 1e-8 * exact  # a float32 dot product: ~1e-5
+    assert squared_norm(torch.empty(0, 4)) == 0.0
+    huge = torch.full((10, 10), 1e30)  # squares beyond float32, finite in float64
+    assert squared_norm(huge) == pytest.approx(float((huge.double() ** 2).sum()), rel=1e-12)
+    assert math.isnan(squared_norm(torch.tensor([1.0, float("nan")])))
+    assert squared_norm(torch.tensor([1.0, 2.0], dtype=torch.float16)) == pytest.approx(5.0, rel=1e-7)
 
 
 def test_kth_smallest_magnitude_matches_kthvalue():

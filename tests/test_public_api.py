@@ -28,3 +28,22 @@ def test_cli_lists_every_subcommand():
 def test_cli_without_command_is_a_usage_error():
     out = subprocess.run([sys.executable, "-m", "hf_merge.cli"], capture_output=True, text=True)
     assert out.returncode == 2
+
+
+def test_copying_a_merge_leaves_its_working_files_behind(tmp_path):
+    from hf_merge.api import _copy_result
+    from hf_merge.state import OutputTransaction
+
+    source = tmp_path / "source"
+    for step in (1, 2):
+        tx = OutputTransaction(source)
+        (tx.staging / "model.safetensors").write_text(f"weights {step}")
+        (tx.staging / "merge_state.json").write_text(f'{{"step": {step}}}')
+        tx.commit(["model.safetensors"])
+    OutputTransaction(source)  # a step that never finished: its staging folder is left over
+    assert sorted(p.name for p in source.iterdir()) == [
+        ".hf-merge-spare", ".hf-merge-staging", "merge_state.json", "model.safetensors"
+    ]
+    _copy_result(source, tmp_path / "copy")
+    assert sorted(p.name for p in (tmp_path / "copy").iterdir()) == ["merge_state.json", "model.safetensors"]
+    assert (tmp_path / "copy" / "model.safetensors").read_text() == "weights 2"

@@ -8,7 +8,11 @@ import os
 import pytest
 
 from hf_merge.errors import MergeStateError
-from hf_merge.state import STATE_NAME, MergeState, OutputTransaction, recover
+import torch
+from safetensors.torch import load_file
+
+from hf_merge.checkpoint import CheckpointWriter
+from hf_merge.state import STATE_NAME, MergeState, OutputTransaction, discard_spare, recover
 
 
 def make_state(step: int) -> MergeState:
@@ -94,4 +98,50 @@ def test_recover_rolls_an_interrupted_commit_forward(tmp_path, monkeypatch):
     assert MergeState.load(tmp_path).step == 1  # state not moved yet: recovery must run first
     recover(tmp_path)
     assert MergeState.load(tmp_path).step == 2
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["merge_state.json", "model.safetensors"]
+    assert (tmp_path / ".hf-merge-spare" / "model.safetensors").read_text() == "1"  # kept for reuse
+
+
+def commit_tensors(output, step: int, tensors: dict[str, torch.Tensor], max_shard_size="5GB") -> list[str]:
+    tx = OutputTransaction(output)
+    written = CheckpointWriter(tx.staging, max_shard_size).save_dict(tensors)
+    make_state(step).save(tx.staging)
+    tx.commit(written)
+    return written
+
+
+def test_replaced_weight_files_are_rewritten_in_place_two_steps_later(tmp_path):
+    inodes = []
+    for step, size in ((1, 1000), (2, 1000), (3, 10)):  # step 3 writes a smaller file into a larger one
+        commit_tensors(tmp_path, step, {"w": torch.full((size,), float(step))})
+        inodes.append((tmp_path / "model.safetensors").stat().st_ino)
+        assert torch.equal(load_file(tmp_path / "model.safetensors")["w"], torch.full((size,), float(step)))
+    assert inodes[0] != inodes[1] and inodes[2] == inodes[0]  # two files take turns
+    assert torch.equal(load_file(tmp_path / ".hf-merge-spare" / "model.safetensors")["w"], torch.full((1000,), 2.0))
+    discard_spare(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merge_state.json", "model.safetensors"]
+
+
+def test_a_spare_the_step_does_not_write_is_dropped(tmp_path):
+    tensors = {"a": torch.zeros(300), "b": torch.ones(300)}
+    commit_tensors(tmp_path, 1, tensors, max_shard_size=1500)
+    commit_tensors(tmp_path, 2, tensors, max_shard_size=1500)  # spare: the two shards
+    commit_tensors(tmp_path, 3, tensors)  # one file now: the spare shards are stale
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["merge_state.json", "model.safetensors"]
+    assert list((tmp_path / ".hf-merge-spare").iterdir()) == []
+    assert load_file(tmp_path / "model.safetensors")["b"].sum() == 300
+
+
+def test_linked_files_are_never_written_through(tmp_path):
+    elsewhere = tmp_path / "cache-blob"
+    CheckpointWriter(tmp_path).save_dict({"w": torch.zeros(4)})
+    os.link(tmp_path / "model.safetensors", elsewhere)
+    CheckpointWriter(tmp_path).save_dict({"w": torch.ones(4)})
+    assert torch.equal(load_file(elsewhere)["w"], torch.zeros(4))
+    assert torch.equal(load_file(tmp_path / "model.safetensors")["w"], torch.ones(4))
+    os.symlink(elsewhere, tmp_path / "linked.safetensors")
+    tx = OutputTransaction(tmp_path / "out")
+    (tmp_path / "out" / ".hf-merge-spare").mkdir()
+    os.symlink(elsewhere, tmp_path / "out" / ".hf-merge-spare" / "model.safetensors")
+    tx.abort()
+    assert OutputTransaction(tmp_path / "out").recycled == []  # a symlinked spare is not taken

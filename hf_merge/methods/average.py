@@ -25,8 +25,7 @@ class ContinualAverage(MergeMethod):
             theta = expert.get(name)
             previous = self.buffer[name]
             if t == 1:
-                self.buffer[name] = theta.to(previous.dtype)
+                self._assign(name, theta)
             elif not torch.equal(previous, theta):  # equal tensors stay bit-exact copies
-                mean = ((t - 1) * self._math(previous) + self._math(theta)) / t
-                self.buffer[name] = self._stored(name, mean)
+                self._assign(name, self._math(previous).mul_(t - 1).add_(self._math(theta)).div_(t))
         return {}

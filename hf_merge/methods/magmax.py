@@ -32,9 +32,9 @@ class MagMax(MergeMethod):
     def _step(self, expert: Checkpoint) -> dict[str, float]:
         base = self.context.base
         for name in self.context.names:
-            tau = self._math(expert.get(name)) - self._math(base.get(name))
+            tau = self._math(expert.get(name)).sub_(self._math(base.get(name)))
             best = self._math(self.buffer[name])
-            self.buffer[name] = torch.where(tau.abs() >= best.abs(), tau, best).cpu()
+            self._assign(name, torch.where(tau.abs() >= best.abs(), tau, best))
         return {}
 
     def output(self, name: str) -> torch.Tensor:

@@ -55,14 +55,20 @@ def project_task_vector(
     zero_diagonal: bool = True,
     split_index_base: int = 0,
     reduced_svd: bool = True,
+    inplace: bool = False,
+    project_zero_delta: bool = True,
 ) -> torch.Tensor:
     """τ̃: τ without its components in the dominant subspace of ``delta`` (see module docstring).
+    With ``inplace=True`` (reduced form), ``tau`` itself becomes τ̃, saving a copy. With
+    ``project_zero_delta=False``, τ comes back unchanged where ``delta`` is all zeros.
 
     With D = U diag(s) Vᵀ and P = Uᵀ τ V, zero P[:r, :r] and (optionally) P's diagonal. The reduced
     form, τ̃ = τ − U_r (U_rᵀ τ V_r) V_rᵀ − Σ_{i≥r} (u_iᵀ τ v_i) u_i v_iᵀ, equals the full-matrix one.
     """
     driver = "gesvd" if delta.is_cuda else None  # the reference's driver; gesvdj is less accurate
     u, s, vh = torch.linalg.svd(delta, full_matrices=not reduced_svd, driver=driver)
+    if not project_zero_delta and not bool(s[:1].any()):  # D = 0 exactly: its basis is arbitrary
+        return tau if inplace else tau.clone()
     r = split_rank(s, alpha, split_index_base)
     if not reduced_svd:
         p = u.T @ tau @ vh.T
@@ -71,15 +77,22 @@ def project_task_vector(
         p[:r, :r] = 0
         return u @ p @ vh
     k = s.numel()
-    u, vh = u[:, :k], vh[:k]
-    cleaned = tau.clone()
+    # Everything removed is U·C for a coefficient matrix C (k × n), so τ loses it in one in-place
+    # matrix product; C's rows come from W = Uᵀτ, one more product. Two products of τ's size with
+    # the singular vectors is the least zeroing the diagonal can cost.
+    rows = k if zero_diagonal else r
+    if not inplace:
+        tau = tau.clone()
+    if rows == 0:
+        return tau
+    u, vh = u[:, :rows], vh[:rows]
+    w = u.T @ tau
+    coeff = torch.empty_like(w)
     if r > 0:
-        block = u[:, :r].T @ tau @ vh[:r].T
-        cleaned -= u[:, :r] @ block @ vh[:r]
-    if zero_diagonal and r < k:
-        diag = ((u[:, r:].T @ tau) * vh[r:]).sum(dim=1)  # u_iᵀ τ v_i for i ≥ r
-        cleaned -= (u[:, r:] * diag) @ vh[r:]
-    return cleaned
+        coeff[:r] = (w[:r] @ vh[:r].T) @ vh[:r]  # the r × r block Uᵣᵀ τ Vᵣ, mapped back to rows of Vᵀ
+    if rows > r:
+        coeff[r:] = (w[r:] * vh[r:]).sum(dim=1, keepdim=True) * vh[r:]  # u_iᵀ τ v_i · v_iᵀ, i ≥ r
+    return tau.addmm_(u, coeff, alpha=-1)
 
 
 @register_method
@@ -128,8 +141,8 @@ class OPCM(MergeMethod):
             tau_sq = 0.0
             for name in self.context.names:
                 theta = expert.get(name)
-                tau_sq += squared_norm(self._math(theta) - self._math(base.get(name)))
-                self.buffer[name] = theta.to(base.dtype(name))
+                self._assign(name, theta)
+                tau_sq += squared_norm(self._math(theta).sub_(self._math(base.get(name))))
             self.norms = [math.sqrt(tau_sq)]
             self.prev_lambda = 1.0
             return {"lambda": 1.0, "task_vector_norm": self.norms[0], "merged_norm": self.norms[0]}
@@ -138,16 +151,14 @@ class OPCM(MergeMethod):
         collected: dict[str, dict[str, float]] = {}
 
         def keep(name: str, s: torch.Tensor, stats: dict[str, float]) -> None:
-            self.buffer[name] = s  # S replaces M_{t−1}, which is not needed any more
+            self._assign(name, s)  # S replaces M_{t−1}, which is not needed any more
             collected[name] = stats
 
-        svd_names = set(self.svd_names())
-        plain = [n for n in self.context.names if n not in svd_names]
+        svd_names = self.svd_names()
+        plain = [n for n in self.context.names if n not in set(svd_names)]
         for name in plain:  # cheap: every process computes them, which keeps them identical
             keep(name, *self._partial_sum(name, expert, project=False))
-        self.context.executor.map(
-            self.svd_names(), lambda name: self._partial_sum(name, expert, project=True), keep
-        )
+        self.context.executor.map(svd_names, lambda name: self._partial_sum(name, expert, project=True), keep)
         for name in self.context.names:  # one fixed order: the same sums on every process
             totals["tau_sq"] += collected[name]["tau_sq"]
             totals["s_sq"] += collected[name]["s_sq"]
@@ -157,22 +168,25 @@ class OPCM(MergeMethod):
         lam = math.sqrt(totals["s_sq"]) / average_norm
         for name in self.context.names:
             s = self._math(self.buffer[name])
-            self.buffer[name] = self._stored(name, self._math(base.get(name)) + s / lam)
+            self._assign(name, s.div_(lam).add_(self._math(base.get(name))))
         self.prev_lambda = lam
         return {"lambda": lam, "task_vector_norm": self.norms[-1], "merged_norm": average_norm}
 
     def _partial_sum(self, name: str, expert: Checkpoint, *, project: bool) -> tuple[torch.Tensor, dict[str, float]]:
-        """S for one tensor, with its share of ‖τ‖² and ‖S‖²."""
+        """S for one tensor, with its share of ‖τ‖² and ‖S‖².
+
+        The arithmetic is in place: τ is a fresh read, and the buffer's M_{t−1} becomes D and then
+        S (pass 1 replaces it with S anyway; a failed step restores the buffer from disk)."""
         hp = self.hyperparameters
         theta0 = self._math(self.context.base.get(name))
-        delta = self._math(self.buffer[name]) - theta0
-        tau = self._math(expert.get(name)) - theta0
+        tau = self._math(expert.get(name)).sub_(theta0)
+        delta = self._math(self.buffer[name]).sub_(theta0)
         del theta0
         tau_sq = squared_norm(tau)
         if name.endswith("class_embedding") and not hp["merge_class_embedding"]:
             s = delta  # the reference never merges it; its rescale alone applies
         else:
-            if project and tau_sq > 0 and (hp["project_zero_delta"] or bool(delta.any())):
+            if project and tau_sq > 0:
                 svd_dtype = _SVD_DTYPES[hp["svd_dtype"]]
                 tau = project_task_vector(
                     delta.to(svd_dtype),
@@ -181,6 +195,8 @@ class OPCM(MergeMethod):
                     zero_diagonal=bool(hp["zero_diagonal"]),
                     split_index_base=int(hp["split_index_base"]),
                     reduced_svd=bool(hp["reduced_svd"]),
+                    inplace=True,
+                    project_zero_delta=bool(hp["project_zero_delta"]),
                 ).to(delta.dtype)
-            s = self.prev_lambda * delta + tau
+            s = delta.mul_(self.prev_lambda).add_(tau)
         return s.cpu(), {"tau_sq": tau_sq, "s_sq": squared_norm(s)}

@@ -27,7 +27,7 @@ class TaskArithmetic(MergeMethod):
         lam = float(self.hyperparameters["scaling_factor"])
         base = self.context.base
         for name in self.context.names:
-            tau = self._math(expert.get(name)) - self._math(base.get(name))
+            tau = self._math(expert.get(name)).sub_(self._math(base.get(name)))
             if tau.any():  # an untouched tensor stays a bit-exact copy
-                self.buffer[name] = self._stored(name, self._math(self.buffer[name]) + lam * tau)
+                self._assign(name, self._math(self.buffer[name]).add_(tau.mul_(lam)))
         return {}

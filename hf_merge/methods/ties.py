@@ -25,16 +25,20 @@ _HIGH_BINS = 1 << 15  # sign bit is 0 for magnitudes
 _LOW_BINS = 1 << 16
 
 
-def _magnitude_bits(groups: Iterator[tuple[torch.Tensor, ...]], batch: int = 1 << 22) -> Iterator[list[torch.Tensor]]:
-    """|x| as int32 bit patterns, per stream, small tensors batched so each histogram call has
-    real work."""
+def _magnitude_bits(groups: Iterator[tuple[torch.Tensor, ...]], batch: int = 1 << 20) -> Iterator[list[torch.Tensor]]:
+    """|x| as int32 bit patterns, per stream; small tensors are batched so each histogram call has
+    real work, large ones pass alone (a batch is a copy: it bounds the memory a pass holds)."""
     pending: list[list[torch.Tensor]] = []
     size = 0
     for group in groups:
+        bits = [tensor.abs().to(torch.float32).reshape(-1).view(torch.int32) for tensor in group]
+        if group[0].numel() >= batch:
+            yield bits
+            continue
         if not pending:
             pending = [[] for _ in group]
-        for bucket, tensor in zip(pending, group):
-            bucket.append(tensor.abs().to(torch.float32).reshape(-1).view(torch.int32))
+        for bucket, tensor in zip(pending, bits):
+            bucket.append(tensor)
         size += group[0].numel()
         if size >= batch:
             yield [torch.cat(bucket) for bucket in pending]
@@ -51,7 +55,7 @@ def kth_smallest_magnitudes(groups: Callable[[], Iterator[tuple[torch.Tensor, ..
         if not high:
             high = [torch.zeros(_HIGH_BINS, dtype=torch.int64) for _ in bits_all]
         for hist, bits in zip(high, bits_all):
-            hist += torch.bincount((bits >> 16).long(), minlength=_HIGH_BINS).cpu()
+            hist += torch.bincount(bits >> 16, minlength=_HIGH_BINS).cpu()
     buckets, below = [], []
     for hist in high:
         cumulative = hist.cumsum(0)
@@ -62,7 +66,7 @@ def kth_smallest_magnitudes(groups: Callable[[], Iterator[tuple[torch.Tensor, ..
     for bits_all in _magnitude_bits(groups()):
         for hist, bits, bucket in zip(low, bits_all, buckets):
             inside = bits[(bits >> 16) == bucket] & 0xFFFF
-            hist += torch.bincount(inside.long(), minlength=_LOW_BINS).cpu()
+            hist += torch.bincount(inside, minlength=_LOW_BINS).cpu()
     values = []
     for hist, bucket, before in zip(low, buckets, below):
         offset = int(torch.searchsorted(hist.cumsum(0), torch.tensor(k - before)))
@@ -102,7 +106,7 @@ class ContinualTies(MergeMethod):
             for name in names:
                 _, tau = self._deltas(expert, name)
                 if tau.any():
-                    self.buffer[name] = self._stored(name, self._math(self.buffer[name]) + lam * tau)
+                    self._assign(name, self._math(self.buffer[name]).add_(tau.mul_(lam)))
             return {}
 
         count = sum(self.buffer[n].numel() for n in names)
@@ -110,8 +114,8 @@ class ContinualTies(MergeMethod):
         cut_merged, cut_task = kth_smallest_magnitudes(lambda: (self._deltas(expert, n) for n in names), k)
 
         def trimmed(name: str) -> tuple[torch.Tensor, torch.Tensor]:
-            delta, tau = self._deltas(expert, name)
-            return delta * (delta.abs() >= cut_merged), tau * (tau.abs() >= cut_task)
+            delta, tau = self._deltas(expert, name)  # fresh tensors: trimmed in place
+            return delta.mul_(delta.abs() >= cut_merged), tau.mul_(tau.abs() >= cut_task)
 
         votes = 0
         for name in names:
@@ -123,7 +127,8 @@ class ContinualTies(MergeMethod):
             delta, tau = trimmed(name)
             sign = torch.sign(delta + tau)
             sign[sign == 0] = majority
-            agreed = torch.where(sign > 0, delta > 0, delta < 0) * delta + torch.where(sign > 0, tau > 0, tau < 0) * tau
+            agreed = delta.mul_(torch.where(sign > 0, delta > 0, delta < 0))
+            agreed.add_(tau.mul_(torch.where(sign > 0, tau > 0, tau < 0)))
             if agreed.any():
-                self.buffer[name] = self._stored(name, self._math(self.buffer[name]) + lam * agreed)
+                self._assign(name, self._math(self.buffer[name]).add_(agreed.mul_(lam)))
         return {"cut_merged": cut_merged, "cut_task": cut_task}
