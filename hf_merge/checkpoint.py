@@ -22,6 +22,7 @@ from typing import Any, BinaryIO
 import torch
 
 from .errors import CheckpointError
+from .state import is_sole_link
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -324,8 +325,8 @@ def _write_safetensors(path: Path, specs: list[TensorSpec], fetch: Callable[[str
     encoded += b" " * (-len(encoded) % 8)  # data aligned to 8 bytes, as the reference writer does
     # An existing file of ours (a recycled spare) is overwritten in place: its cached pages are
     # reused instead of allocated anew. Anything linked elsewhere is replaced, never written through.
-    reuse = path.is_file() and not path.is_symlink() and path.stat().st_nlink == 1
-    if path.exists() and not reuse:
+    reuse = is_sole_link(path)
+    if not reuse and os.path.lexists(path):
         path.unlink()
     with open(path, "r+b" if reuse else "wb") as handle:
         handle.write(struct.pack("<Q", len(encoded)))

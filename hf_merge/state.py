@@ -8,8 +8,8 @@ the previous step or the new one, never a mix.
 
 The weight files a step replaces are not deleted but kept in a spare folder, and the next step
 rewrites them in place: a file whose pages are cached is overwritten at memory speed, while a new
-file needs fresh page-cache pages and disk blocks (ten times slower on virtual machines, where each
-fresh page faults in the hypervisor) and deleting the old one frees them all again.
+file needs fresh page-cache pages and disk blocks (measured ten times slower on a 2-core virtual
+machine, where allocating fresh pages is expensive) and deleting the old one frees them all again.
 :func:`discard_spare` removes the spare folder when a run ends.
 """
 
@@ -165,14 +165,19 @@ class OutputTransaction:
         shutil.rmtree(self.staging, ignore_errors=True)
 
 
-def recyclable(path: Path) -> bool:
-    """A weight file that may be overwritten in place: a regular file with no other link to it
-    (never a symlink or hard link into a download cache)."""
+def is_sole_link(path: Path) -> bool:
+    """``path`` is a regular file with no other name (not a symlink, not hard-linked from a
+    download cache): writing into it changes nothing but this file."""
     try:
         info = path.lstat()
     except OSError:
         return False
-    return stat.S_ISREG(info.st_mode) and info.st_nlink == 1 and path.suffix == ".safetensors"
+    return stat.S_ISREG(info.st_mode) and info.st_nlink == 1
+
+
+def recyclable(path: Path) -> bool:
+    """A weight file that may be overwritten in place (see :func:`is_sole_link`)."""
+    return path.suffix == ".safetensors" and is_sole_link(path)
 
 
 def discard_spare(output_dir: str | Path) -> None:

@@ -130,6 +130,9 @@ class MergeMethod(ABC):
             target.copy_(value)
 
 
+_RUN = 1024  # elements per float32 partial sum in squared_norm
+
+
 def squared_norm(tensor: torch.Tensor) -> float:
     """‖x‖²: float32 sums over runs of 1024 elements (exact to ~1e-7 each), added up in float64, so
     whole-model norms neither lose precision nor depend on the order of tensors.
@@ -147,9 +150,6 @@ def squared_norm(tensor: torch.Tensor) -> float:
         flat = flat.double()
         total = float(torch.dot(flat, flat))
     return total
-
-
-_RUN = 1024
 
 
 METHODS: dict[str, type[MergeMethod]] = {}

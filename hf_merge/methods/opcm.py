@@ -155,7 +155,7 @@ class OPCM(MergeMethod):
             collected[name] = stats
 
         svd_names = self.svd_names()
-        plain = [n for n in self.context.names if n not in set(svd_names)]
+        plain = [n for n in self.context.names if n not in self.context.linear_names]
         for name in plain:  # cheap: every process computes them, which keeps them identical
             keep(name, *self._partial_sum(name, expert, project=False))
         self.context.executor.map(svd_names, lambda name: self._partial_sum(name, expert, project=True), keep)
