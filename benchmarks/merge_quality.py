@@ -8,7 +8,7 @@ evaluated on task t's test split (acc_{t,t}) and after the last step on every te
 Reported: final average accuracy and backward transfer BWT = mean_{i<T}(acc_{T,i} - acc_{i,i}), mean
 ± std over the orders, next to the base's zero-shot accuracy and the individual experts.
 
-The models are the offline zoo's (``hf_merge.testing.zoo``): a small CLIP pretrained here, not OpenAI's
+The models are the offline zoo's (``hf_merge.zoo``): a small CLIP pretrained here, not OpenAI's
 CLIP; the figures are not comparable with the paper's, only the protocol is.
 
     python benchmarks/merge_quality.py                # writes benchmarks/results/merge_quality.{md,json}
@@ -31,7 +31,7 @@ import torch
 
 from hf_merge.engine import ContinualMerger
 from hf_merge.evaluation import Evaluator, HeadCache
-from hf_merge.testing.zoo import ZooConfig, build_zoo, register_offline_tasks, task_name
+from hf_merge.zoo import ZooConfig, build_zoo, register_offline_tasks, task_name
 
 METHODS = ("opcm", "average", "task_arithmetic", "ties", "magmax")
 GRID = (0.1, 0.3, 0.5, 0.7, 1.0)
@@ -155,7 +155,7 @@ def render(report: dict) -> str:
     lines = [
         f"# Merge quality on the offline zoo ({len(tasks)} tasks, {len(report['orders'])} random task orders)",
         "",
-        "Small CLIP models built offline by `hf_merge.testing.zoo` (not OpenAI's CLIP), test splits"
+        "Small CLIP models built offline by `hf_merge.zoo` (not OpenAI's CLIP), test splits"
         + (f" (at most {report['limit']} images per task)" if report["limit"] else "") + ".",
         "Hyperparameters chosen on the validation splits from the grid "
         + ", ".join(str(v) for v in report["grid"]) + " (OPCM: alpha; others: scaling factor).",

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 
-from hf_merge.testing.zoo.corpus import build_corpus
-from hf_merge.testing.zoo.data import TASKS, load_task
-from hf_merge.testing.zoo.finetune import FinetuneConfig, finetune
-from hf_merge.testing.zoo.modeling import ModelShape, accuracy, class_heads
-from hf_merge.testing.zoo.pretrain import PretrainConfig, pretrain
-from hf_merge.testing.zoo.tokenizer import load_clip_tokenizer
+from hf_merge.zoo.corpus import build_corpus
+from hf_merge.zoo.data import TASKS, load_task
+from hf_merge.zoo.finetune import FinetuneConfig, finetune
+from hf_merge.zoo.modeling import ModelShape, accuracy, class_heads
+from hf_merge.zoo.pretrain import PretrainConfig, pretrain
+from hf_merge.zoo.tokenizer import load_clip_tokenizer
 
 RESULTS = Path(__file__).parent / "results" / "zoo_search.jsonl"
 

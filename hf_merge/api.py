@@ -10,18 +10,20 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from . import hub
-from .accuracy_table import EVAL_FILENAME, load_accuracy
 from .card import CARD_FILENAME, STATE_FILENAME, lineage, load_state, read_license, write_card
 from .errors import MergeStateError, RecipeError, UsageError
 from .log import get_logger, progress_disabled
 from .preflight import check_models
 from .recipe import EvalSpec, MergeRecipe, _reference_key
+from . import sources
 from .sources import resolve, split_reference
+from .step_evaluation import average_accuracy, continued_tasks, evaluation_hook
 
 logger = get_logger(__name__)
+
 
 @dataclass
 class MergeResult:
@@ -76,7 +78,7 @@ def merge(recipe: MergeRecipe | str | Path | None = None, *, token: str | None =
             "or choose another --output"
         )
     experts = recipe.ordered_experts()
-    hook = _evaluation_hook(recipe.eval, recipe.ordered_eval_tasks(), experts, done=0, base=recipe.base, token=token)
+    hook = evaluation_hook(recipe.eval, recipe.ordered_eval_tasks(), experts, done=0, base=recipe.base, token=token)
     check_models(recipe.base, experts, token=token, allow_pickle=recipe.allow_pickle)
 
     from .engine import ContinualMerger
@@ -143,7 +145,7 @@ def add(
                 f"{output_dir} already holds a merge: pass --output DIR to download {merged} elsewhere, "
                 f"or continue the local copy with `hf-merge add {output_dir} --experts ... --push-to-hub {repo_id}`"
             )
-        hub.download_model(
+        sources.download_model(
             repo_id, revision=revision, token=token, allow_pickle=True,
             extra_patterns=hub.MERGE_RESULT_PATTERNS, local_dir=output_dir,
         )
@@ -167,9 +169,9 @@ def add(
     for name, value in (("allow_pickle", allow_pickle), ("evict", evict), ("space", space)):
         if value is not None:
             setattr(recipe, name, value)
-    tasks = _continued_tasks(recipe, eval, len(done), len(experts))
+    tasks = continued_tasks(recipe, eval, len(done), len(experts))
     recipe.validate()
-    hook = _evaluation_hook(recipe.eval, tasks, recipe.experts, done=len(done), output_dir=output_dir,
+    hook = evaluation_hook(recipe.eval, tasks, recipe.experts, done=len(done), output_dir=output_dir,
                             base=_pinned_base(base_entry, recipe.base), token=token)
     check_models(recipe.base, experts, token=token, allow_pickle=recipe.allow_pickle)
 
@@ -236,7 +238,7 @@ def _merge_experts(merger: Any, experts: Sequence[str], recipe: MergeRecipe, tok
             bar.set_postfix_str(source.name, refresh=False)
             merger.add(source)
             if recipe.evict:
-                hub.evict(source)
+                sources.evict(source)
             bar.update(1)
 
 
@@ -246,7 +248,7 @@ def _publish(output_dir: Path, recipe: MergeRecipe, *, token: str | None, licens
     dataclasses.replace(recipe, output=None).save(output_dir)
     write_card(output_dir, repo_id=recipe.push_to_hub, licenses=licenses, space_id=recipe.space)
     _, steps = lineage(load_state(output_dir))
-    result = MergeResult(output_dir=output_dir, recipe=recipe, steps=steps, accuracy=_average_accuracy(output_dir, len(steps)))
+    result = MergeResult(output_dir=output_dir, recipe=recipe, steps=steps, accuracy=average_accuracy(output_dir, len(steps)))
     if recipe.push_to_hub:
         result.commit_url = hub.push_merge(output_dir, recipe.push_to_hub, token=token, private=recipe.private,
                                            create_pr=create_pr, commit_message=commit_message)
@@ -259,111 +261,6 @@ def _publish(output_dir: Path, recipe: MergeRecipe, *, token: str | None, licens
         # The card pushed above already links the Space, so the model repo keeps one commit per run.
         result.space_url = publish_space(recipe.push_to_hub, recipe.space, token=token, private=recipe.private, link_card=False)
     return result
-
-
-def _evaluation_hook(
-    spec: EvalSpec | None, tasks: Sequence[str], experts: Sequence[str], *, done: int, output_dir: Path | None = None,
-    base: str | None = None, token: str | None = None,
-) -> Callable | None:
-    """The engine's ``on_step`` callback that evaluates the merged model, or ``None`` without evaluation.
-
-    ``every_step``: after step t, accuracy on the tasks of experts 1..t (one task per expert, in merge
-    order), plus the references the paper reports beside it: the base's zero-shot accuracy on every
-    task and each expert's accuracy on its own task (evaluated while the expert is still cached).
-    Otherwise only the final model is evaluated, on every task.
-    """
-    if spec is None or not tasks:
-        return None
-    from .evaluation import ContinualEvaluator, EvaluationReport, get_task
-    from .errors import EvaluationError
-
-    for task in tasks:
-        try:
-            get_task(task)
-        except EvaluationError as error:
-            raise RecipeError(str(error)) from None
-    total = len(experts)
-    if spec.every_step:
-        from .evaluation import Evaluator
-
-        def continual(task_list: Sequence[str], expert_list: Sequence[str], report: Any = None) -> Any:
-            return ContinualEvaluator(task_list, base=base, experts=list(expert_list), expert_names=list(expert_list),
-                                      report=report, evaluator=Evaluator(task_list, limit=spec.limit, token=token))
-
-        if done and len(tasks) == total - done:  # tasks given for the new experts only
-            return _FromStep(continual(tasks, list(experts)[done:]), done)
-        if len(tasks) != total:
-            raise RecipeError(
-                f"eval.every_step needs one task per expert, in merge order ({total} experts, {len(tasks)} tasks)"
-            )
-        report = None
-        if done and output_dir is not None and (output_dir / EVAL_FILENAME).is_file():
-            report = EvaluationReport.from_json(output_dir)
-            if report.num_steps != done:
-                report = None  # an older or partial evaluation cannot be continued row by row
-        if done and report is None:
-            logger.warning("No per-step evaluation of the first %d steps to continue; evaluating from step %d on", done, done + 1)
-            return _FromStep(continual(tasks[done:], list(experts)[done:]), done)
-        return continual(tasks, list(experts), report)
-    return _FinalEvaluation(list(tasks), limit=spec.limit, final_step=total, token=token)
-
-
-class _FromStep:
-    """Shift step numbers so an evaluator that starts fresh can follow an earlier, unevaluated part."""
-
-    def __init__(self, evaluator: Callable, offset: int):
-        self.evaluator, self.offset = evaluator, offset
-
-    def __call__(self, step: int, output_dir: Path, state: Any = None) -> Any:
-        report = self.evaluator(step - self.offset, output_dir, state)
-        # The saved rows keep the real step numbers, so the card's table and plot line up.
-        report.steps[-1]["step"] = step
-        report.to_json(Path(output_dir) / EVAL_FILENAME)
-        return report
-
-
-class _FinalEvaluation:
-    """Evaluate only the final model, on every task (``eval.every_step: false``)."""
-
-    def __init__(self, tasks: list[str], *, limit: int | None, final_step: int, token: str | None = None):
-        self.tasks, self.limit, self.final_step, self.token = tasks, limit, final_step, token
-
-    def __call__(self, step: int, output_dir: Path, state: Any = None) -> None:
-        if step != self.final_step:
-            return
-        from .evaluation import EvaluationReport, Evaluator
-
-        unique = list(dict.fromkeys(self.tasks))
-        results = Evaluator(unique, limit=self.limit, token=self.token).evaluate(str(output_dir), tasks=unique)
-        report = EvaluationReport(limit=self.limit)
-        report.add_step(1, results, unique)
-        report.steps[0]["step"] = step  # one row: the final model after `step` experts
-        report.to_json(Path(output_dir) / EVAL_FILENAME)
-
-
-def _continued_tasks(recipe: MergeRecipe, spec: EvalSpec | None, done: int, new: int) -> list[str]:
-    """Evaluation tasks for a continued merge: the recipe's, plus those given for the new experts."""
-    if spec is None:
-        if recipe.eval is None:
-            return []
-        if recipe.eval.every_step and len(recipe.eval.tasks) == done:
-            logger.warning("No evaluation tasks given for the new experts (--eval TASK ...): evaluation skipped")
-            return []
-        return list(recipe.eval.tasks)
-    previous = list(recipe.eval.tasks) if recipe.eval is not None else []
-    every_step = spec.every_step or (recipe.eval.every_step if recipe.eval is not None else False)
-    tasks = previous + list(spec.tasks) if every_step and len(spec.tasks) == new and len(previous) == done else list(spec.tasks)
-    recipe.eval = EvalSpec(tasks=tasks, every_step=every_step, limit=spec.limit if spec.limit is not None else (recipe.eval.limit if recipe.eval else None))
-    return tasks
-
-
-def _average_accuracy(output_dir: Path, n_steps: int) -> list[float | None]:
-
-    table = load_accuracy(output_dir)
-    if table is None:
-        return [None] * n_steps
-    by_step = dict(zip(table.steps, table.averages()))
-    return [by_step.get(step) for step in range(1, n_steps + 1)]
 
 
 def _recipe_of(output_dir: Path) -> MergeRecipe:

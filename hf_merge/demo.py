@@ -65,10 +65,10 @@ def run_demo(
 
     Each run starts from a clean demo Hub and merge folder under ``output_dir`` (both are rebuilt
     from the cached zoo in seconds), so the demo can be run again and again. ``zoo_config`` (a
-    :class:`~hf_merge.testing.zoo.ZooConfig`) picks another zoo than the default one.
+    :class:`~hf_merge.zoo.ZooConfig`) picks another zoo than the default one.
     """
-    from .testing.hub_server import LocalHubServer
-    from .testing.zoo import build_zoo, push_zoo
+    from .hub_server import LocalHubServer
+    from .zoo import build_zoo, push_zoo
 
     output_dir = Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Hub I/O: download models by repo id, push merge results, clean the cache. Tokens never leave here.
+"""Hub I/O: the client, checks of a repo before download, pushes of merge results. Tokens never leave here.
 
 Every failure of the Hub client is turned into an :mod:`hf_merge.errors` type with a one-line
 message that says what to do (the client's own messages span several lines and URLs). A token is
@@ -27,7 +27,6 @@ from huggingface_hub.errors import (
 
 from .errors import AuthenticationError, CheckpointError, HfMergeError, ModelNotFoundError, PushError
 from .log import get_logger
-from .sources import ModelSource
 
 logger = get_logger(__name__)
 
@@ -80,61 +79,12 @@ def resolve_token(token: str | None = None) -> str | None:
     return huggingface_hub.get_token()
 
 
-def _api(token: str | None) -> HfApi:
+def api_client(token: str | None) -> HfApi:
     prepare_client()
     return HfApi(endpoint=endpoint(), token=token if token else None, library_name="hf-merge")
 
 
-# ---------------------------------------------------------------------------------------- download
-def download_model(
-    repo_id: str,
-    revision: str | None = None,
-    token: str | None = None,
-    allow_pickle: bool = False,
-    *,
-    extra_patterns: Sequence[str] = (),
-    local_dir: str | Path | None = None,
-) -> ModelSource:
-    """Download the files of a model repo that a merge needs and pin the commit they came from.
-
-    Args:
-        repo_id: ``"org/name"`` on the Hub.
-        revision: Branch, tag or commit sha (default: ``main``).
-        token: Token for private or gated repos; defaults to ``HF_TOKEN`` or the stored login.
-        allow_pickle: Also accept ``.bin`` weights (loaded later with ``weights_only=True``).
-        extra_patterns: More file patterns to fetch (``merge_state.json`` to continue a merge).
-        local_dir: Download into this folder instead of the cache (a writable copy).
-
-    Returns:
-        A :class:`ModelSource` with the local snapshot folder and the exact commit sha.
-
-    Raises:
-        ModelNotFoundError: The repo or revision does not exist (or is private and no token was given).
-        AuthenticationError: The token was refused, or has no access to a gated repo.
-        CheckpointError: The repo has no safetensors weights (pickle only, and not allowed).
-    """
-    token = resolve_token(token)
-    reference = repo_id if revision is None else f"{repo_id}@{revision}"
-    with hub_errors(reference, token=token):
-        info = _api(token).model_info(repo_id, revision=revision, files_metadata=False)
-        files = [sibling.rfilename for sibling in info.siblings or []]
-        _check_weights(repo_id, files, allow_pickle)
-        patterns = list(MODEL_PATTERNS) + list(extra_patterns) + (list(PICKLE_PATTERNS) if allow_pickle else [])
-        logger.info("Downloading %s (%s)", reference, info.sha[:10] if info.sha else "?")
-        path = huggingface_hub.snapshot_download(
-            repo_id,
-            # Pin the commit model_info saw, so the recorded sha is the one whose files we have.
-            revision=info.sha or revision,
-            token=token if token else False,
-            allow_patterns=patterns,
-            local_dir=local_dir,
-            endpoint=endpoint(),
-            library_name="hf-merge",
-        )
-    return ModelSource(path=Path(path), repo_id=repo_id, revision=revision, commit_sha=info.sha or Path(path).name)
-
-
-def _check_weights(repo_id: str, files: Sequence[str], allow_pickle: bool) -> None:
+def check_weights(repo_id: str, files: Sequence[str], allow_pickle: bool) -> None:
     has_safetensors = any(f.endswith(".safetensors") for f in files)
     pickles = [f for f in files if f.endswith(_PICKLE_SUFFIXES)]
     if has_safetensors:
@@ -166,30 +116,9 @@ def check_model(repo_id: str, revision: str | None = None, token: str | None = N
     token = resolve_token(token)
     reference = repo_id if revision is None else f"{repo_id}@{revision}"
     with hub_errors(reference, token=token):
-        info = _api(token).model_info(repo_id, revision=revision)
-        _check_weights(repo_id, [s.rfilename for s in info.siblings or []], allow_pickle)
+        info = api_client(token).model_info(repo_id, revision=revision)
+        check_weights(repo_id, [s.rfilename for s in info.siblings or []], allow_pickle)
     return info.sha or ""
-
-
-def evict(source: ModelSource) -> bool:
-    """Delete a downloaded snapshot from the Hub cache (blobs shared with other revisions stay).
-
-    Only snapshots inside the Hub cache are touched; local folders are never deleted.
-    Returns whether something was deleted.
-    """
-    if source.repo_id is None or source.commit_sha is None:
-        return False
-    cache = Path(constants.HF_HUB_CACHE).resolve()
-    if cache not in Path(source.path).resolve().parents:
-        return False
-    try:
-        strategy = huggingface_hub.scan_cache_dir(cache).delete_revisions(source.commit_sha)
-    except Exception as error:  # a cache we cannot scan is not worth failing a finished merge for
-        logger.warning("Could not evict %s from the cache: %s", source.name, type(error).__name__)
-        return False
-    logger.info("Evicting %s from the cache (%s)", source.name, strategy.expected_freed_size_str)
-    strategy.execute()
-    return True
 
 
 # ---------------------------------------------------------------------------------------- push
@@ -242,7 +171,7 @@ def push_merge(
     if not any(str(f).endswith(".safetensors") for f in files) or Path("config.json") not in files:
         raise PushError(f"{output_dir} is not a merge result (no config.json or .safetensors weights)", retry)
     token = resolve_token(token)
-    api = _api(token)
+    api = api_client(token)
     message = commit_message or f"hf-merge: upload merged model ({len(files)} files)"
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")

@@ -78,14 +78,9 @@ def known_methods() -> list[str]:
 def _registry_parameters() -> dict[str, dict[str, Any]] | None:
     """``{method: {parameter: default}}`` from :mod:`hf_merge.methods`, or ``None`` if unavailable."""
     try:
-        from .methods.base import METHODS, get_method
-    except ImportError:
+        from .methods.registry import METHODS
+    except ImportError:  # torch missing: the recipe still validates against the fallback table
         return None
-    if not METHODS:
-        try:
-            get_method("opcm")  # importing the registry's modules registers every method
-        except Exception:
-            return None
     return {name: dict(getattr(cls, "defaults", {}) or {}) for name, cls in METHODS.items()} or None
 
 

@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
+
+import huggingface_hub
+
+from . import hub
+from .log import get_logger
+
+logger = get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -65,7 +72,7 @@ def resolve(
     """Resolve a folder path, ``repo_id`` or ``repo_id@revision`` to a local snapshot.
 
     An existing local folder wins over a repo id of the same spelling, as in ``from_pretrained``.
-    Repo ids are downloaded with :func:`hf_merge.hub.download_model` (safetensors, config and
+    Repo ids are downloaded with :func:`download_model` (safetensors, config and
     processor files only).
     """
     if isinstance(reference, ModelSource):
@@ -73,7 +80,74 @@ def resolve(
     path = Path(reference).expanduser()
     if path.is_dir():
         return ModelSource.local(path)
-    from .hub import download_model  # the Hub client is only needed for repo ids
-
     repo_id, revision = split_reference(str(reference))
     return download_model(repo_id, revision=revision, token=token, allow_pickle=allow_pickle)
+
+
+def download_model(
+    repo_id: str,
+    revision: str | None = None,
+    token: str | None = None,
+    allow_pickle: bool = False,
+    *,
+    extra_patterns: Sequence[str] = (),
+    local_dir: str | Path | None = None,
+) -> ModelSource:
+    """Download the files of a model repo that a merge needs and pin the commit they came from.
+
+    Args:
+        repo_id: ``"org/name"`` on the Hub.
+        revision: Branch, tag or commit sha (default: ``main``).
+        token: Token for private or gated repos; defaults to ``HF_TOKEN`` or the stored login.
+        allow_pickle: Also accept ``.bin`` weights (loaded later with ``weights_only=True``).
+        extra_patterns: More file patterns to fetch (``merge_state.json`` to continue a merge).
+        local_dir: Download into this folder instead of the cache (a writable copy).
+
+    Returns:
+        A :class:`ModelSource` with the local snapshot folder and the exact commit sha.
+
+    Raises:
+        ModelNotFoundError: The repo or revision does not exist (or is private and no token was given).
+        AuthenticationError: The token was refused, or has no access to a gated repo.
+        CheckpointError: The repo has no safetensors weights (pickle only, and not allowed).
+    """
+    token = hub.resolve_token(token)
+    reference = repo_id if revision is None else f"{repo_id}@{revision}"
+    with hub.hub_errors(reference, token=token):
+        info = hub.api_client(token).model_info(repo_id, revision=revision, files_metadata=False)
+        files = [sibling.rfilename for sibling in info.siblings or []]
+        hub.check_weights(repo_id, files, allow_pickle)
+        patterns = list(hub.MODEL_PATTERNS) + list(extra_patterns) + (list(hub.PICKLE_PATTERNS) if allow_pickle else [])
+        logger.info("Downloading %s (%s)", reference, info.sha[:10] if info.sha else "?")
+        path = huggingface_hub.snapshot_download(
+            repo_id,
+            # Pin the commit model_info saw, so the recorded sha is the one whose files we have.
+            revision=info.sha or revision,
+            token=token if token else False,
+            allow_patterns=patterns,
+            local_dir=local_dir,
+            endpoint=hub.endpoint(),
+            library_name="hf-merge",
+        )
+    return ModelSource(path=Path(path), repo_id=repo_id, revision=revision, commit_sha=info.sha or Path(path).name)
+
+
+def evict(source: ModelSource) -> bool:
+    """Delete a downloaded snapshot from the Hub cache (blobs shared with other revisions stay).
+
+    Only snapshots inside the Hub cache are touched; local folders are never deleted.
+    Returns whether something was deleted.
+    """
+    if source.repo_id is None or source.commit_sha is None:
+        return False
+    cache = Path(hub.constants.HF_HUB_CACHE).resolve()
+    if cache not in Path(source.path).resolve().parents:
+        return False
+    try:
+        strategy = huggingface_hub.scan_cache_dir(cache).delete_revisions(source.commit_sha)
+    except Exception as error:  # a cache we cannot scan is not worth failing a finished merge for
+        logger.warning("Could not evict %s from the cache: %s", source.name, type(error).__name__)
+        return False
+    logger.info("Evicting %s from the cache (%s)", source.name, strategy.expected_freed_size_str)
+    strategy.execute()
+    return True

@@ -100,11 +100,11 @@ def _merge_files(merged: str | Path, *, token, revision, work_dir) -> tuple[Path
         raise UsageError(f"{merged!r} is neither a local folder nor a repo id like USER/NAME")
     import huggingface_hub
 
-    from .hub import _api, endpoint, hub_errors, resolve_token
+    from .hub import api_client, endpoint, hub_errors, resolve_token
 
     token = resolve_token(token)
     with hub_errors(repo_id, token=token):
-        info = _api(token).model_info(repo_id, revision=revision)
+        info = api_client(token).model_info(repo_id, revision=revision)
         target = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="hf-merge-space-"))
         folder = huggingface_hub.snapshot_download(
             repo_id,
@@ -254,7 +254,7 @@ def publish_space(
         ModelNotFoundError, AuthenticationError: The Hub refused to read the model.
         SpaceError: The Hub refused to create or update the Space.
     """
-    from .hub import _api, endpoint, resolve_token
+    from .hub import api_client, endpoint, resolve_token
 
     if Path(merged_repo).expanduser().is_dir():
         raise UsageError(f"{merged_repo} is a local folder: push it first (hf-merge push), then publish its repo id")
@@ -264,7 +264,7 @@ def publish_space(
     if space_id.count("/") != 1:
         raise UsageError(f"--space must look like USER/NAME, got {space_id!r}")
     token = resolve_token(token)
-    api = _api(token)
+    api = api_client(token)
     with tempfile.TemporaryDirectory(prefix="hf-merge-space-") as tmp:
         config = build_space_config(merged_repo, token=token, work_dir=Path(tmp) / "merge")
         if not private and _is_private(api, merged_repo):
@@ -305,9 +305,9 @@ def link_space_in_card(merged_repo: str, space_id: str, *, token: str | None = N
     """Add a "Try it in the Space" line to the model card; ``False`` if it links the Space already."""
     from huggingface_hub.errors import EntryNotFoundError
 
-    from .hub import _api, endpoint
+    from .hub import api_client, endpoint
 
-    api = _api(token)
+    api = api_client(token)
     url = f"{endpoint()}/spaces/{space_id}"
     try:
         text = Path(api.hf_hub_download(merged_repo, "README.md", token=token or False)).read_text(encoding="utf-8")

@@ -201,7 +201,7 @@ def test_tasks_sharing_a_local_loader_get_one_model_index_entry_each(tmp_path):
     report = json.loads((folder / "eval_results.json").read_text())
     for step in report["steps"]:
         for metrics in step["results"].values():
-            metrics["dataset"] = "hf_merge.testing.zoo.data:load_task"
+            metrics["dataset"] = "hf_merge.zoo.data:load_task"
     (folder / "eval_results.json").write_text(json.dumps(report))
     data = ModelCard.load(write_card(folder, repo_id="me/merged", licenses=MIT)).data
     assert sorted((r.dataset_type, r.dataset_name, r.metric_value) for r in data.eval_results) == [

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from huggingface_hub import constants
 
-from hf_merge import hub
+from hf_merge import hub, sources
 from hf_merge.errors import AuthenticationError, CheckpointError, ModelNotFoundError, PushError
 from hf_merge.sources import resolve
 
@@ -43,14 +43,14 @@ def test_loopback_endpoint_disables_xet(monkeypatch):
 
 
 def test_download_records_commit_and_fetches_only_model_files(seeded_hub, two_commit_repo):
-    source = hub.download_model(seeded_hub.base)
+    source = sources.download_model(seeded_hub.base)
     assert source.repo_id == seeded_hub.base and source.revision is None
     assert source.commit_sha == seeded_hub.commits[seeded_hub.base]
     names = {p.name for p in source.path.iterdir()}
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "tokenizer.json"} <= names
 
     repo_id, _, second = two_commit_repo
-    latest = hub.download_model(repo_id)
+    latest = sources.download_model(repo_id)
     assert latest.commit_sha == second
     names = {p.name for p in latest.path.iterdir()}
     assert "notes.txt" not in names and "optimizer.pt" not in names and "model.safetensors" in names
@@ -72,30 +72,30 @@ def _one_line(error: Exception) -> str:
 
 def test_unknown_repo_and_revision(seeded_hub):
     with pytest.raises(ModelNotFoundError) as info:
-        hub.download_model("alice/does-not-exist")
+        sources.download_model("alice/does-not-exist")
     assert "alice/does-not-exist" in _one_line(info.value) and info.value.exit_code == 1
     with pytest.raises(ModelNotFoundError) as info:
-        hub.download_model(seeded_hub.base, revision="no-such-branch")
+        sources.download_model(seeded_hub.base, revision="no-such-branch")
     assert "revision 'no-such-branch' not found" in _one_line(info.value)
 
 
 def test_private_repo_needs_the_owners_token(private_repo, alice_token, bob_token):
     with pytest.raises(ModelNotFoundError) as info:
-        hub.download_model(private_repo)
+        sources.download_model(private_repo)
     assert "--token" in _one_line(info.value)  # says how to authenticate
     with pytest.raises(ModelNotFoundError):
-        hub.download_model(private_repo, token=bob_token)
+        sources.download_model(private_repo, token=bob_token)
     with pytest.raises(AuthenticationError) as info:
-        hub.download_model(private_repo, token="hf_not_a_real_token")
+        sources.download_model(private_repo, token="hf_not_a_real_token")
     assert "hf_not_a_real_token" not in _one_line(info.value)
-    assert hub.download_model(private_repo, token=alice_token).commit_sha
+    assert sources.download_model(private_repo, token=alice_token).commit_sha
 
 
 def test_token_from_environment(private_repo, alice_token, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", alice_token)
     assert hub.resolve_token() == alice_token
     assert hub.resolve_token("explicit") == "explicit"
-    assert hub.download_model(private_repo).repo_id == private_repo
+    assert sources.download_model(private_repo).repo_id == private_repo
 
 
 def test_pickle_only_repo_is_refused_unless_allowed(hub_api, tiny_base, tmp_path):
@@ -107,21 +107,21 @@ def test_pickle_only_repo_is_refused_unless_allowed(hub_api, tiny_base, tmp_path
     hub_api.create_repo(repo_id, exist_ok=True)
     hub_api.upload_folder(repo_id=repo_id, folder_path=folder)
     with pytest.raises(CheckpointError) as info:
-        hub.download_model(repo_id)
+        sources.download_model(repo_id)
     assert "--allow-pickle" in _one_line(info.value) and "pytorch_model.bin" in str(info.value)
-    source = hub.download_model(repo_id, allow_pickle=True)
+    source = sources.download_model(repo_id, allow_pickle=True)
     assert (source.path / "pytorch_model.bin").is_file()
 
 
 def test_evict_deletes_the_snapshot_but_never_a_local_folder(seeded_hub, tiny_base):
-    source = hub.download_model(seeded_hub.experts[5])
+    source = sources.download_model(seeded_hub.experts[5])
     assert source.path.is_dir()
-    assert hub.evict(source) is True
+    assert sources.evict(source) is True
     assert not source.path.exists()
     local = resolve(str(tiny_base))
-    assert hub.evict(local) is False and tiny_base.is_dir()
+    assert sources.evict(local) is False and tiny_base.is_dir()
     # Downloading again after eviction works (the cache is consistent).
-    assert hub.download_model(seeded_hub.experts[5]).path.is_dir()
+    assert sources.download_model(seeded_hub.experts[5]).path.is_dir()
 
 
 def _fake_result(tiny_base: Path, folder: Path) -> Path:
@@ -178,7 +178,7 @@ def test_merge_with_evict_leaves_no_expert_in_the_cache(seeded_hub, tmp_path):
 
     experts = seeded_hub.experts[3:5]
     for repo in experts:  # a cached copy from an earlier test must not hide a missing eviction
-        hub.evict(hub.download_model(repo))
+        sources.evict(sources.download_model(repo))
     result = merge(base=seeded_hub.base, experts=experts, output=str(tmp_path / "out"), evict=True)
     assert [s["repo_id"] for s in result.steps] == experts
     cached = {repo.repo_id: len(repo.revisions) for repo in scan_cache_dir(constants.HF_HUB_CACHE).repos}

@@ -15,7 +15,7 @@ import pytest
 from huggingface_hub import CommitOperationAdd, HfApi, hf_hub_download, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError
 
-from hf_merge.testing.hub_server import LocalHubServer
+from hf_merge.hub_server import LocalHubServer
 
 TOKENS = {"carol": "carol-secret"}
 

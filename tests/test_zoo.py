@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hf_merge.testing.zoo import TASKS, ZooConfig, build_zoo, load_task, push_zoo, register_offline_tasks
-from hf_merge.testing.zoo.tokenizer import load_clip_tokenizer
+from hf_merge.zoo import TASKS, ZooConfig, build_zoo, load_task, push_zoo, register_offline_tasks
+from hf_merge.zoo.tokenizer import load_clip_tokenizer
 
 
 @pytest.fixture(scope="module")

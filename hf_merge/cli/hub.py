@@ -76,7 +76,7 @@ def parse_tokens(pairs: list[str], token_file: Path | None = None) -> dict[str, 
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from ..testing.hub_server import LocalHubServer
+    from ..hub_server import LocalHubServer
 
     tokens = parse_tokens(args.token, args.token_file)
     try:

@@ -12,8 +12,9 @@ into images and labels. Three kinds of dataset are supported:
   ``(N, H, W, C)``) and a list of int labels.
 
 The registry holds the 20 tasks of the published continual-merging experiments (see
-:mod:`hf_merge.evaluation.paper_tasks`) and ``synthetic/colors``, a generated task that needs no
-download. Other tasks are added with :func:`register_task`. Names are matched without regard to
+:mod:`hf_merge.evaluation.paper_tasks`), ``synthetic/colors``, a generated task that needs no
+download, and the tasks of installed plugins (entry-point group ``hf_merge.tasks``, e.g. the
+offline zoo's ``offline/<task>``). Other tasks are added with :func:`register_task`. Names are matched without regard to
 case, ``-`` or ``_`` (``stanford_cars`` finds ``stanford-cars``).
 """
 
@@ -190,10 +191,10 @@ def _load_builtins() -> None:
     if _BUILTINS_LOADED:
         return
     _BUILTINS_LOADED = True
-    from .paper_tasks import PAPER_TASKS, class_names
+    from .paper_tasks import paper_tasks
     from .synthetic import COLOR_NAMES
 
-    for name, entry in PAPER_TASKS.items():
+    for name, entry in paper_tasks().items():
         spec = DatasetSpec(
             kind="hub",
             path=entry["dataset"],
@@ -202,7 +203,7 @@ def _load_builtins() -> None:
             image_column=entry.get("image_column", "image"),
             label_column=entry.get("label_column", "label"),
         )
-        _REGISTRY[_key(name)] = Task(name, tuple(class_names(entry["classes"])), tuple(entry["templates"]), spec)
+        _REGISTRY[_key(name)] = Task(name, tuple(entry["classes"]), tuple(entry["templates"]), spec)
     colors = Task(
         "synthetic/colors",
         classes=COLOR_NAMES,
@@ -210,8 +211,22 @@ def _load_builtins() -> None:
         dataset=DatasetSpec(kind="python", path="hf_merge.evaluation.synthetic:solid_colors"),
     )
     _REGISTRY[_key(colors.name)] = colors
-    # The offline zoo's tasks (``offline/mnist``, ...) are known by name everywhere, so that
-    # ``hf-merge merge --eval offline/mnist`` works in a fresh process; their data loads lazily.
-    from hf_merge.testing.zoo.tasks import register_offline_tasks
+    _load_plugins()
 
-    register_offline_tasks()
+
+# Packages add tasks through this entry-point group: each entry is a function that registers its
+# tasks with register_task. The offline zoo's tasks (``offline/mnist``, ...) come this way, so that
+# ``hf-merge merge --eval offline/mnist`` works in a fresh process without evaluation importing the zoo.
+TASK_PLUGIN_GROUP = "hf_merge.tasks"
+
+
+def _load_plugins() -> None:
+    from importlib.metadata import entry_points
+
+    from ..log import get_logger
+
+    for entry in entry_points(group=TASK_PLUGIN_GROUP):
+        try:
+            entry.load()()
+        except Exception as error:  # one broken plugin must not hide the built-in tasks
+            get_logger(__name__).warning("task plugin %s failed to load: %s", entry.name, error)

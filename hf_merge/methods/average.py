@@ -9,10 +9,9 @@ from __future__ import annotations
 import torch
 
 from ..checkpoint import Checkpoint
-from .base import MergeMethod, register_method
+from .base import MergeMethod
 
 
-@register_method
 class ContinualAverage(MergeMethod):
     """The running mean of every expert merged so far."""
 

@@ -150,21 +150,3 @@ def squared_norm(tensor: torch.Tensor) -> float:
         flat = flat.double()
         total = float(torch.dot(flat, flat))
     return total
-
-
-METHODS: dict[str, type[MergeMethod]] = {}
-
-
-def register_method(cls: type[MergeMethod]) -> type[MergeMethod]:
-    """Class decorator adding a method to :data:`METHODS` under ``cls.name``."""
-    METHODS[cls.name] = cls
-    return cls
-
-
-def get_method(name: str) -> type[MergeMethod]:
-    """The method class registered as ``name``; :class:`UsageError` naming the known ones if absent."""
-    from . import average, magmax, opcm, task_arithmetic, ties  # noqa: F401  (registration)
-
-    if name not in METHODS:
-        raise UsageError(f"unknown merge method {name!r}; choose one of: {', '.join(sorted(METHODS))}")
-    return METHODS[name]

@@ -11,10 +11,9 @@ import torch
 
 from ..checkpoint import Checkpoint
 from ..errors import UsageError
-from .base import MergeMethod, register_method
+from .base import MergeMethod
 
 
-@register_method
 class MagMax(MergeMethod):
     """Element-wise maximum-magnitude task vector, scaled by ``scaling_factor`` (0.5)."""
 

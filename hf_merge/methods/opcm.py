@@ -33,7 +33,7 @@ import torch
 
 from ..checkpoint import Checkpoint
 from ..errors import UsageError
-from .base import MergeMethod, register_method, squared_norm
+from .base import MergeMethod, squared_norm
 
 _SVD_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -95,7 +95,6 @@ def project_task_vector(
     return tau.addmm_(u, coeff, alpha=-1)
 
 
-@register_method
 class OPCM(MergeMethod):
     """Orthogonal projection-based continual merging; see the module docstring for options."""
 

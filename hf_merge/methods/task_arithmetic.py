@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from ..checkpoint import Checkpoint
 from ..errors import UsageError
-from .base import MergeMethod, register_method
+from .base import MergeMethod
 
 
-@register_method
 class TaskArithmetic(MergeMethod):
     """Add each expert's task vector, scaled by ``scaling_factor`` (λ)."""
 

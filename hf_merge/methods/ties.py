@@ -19,7 +19,7 @@ import torch
 
 from ..checkpoint import Checkpoint
 from ..errors import UsageError
-from .base import MergeMethod, register_method
+from .base import MergeMethod
 
 _HIGH_BINS = 1 << 15  # sign bit is 0 for magnitudes
 _LOW_BINS = 1 << 16
@@ -79,7 +79,6 @@ def kth_smallest_magnitude(tensors: Callable[[], Iterator[torch.Tensor]], k: int
     return kth_smallest_magnitudes(lambda: ((t,) for t in tensors()), k)[0]
 
 
-@register_method
 class ContinualTies(MergeMethod):
     """TIES merging of the merged task vector with each new one, scaled by ``scaling_factor``."""
 

@@ -1,5 +1,5 @@
-"""What tests, the offline quick start and air-gapped teams share: a local Hub server and tiny models.
+"""pytest support: fixtures (a session-wide local Hub seeded with tiny models) and the tiny CLIP factory.
 
-Nothing here is imported by ``hf_merge`` itself; import the submodules directly, e.g.
-``from hf_merge.testing.hub_server import LocalHubServer``.
+Only tests import this package; ``hf_merge`` itself never does (a test checks the import graph).
+The local Hub server is :mod:`hf_merge.hub_server`, the offline model zoo :mod:`hf_merge.zoo`.
 """

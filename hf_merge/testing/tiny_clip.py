@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from ..log import get_logger
+from ..zoo.tokenizer import bytes_to_unicode
 
 logger = get_logger(__name__)
 
@@ -52,23 +53,6 @@ _SCOPES = {
     "text": ("text_model.", "text_projection."),
     "all": ("vision_model.", "visual_projection.", "text_model.", "text_projection."),
 }
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2 / CLIP map from each byte to a printable unicode character (the BPE alphabet)."""
-    printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    codes = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            codes.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, (chr(code) for code in codes)))
 
 
 def tiny_bpe(words: tuple[str, ...] | list[str] = _MERGE_WORDS) -> tuple[dict[str, int], list[tuple[str, str]]]:

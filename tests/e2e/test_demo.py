@@ -8,8 +8,8 @@ import pytest
 from huggingface_hub import HfApi, ModelCard
 
 from hf_merge.demo import run_demo
-from hf_merge.testing.hub_server import LocalHubServer
-from hf_merge.testing.zoo import ZooConfig
+from hf_merge.hub_server import LocalHubServer
+from hf_merge.zoo import ZooConfig
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hf_merge.testing.zoo.tokenizer import BOS_ID, EOS_ID, VOCAB_SIZE, write_clip_tokenizer
+from hf_merge.zoo.tokenizer import BOS_ID, EOS_ID, VOCAB_SIZE, write_clip_tokenizer
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -14,13 +14,29 @@ from importlib import util as importlib_util
 from pathlib import Path
 
 from hf_merge.errors import HfMergeError
-from hf_merge.testing.tiny_clip import bytes_to_unicode
 
 VOCAB_SIZE = 49408
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 BOS_ID = 49406
 EOS_ID = 49407
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2 / CLIP map from each byte to a printable unicode character (the BPE alphabet)."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    codes = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(code) for code in codes)))
 
 
 def bpe_merges_path() -> Path:
@@ -79,7 +95,7 @@ def load_clip_tokenizer(model_max_length: int = 77):
     """A ``CLIPTokenizer`` with the real vocabulary, built once into a cache folder."""
     from transformers import CLIPTokenizer
 
-    from hf_merge.testing.zoo.cache import cache_root
+    from hf_merge.zoo.cache import cache_root
 
     folder = cache_root() / f"tokenizer-{model_max_length}"
     if not (folder / "merges.txt").is_file():

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from hf_merge.testing.zoo.data import TASKS
+from hf_merge.zoo.data import TASKS
 
 if TYPE_CHECKING:
-    from hf_merge.testing.zoo.build import ZooConfig
+    from hf_merge.zoo.build import ZooConfig
 
 _NOTICE = (
     "This is a **small CLIP model built offline for testing and benchmarking model merging**: it is not "

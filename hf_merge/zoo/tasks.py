@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from hf_merge.testing.zoo.data import TASKS
+from hf_merge.zoo.data import TASKS
 
-LOADER = "hf_merge.testing.zoo.data:load_task"
+LOADER = "hf_merge.zoo.data:load_task"
 
 
 def task_name(task: str, split: str = "test") -> str:

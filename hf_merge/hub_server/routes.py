@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
-from .hub_metadata import RepoViews, parse_front_matter, url_prefix
-from .hub_git import HubError, should_use_lfs
-from .hub_storage import REPO_TYPES, SPACE_SDKS, HubStorage, RepoRecord
+from .metadata import RepoViews, parse_front_matter, url_prefix
+from .git import HubError, should_use_lfs
+from .storage import REPO_TYPES, SPACE_SDKS, HubStorage, RepoRecord
 
 _TICKET_TTL_S = 3600
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")

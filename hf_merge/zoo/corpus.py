@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from hf_merge.errors import HfMergeError
-from hf_merge.testing.zoo.data import DIGIT_WORDS, TASKS
+from hf_merge.zoo.data import DIGIT_WORDS, TASKS
 
 BANK = 64
 

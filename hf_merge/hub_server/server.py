@@ -3,7 +3,7 @@
 It serves what those clients call (see the endpoint list in :class:`HubRequestHandler`): creating
 repos, commits with regular and Git LFS files, branches, pull requests, downloads with the Hub's
 headers, repo info, tree listings and model search. Data lives on disk under ``root``
-(:mod:`hf_merge.testing.hub_storage`), so a restarted server serves everything it stored before.
+(:mod:`hf_merge.hub_server.storage`), so a restarted server serves everything it stored before.
 
 Clients must set ``HF_ENDPOINT=<server url>`` before importing ``huggingface_hub`` (or pass
 ``endpoint=`` to ``HfApi``) and ``HF_HUB_DISABLE_XET=1``: the server speaks plain Git LFS, never Xet.
@@ -24,8 +24,8 @@ from typing import Any, Iterator
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from ..log import get_logger
-from .hub_api import HubApi
-from .hub_git import HubError
+from .routes import HubApi
+from .git import HubError
 
 logger = get_logger(__name__)
 

@@ -18,12 +18,12 @@ from pathlib import Path
 
 from hf_merge.errors import HfMergeError, PushError
 from hf_merge.log import get_logger
-from hf_merge.testing.zoo.cache import cache_root
-from hf_merge.testing.zoo.cards import base_card, expert_card
-from hf_merge.testing.zoo.data import TASKS, load_task
-from hf_merge.testing.zoo.finetune import FinetuneConfig, finetune
-from hf_merge.testing.zoo.modeling import ModelShape, accuracy, class_heads, save_clip
-from hf_merge.testing.zoo.pretrain import PretrainConfig, pretrain
+from hf_merge.zoo.cache import cache_root
+from hf_merge.zoo.cards import base_card, expert_card
+from hf_merge.zoo.data import TASKS, load_task
+from hf_merge.zoo.finetune import FinetuneConfig, finetune
+from hf_merge.zoo.modeling import ModelShape, accuracy, class_heads, save_clip
+from hf_merge.zoo.pretrain import PretrainConfig, pretrain
 
 logger = get_logger(__name__)
 
@@ -112,7 +112,7 @@ def build_zoo(cache_dir: str | Path | None = None, config: ZooConfig | None = No
     if (target / MANIFEST).is_file() and not force:
         logger.info("Reusing the zoo in %s", target)
         return _load(target)
-    from hf_merge.testing.zoo.tokenizer import load_clip_tokenizer
+    from hf_merge.zoo.tokenizer import load_clip_tokenizer
 
     work = target.with_name(f"{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(work, ignore_errors=True)
@@ -151,7 +151,7 @@ def _pretrained_base(root: Path, config: ZooConfig, tokenizer, prompts: list[str
     """The pretrained base, from ``root/bases/<base hash>`` when an earlier build made it."""
     from transformers import CLIPModel
 
-    from hf_merge.testing.zoo.corpus import build_corpus
+    from hf_merge.zoo.corpus import build_corpus
 
     folder = root / "bases" / config.base_fingerprint()
     if (folder / "model.safetensors").is_file():

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from hf_merge.log import get_logger
-from hf_merge.testing.zoo.corpus import Corpus
-from hf_merge.testing.zoo.modeling import ModelShape, TokenMap, expand_vocabulary, normalise, tokenize
+from hf_merge.zoo.corpus import Corpus
+from hf_merge.zoo.modeling import ModelShape, TokenMap, expand_vocabulary, normalise, tokenize
 
 logger = get_logger(__name__)
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hf_merge.testing.zoo.modeling import image_embeddings, to_pixels
+from hf_merge.zoo.modeling import image_embeddings, to_pixels
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,123 @@
+"""Evaluation between merge steps: the engine's ``on_step`` callbacks that :mod:`hf_merge.api` builds.
+
+With ``eval.every_step`` the merged model is scored on the tasks of experts 1..t after step t (and
+the references beside it: the base's zero-shot accuracy, each expert's own); otherwise only the final
+model is scored. A continued merge (``hf-merge add``) extends the saved per-step report row by row.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .accuracy_table import EVAL_FILENAME, load_accuracy
+from .errors import RecipeError
+from .log import get_logger
+from .recipe import EvalSpec, MergeRecipe
+
+logger = get_logger(__name__)
+
+
+def evaluation_hook(
+    spec: EvalSpec | None, tasks: Sequence[str], experts: Sequence[str], *, done: int, output_dir: Path | None = None,
+    base: str | None = None, token: str | None = None,
+) -> Callable | None:
+    """The engine's ``on_step`` callback that evaluates the merged model, or ``None`` without evaluation.
+
+    ``every_step``: after step t, accuracy on the tasks of experts 1..t (one task per expert, in merge
+    order), plus the references the paper reports beside it: the base's zero-shot accuracy on every
+    task and each expert's accuracy on its own task (evaluated while the expert is still cached).
+    Otherwise only the final model is evaluated, on every task.
+    """
+    if spec is None or not tasks:
+        return None
+    from .evaluation import ContinualEvaluator, EvaluationReport, get_task
+    from .errors import EvaluationError
+
+    for task in tasks:
+        try:
+            get_task(task)
+        except EvaluationError as error:
+            raise RecipeError(str(error)) from None
+    total = len(experts)
+    if spec.every_step:
+        from .evaluation import Evaluator
+
+        def continual(task_list: Sequence[str], expert_list: Sequence[str], report: Any = None) -> Any:
+            return ContinualEvaluator(task_list, base=base, experts=list(expert_list), expert_names=list(expert_list),
+                                      report=report, evaluator=Evaluator(task_list, limit=spec.limit, token=token))
+
+        if done and len(tasks) == total - done:  # tasks given for the new experts only
+            return _FromStep(continual(tasks, list(experts)[done:]), done)
+        if len(tasks) != total:
+            raise RecipeError(
+                f"eval.every_step needs one task per expert, in merge order ({total} experts, {len(tasks)} tasks)"
+            )
+        report = None
+        if done and output_dir is not None and (output_dir / EVAL_FILENAME).is_file():
+            report = EvaluationReport.from_json(output_dir)
+            if report.num_steps != done:
+                report = None  # an older or partial evaluation cannot be continued row by row
+        if done and report is None:
+            logger.warning("No per-step evaluation of the first %d steps to continue; evaluating from step %d on", done, done + 1)
+            return _FromStep(continual(tasks[done:], list(experts)[done:]), done)
+        return continual(tasks, list(experts), report)
+    return _FinalEvaluation(list(tasks), limit=spec.limit, final_step=total, token=token)
+
+
+class _FromStep:
+    """Shift step numbers so an evaluator that starts fresh can follow an earlier, unevaluated part."""
+
+    def __init__(self, evaluator: Callable, offset: int):
+        self.evaluator, self.offset = evaluator, offset
+
+    def __call__(self, step: int, output_dir: Path, state: Any = None) -> Any:
+        report = self.evaluator(step - self.offset, output_dir, state)
+        # The saved rows keep the real step numbers, so the card's table and plot line up.
+        report.steps[-1]["step"] = step
+        report.to_json(Path(output_dir) / EVAL_FILENAME)
+        return report
+
+
+class _FinalEvaluation:
+    """Evaluate only the final model, on every task (``eval.every_step: false``)."""
+
+    def __init__(self, tasks: list[str], *, limit: int | None, final_step: int, token: str | None = None):
+        self.tasks, self.limit, self.final_step, self.token = tasks, limit, final_step, token
+
+    def __call__(self, step: int, output_dir: Path, state: Any = None) -> None:
+        if step != self.final_step:
+            return
+        from .evaluation import EvaluationReport, Evaluator
+
+        unique = list(dict.fromkeys(self.tasks))
+        results = Evaluator(unique, limit=self.limit, token=self.token).evaluate(str(output_dir), tasks=unique)
+        report = EvaluationReport(limit=self.limit)
+        report.add_step(1, results, unique)
+        report.steps[0]["step"] = step  # one row: the final model after `step` experts
+        report.to_json(Path(output_dir) / EVAL_FILENAME)
+
+
+def continued_tasks(recipe: MergeRecipe, spec: EvalSpec | None, done: int, new: int) -> list[str]:
+    """Evaluation tasks for a continued merge: the recipe's, plus those given for the new experts."""
+    if spec is None:
+        if recipe.eval is None:
+            return []
+        if recipe.eval.every_step and len(recipe.eval.tasks) == done:
+            logger.warning("No evaluation tasks given for the new experts (--eval TASK ...): evaluation skipped")
+            return []
+        return list(recipe.eval.tasks)
+    previous = list(recipe.eval.tasks) if recipe.eval is not None else []
+    every_step = spec.every_step or (recipe.eval.every_step if recipe.eval is not None else False)
+    tasks = previous + list(spec.tasks) if every_step and len(spec.tasks) == new and len(previous) == done else list(spec.tasks)
+    recipe.eval = EvalSpec(tasks=tasks, every_step=every_step, limit=spec.limit if spec.limit is not None else (recipe.eval.limit if recipe.eval else None))
+    return tasks
+
+
+def average_accuracy(output_dir: Path, n_steps: int) -> list[float | None]:
+
+    table = load_accuracy(output_dir)
+    if table is None:
+        return [None] * n_steps
+    by_step = dict(zip(table.steps, table.averages()))
+    return [by_step.get(step) for step in range(1, n_steps + 1)]
