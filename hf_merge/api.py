@@ -16,6 +16,7 @@ from . import hub
 from .card import CARD_FILENAME, STATE_FILENAME, lineage, load_state, read_license, write_card
 from .errors import MergeStateError, RecipeError, UsageError
 from .log import get_logger, progress_disabled
+from .output_folder import check_output_folder, weights_bytes
 from .preflight import check_models
 from .recipe import EvalSpec, MergeRecipe, _reference_key
 from . import sources
@@ -78,8 +79,10 @@ def merge(recipe: MergeRecipe | str | Path | None = None, *, token: str | None =
             "or choose another --output"
         )
     experts = recipe.ordered_experts()
+    check_output_folder(output_dir)
     hook = evaluation_hook(recipe.eval, recipe.ordered_eval_tasks(), experts, done=0, base=recipe.base, token=token)
     check_models(recipe.base, experts, token=token, allow_pickle=recipe.allow_pickle)
+    check_output_folder(output_dir, weights_bytes=weights_bytes(recipe.base, token=token))
 
     from .engine import ContinualMerger
 
@@ -134,12 +137,14 @@ def add(
     local = Path(merged).expanduser()
     if local.is_dir():
         output_dir = Path(output) if output else local
+        check_output_folder(output_dir)
         if output_dir.resolve() != local.resolve():
             _copy_result(local, output_dir)
         source_repo = None
     else:
         repo_id, revision = split_reference(str(merged))
         output_dir = Path(output) if output else Path(repo_id.split("/")[-1])
+        check_output_folder(output_dir)
         if (output_dir / STATE_FILENAME).exists():
             raise UsageError(
                 f"{output_dir} already holds a merge: pass --output DIR to download {merged} elsewhere, "

@@ -208,3 +208,26 @@ def test_lfs_upload_with_chunked_transfer_encoding(hub_api, hub_url, alice_token
     assert upload.status_code == 200
     hub_api.create_commit(repo_id, operations=[CommitOperationAdd("w.bin", data)], commit_message="chunked")
     assert hub_api.get_paths_info(repo_id, ["w.bin"])[0].lfs.sha256 == oid
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (b'{"key": "header", "value": {"summary": "x"}}\nthis is not json\n', "line 2 is not valid JSON"),
+        (b'{"summary": "a plain JSON commit, not ndjson"', "line 1 is not valid JSON"),
+        (b'["key", "header"]\n', "line 1 must be a JSON object"),
+    ],
+)
+def test_commit_body_that_is_not_ndjson_is_a_400(hub_url, alice_token, hub_api, body, message):
+    repo_id = f"alice/bad-ndjson-{uuid.uuid4().hex[:8]}"
+    hub_api.create_repo(repo_id)
+    before = hub_api.list_repo_commits(repo_id)
+    response = httpx.post(
+        f"{hub_url}/api/models/{repo_id}/commit/main",
+        headers={"Authorization": f"Bearer {alice_token}", "Content-Type": "application/x-ndjson"},
+        content=body,
+    )
+    assert response.status_code == 400
+    assert message in response.headers["X-Error-Message"]
+    assert message in response.json()["error"]
+    assert hub_api.list_repo_commits(repo_id) == before

@@ -2,8 +2,8 @@
 
 Each module of this package registers one group of subcommands. Errors of type
 :class:`hf_merge.errors.HfMergeError` become one line on stderr and the error's exit code
-(2 for usage, 1 for run time). Installed beside huggingface_hub, the console script ``hf-merge``
-is also an ``hf`` CLI extension: ``hf merge ...``.
+(2 for usage, 1 for run time). Installed with ``hf extensions install OWNER/hf-merge``, the console
+script ``hf-merge`` is also an ``hf`` CLI extension: ``hf merge ...``.
 """
 
 from __future__ import annotations

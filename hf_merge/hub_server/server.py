@@ -203,8 +203,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         if method == "POST" and action == "preupload":
             return self._send_json(200, api.preupload(user, repo_type, repo_id, arg or "main", req.json()))
         if method == "POST" and action == "commit":
-            lines = [json.loads(line) for line in req.body.decode().splitlines() if line.strip()]
-            data = api.commit(user, repo_type, repo_id, arg or "main", lines, req.flag("create_pr"), req.base)
+            data = api.commit(user, repo_type, repo_id, arg or "main", req.ndjson(), req.flag("create_pr"), req.base)
             return self._send_json(200, data)
         if action in ("branch", "tag") and method in ("POST", "DELETE") and arg:
             payload = req.json() if method == "POST" else {}
@@ -283,6 +282,21 @@ class _Request:
         if not isinstance(data, dict):
             raise HubError(400, "Request body must be a JSON object.")
         return data
+
+    def ndjson(self) -> list[dict[str, Any]]:
+        """The lines of an ``application/x-ndjson`` body, each a JSON object (the commit endpoint)."""
+        lines = []
+        for number, line in enumerate(self.body.decode("utf-8", errors="replace").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except ValueError as error:
+                raise HubError(400, f"Commit body line {number} is not valid JSON (expected ndjson): {error}") from error
+            if not isinstance(item, dict):
+                raise HubError(400, f"Commit body line {number} must be a JSON object with 'key' and 'value'.")
+            lines.append(item)
+        return lines
 
     def flag(self, name: str) -> bool:
         return (self.query.get(name) or [""])[-1].lower() in ("1", "true", "yes")
