@@ -25,6 +25,7 @@ from .card import METHOD_DESCRIPTIONS, PLOT_FILENAME, STATE_FILENAME, lineage, l
 from .errors import MergeStateError, SpaceError, UsageError
 from .log import get_logger
 from .resources import space_app_dir, templates_dir
+from .space_examples import write_task_examples
 
 logger = get_logger(__name__)
 
@@ -165,11 +166,14 @@ def write_space_folder(config: dict[str, Any], out_dir: str | Path, *, readme: s
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in APP_FILES:
         shutil.copy2(app_dir / name, out_dir / name)
-    if (app_dir / "examples").is_dir():
+    config = dict(config)
+    # The merged tasks' own test images; the generic shapes only when no task has any.
+    examples = write_task_examples(list((config.get("accuracy") or {}).get("tasks") or []), out_dir)
+    config["examples"] = [example.to_dict() for example in examples]
+    if not examples and (app_dir / "examples").is_dir():
         (out_dir / "examples").mkdir(exist_ok=True)
         for example in sorted((app_dir / "examples").glob("*.png")):
             shutil.copy2(example, out_dir / "examples" / example.name)
-    config = dict(config)
     source_dir = config.pop("_source_dir", None)
     config.pop("_dir", None)
     if config.get("plot") and source_dir and (Path(source_dir) / config["plot"]).is_file():

@@ -227,7 +227,8 @@ def build_demo(config: dict[str, Any], bank: ModelBank | None = None) -> gr.Bloc
     tasks: dict[str, list[str]] = dict(config.get("tasks") or {})
     title = config.get("title") or f"{config['model']}: zero-shot classification"
     config_dir = Path(config.get("_dir") or APP_DIR)
-    examples = sorted(str(p) for p in (APP_DIR / "examples").glob("*.png"))
+    task_examples = [e for e in config.get("examples") or [] if (config_dir / e["file"]).is_file()]
+    examples = sorted(str(p) for p in (config_dir / "examples").glob("*.png")) if not task_examples else []
     choices = comparison_choices(config)
 
     def classify(image_path, labels_text, task, top_k, compare):
@@ -258,9 +259,17 @@ def build_demo(config: dict[str, Any], bank: ModelBank | None = None) -> gr.Bloc
             with gr.Row():
                 with gr.Column():
                     image = gr.Image(type="filepath", image_mode=None, sources=["upload", "clipboard"], label="Image", elem_id="image")
-                    if examples:
-                        gr.Examples(examples=examples, inputs=image, label="Examples")
                     task = gr.Dropdown([FREE_TEXT, *tasks], value=FREE_TEXT, label="Candidate labels from", elem_id="task")
+                    if task_examples:
+                        # Picking an example also picks its task's classes as the candidate labels.
+                        gr.Examples(
+                            examples=[[str(config_dir / e["file"]), e["task"] if e["task"] in tasks else FREE_TEXT] for e in task_examples],
+                            inputs=[image, task],
+                            example_labels=[f"{e['task']}: {e['label']}" for e in task_examples],
+                            label="Test images of the merged tasks",
+                        )
+                    elif examples:
+                        gr.Examples(examples=examples, inputs=image, label="Examples")
                     labels = gr.Textbox(
                         label=f"Candidate labels (comma separated, at most {MAX_LABELS})",
                         placeholder="a cat, a dog, a red square",

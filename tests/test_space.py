@@ -6,6 +6,7 @@ import json
 import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -55,6 +56,32 @@ def test_config_from_the_hub_repo(seeded_merged_repo, seeded_hub, tmp_path):
     assert config["accuracy"]["rows"][0]["accuracy"] == [pytest.approx(0.9), None, None]
     assert config["plot"] == "accuracy.png"
     assert "path" not in json.dumps(config["experts"])
+
+
+def test_space_examples_are_test_images_of_the_merged_tasks(seeded_merged_repo, tmp_path, app):
+    from hf_merge.evaluation.synthetic import _RGB
+    from hf_merge.space import write_space_folder
+
+    folder = write_space_folder(build_space_config(seeded_merged_repo, work_dir=tmp_path / "merge"), tmp_path / "space")
+    config = json.loads((folder / "space_config.json").read_text())
+    # mnist and eurosat are Hub datasets this machine cannot download: left out, not an error.
+    assert [(e["task"], e["label"]) for e in config["examples"]] == [("synthetic/colors", "red"), ("synthetic/colors", "green")]
+    for example in config["examples"]:
+        pixels = np.asarray(Image.open(folder / example["file"]).convert("RGB"), dtype=float)
+        assert np.abs(pixels.mean(axis=(0, 1)) - np.array(_RGB[example["label"]])).max() < 6
+    assert sorted(p.name for p in (folder / "examples").iterdir()) == ["synthetic-colors-0.png", "synthetic-colors-1.png"]
+    demo = app.build_demo(app.load_config(folder / "space_config.json"))
+    (dataset,) = [c for c in demo.blocks.values() if type(c).__name__ == "Dataset"]
+    assert dataset.sample_labels == ["synthetic/colors: red", "synthetic/colors: green"]
+    assert [sample[1] for sample in dataset.samples] == ["synthetic/colors", "synthetic/colors"]
+
+
+def test_a_space_without_evaluated_tasks_keeps_the_generic_examples(tiny_base, tmp_path):
+    from hf_merge.space import write_space_folder
+
+    folder = write_space_folder(build_space_config(tiny_base, work_dir=tmp_path / "merge"), tmp_path / "space")
+    assert json.loads((folder / "space_config.json").read_text())["examples"] == []
+    assert sorted(p.name for p in (folder / "examples").iterdir()) == sorted(p.name for p in EXAMPLE.parent.glob("*.png"))
 
 
 def test_config_of_a_plain_model_folder(tiny_base, tmp_path):
@@ -155,7 +182,8 @@ def test_cli_publish_creates_the_space_and_links_the_card(seeded_merged_repo, se
     assert url == f"{hub_api.endpoint}/spaces/{space_id}"
 
     files = set(hub_api.list_repo_files(space_id, repo_type="space"))
-    assert {"README.md", "app.py", "requirements.txt", "space_config.json", "accuracy.png", "examples/red_square.png"} <= files
+    assert {"README.md", "app.py", "requirements.txt", "space_config.json", "accuracy.png", "examples/synthetic-colors-0.png"} <= files
+    assert "examples/red_square.png" not in files  # the merged tasks' own images replace the generic shapes
     folder = Path(snapshot_download(space_id, repo_type="space"))
     assert (folder / "app.py").read_bytes() == (space_app_dir() / "app.py").read_bytes()
     card = SpaceCard.load(folder / "README.md")
