@@ -15,9 +15,10 @@ from typing import Any, Sequence
 from . import hub
 from .card import CARD_FILENAME, STATE_FILENAME, lineage, load_state, read_license, write_card
 from .errors import MergeStateError, RecipeError, UsageError
-from .log import get_logger, progress_disabled
+from .log import get_logger
 from .output_folder import check_output_folder, weights_bytes
 from .preflight import check_models
+from .progress import Phase
 from .recipe import EvalSpec, MergeRecipe, _reference_key
 from . import sources
 from .sources import resolve, split_reference
@@ -86,7 +87,7 @@ def merge(recipe: MergeRecipe | str | Path | None = None, *, token: str | None =
 
     from .engine import ContinualMerger
 
-    base = resolve(recipe.base, token=token, allow_pickle=recipe.allow_pickle)
+    base = _resolve_base(recipe.base, token=token, allow_pickle=recipe.allow_pickle)
     licenses = {base.name: read_license(base.path)}
     merger = ContinualMerger(
         base,
@@ -183,7 +184,7 @@ def add(
     from .engine import ContinualMerger
 
     # The base pinned to the commit the merge started from (the engine refuses any other).
-    base = resolve(_pinned_base(base_entry, recipe.base), token=token, allow_pickle=recipe.allow_pickle)
+    base = _resolve_base(_pinned_base(base_entry, recipe.base), token=token, allow_pickle=recipe.allow_pickle)
     licenses = _previous_licenses(output_dir)
     base_name = base_entry.get("name") or base.name
     if licenses.get(base_name) is None:
@@ -233,18 +234,24 @@ def _as_recipe(recipe: MergeRecipe | str | Path | None, fields: dict[str, Any]) 
     return recipe
 
 
-def _merge_experts(merger: Any, experts: Sequence[str], recipe: MergeRecipe, token: str | None, licenses: dict) -> None:
-    from huggingface_hub.utils import tqdm
+def _resolve_base(reference: str, *, token: str | None, allow_pickle: bool) -> Any:
+    with Phase("Downloading the base", 1, unit="model") as phase:
+        phase.describe(reference)
+        base = resolve(reference, token=token, allow_pickle=allow_pickle)
+        phase.step(base.name)
+    return base
 
-    with tqdm(total=len(experts), desc="Merging", unit="expert", disable=progress_disabled()) as bar:
+
+def _merge_experts(merger: Any, experts: Sequence[str], recipe: MergeRecipe, token: str | None, licenses: dict) -> None:
+    with Phase("Merging", len(experts), unit="expert") as phase:
         for reference in experts:
+            phase.describe(str(reference))
             source = resolve(reference, token=token, allow_pickle=recipe.allow_pickle)
             licenses[source.name] = read_license(source.path)
-            bar.set_postfix_str(source.name, refresh=False)
             merger.add(source)
             if recipe.evict:
                 sources.evict(source)
-            bar.update(1)
+            phase.step(source.name)
 
 
 def _publish(output_dir: Path, recipe: MergeRecipe, *, token: str | None, licenses: dict, create_pr: bool,

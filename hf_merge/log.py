@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 
 _ROOT = "hf_merge"
 
@@ -25,8 +24,3 @@ def set_verbosity(level: int) -> None:
         handler._hf_merge = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.propagate = False
-
-
-def progress_disabled() -> bool:
-    """Progress bars follow huggingface_hub's switch, so one variable silences both."""
-    return os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "").upper() in {"1", "TRUE", "YES", "ON"}

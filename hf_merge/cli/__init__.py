@@ -54,6 +54,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         import os
 
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    from ..progress import configure_client_bars
+
+    configure_client_bars()
     try:
         return int(args.func(args) or 0)
     except HfMergeError as error:

@@ -15,7 +15,8 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import EvaluationError
-from ..log import get_logger, progress_disabled
+from ..log import get_logger
+from ..progress import inner_bar_allowed
 from .datasets import load_task_data
 from .heads import HeadCache
 from .metric import ZeroShotAccuracy
@@ -115,7 +116,7 @@ class Evaluator:
         metric = ZeroShotAccuracy(keep_in_memory=True)
         top_k = min(5, task.num_classes)
         batches = data.batches(self.batch_size)
-        if not progress_disabled():
+        if inner_bar_allowed():
             from tqdm.auto import tqdm
 
             batches = tqdm(batches, total=-(-len(data) // self.batch_size), desc=task.name, leave=False)
