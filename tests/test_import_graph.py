@@ -137,3 +137,9 @@ def test_no_import_circle():
 
 def test_a_circle_is_found_when_there_is_one():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_modules_stay_small():
+    # A module past 400 lines holds more than one job (or data that belongs in a data file).
+    sizes = {name: len(path.read_text(encoding="utf-8").splitlines()) for name, path in _modules().items()}
+    assert {name: lines for name, lines in sizes.items() if lines > 400} == {}
