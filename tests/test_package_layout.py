@@ -1,4 +1,4 @@
-"""The package's import graph: the product never imports test support, and no module imports itself back.
+"""The package's shape: the product never imports test support, no module imports itself back, modules stay small.
 
 Imports are read from the source (every ``import``, at module level or inside a function, except
 those under ``if TYPE_CHECKING:``), so a lazy import that would close a circle counts too.
