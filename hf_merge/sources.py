@@ -165,19 +165,28 @@ def evict(source: ModelSource) -> bool:
     """
     if source.repo_id is None or source.commit_sha is None:
         return False
+    cache = Path(hub.constants.HF_HUB_CACHE).resolve()
     if source.tensor_prefixes is not None:
         from .ranged import remove_snapshot
 
         logger.info("Evicting the partial download of %s", source.name)
-        return remove_snapshot(source.path)
-    cache = Path(hub.constants.HF_HUB_CACHE).resolve()
-    if cache not in Path(source.path).resolve().parents:
+        if not remove_snapshot(source.path):
+            return False
+        if not cache.is_dir():
+            return True
+        # The checks before the merge put this commit's config.json in the Hub cache: it goes too.
+    elif cache not in Path(source.path).resolve().parents:
         return False
     try:
-        strategy = huggingface_hub.scan_cache_dir(cache).delete_revisions(source.commit_sha)
+        scan = huggingface_hub.scan_cache_dir(cache)
+        if source.tensor_prefixes is not None and not any(
+            r.commit_hash == source.commit_sha for repo in scan.repos if repo.repo_id == source.repo_id for r in repo.revisions
+        ):
+            return True
+        strategy = scan.delete_revisions(source.commit_sha)
     except Exception as error:  # a cache we cannot scan is not worth failing a finished merge for
         logger.warning("Could not evict %s from the cache: %s", source.name, type(error).__name__)
-        return False
+        return source.tensor_prefixes is not None
     logger.info("Evicting %s from the cache (%s)", source.name, strategy.expected_freed_size_str)
     strategy.execute()
     return True
