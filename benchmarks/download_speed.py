@@ -1,6 +1,6 @@
 """Download speed: today's sequential full downloads against prefetching, ranged downloads, and both.
 
-Eight experts are merged with OPCM (``--scope vision``, ``--evict``) from the local Hub server,
+Eight experts are merged (task arithmetic by default, ``--scope vision``, ``--evict``) from the local Hub server,
 throttled to a fixed bandwidth so downloads cost what they cost on a real link. The models have
 ViT-B/32's layout (12 + 12 layers, patch 32, 224 px, every tensor name of
 ``openai/clip-vit-base-patch32``) at half its widths and half its vocabulary, in float16: 58.7 % of
@@ -90,7 +90,7 @@ def publish(server, base: Path, experts: list[Path]) -> list[str]:
     return repos
 
 
-def child(base: str, experts: list[str], ahead: int, partial: bool, out: str) -> dict:
+def child(base: str, experts: list[str], ahead: int, partial: bool, out: str, method: str) -> dict:
     """One timed configuration (run in a fresh process with its own empty HF_HOME)."""
     from hf_merge import sources
     from hf_merge.engine import ContinualMerger
@@ -104,7 +104,7 @@ def child(base: str, experts: list[str], ahead: int, partial: bool, out: str) ->
 
     started = time.perf_counter()
     merge_seconds = 0.0
-    with ContinualMerger(base, out, "opcm") as merger:
+    with ContinualMerger(base, out, method) as merger:
         with Prefetcher(experts, fetch, ahead=ahead, discard=sources.evict) as fetched:
             for source in fetched:
                 step = merger.add(source)
@@ -113,13 +113,13 @@ def child(base: str, experts: list[str], ahead: int, partial: bool, out: str) ->
     return {"seconds": time.perf_counter() - started, "merge_seconds": merge_seconds}
 
 
-def run_config(server, base: Path, repos: list[str], ahead: int, partial: bool, work: Path) -> dict:
+def run_config(server, base: Path, repos: list[str], ahead: int, partial: bool, work: Path, method: str) -> dict:
     home = Path(tempfile.mkdtemp(prefix="hf-home-", dir=work))
     out = work / f"out-{ahead}-{int(partial)}"
     shutil.rmtree(out, ignore_errors=True)
     env = dict(os.environ, HF_HOME=str(home), HF_ENDPOINT=server.url, HF_HUB_DISABLE_XET="1", HF_TOKEN=TOKEN,
                HF_HUB_DISABLE_PROGRESS_BARS="1", PYTHONPATH=str(HERE.parent))
-    args = [sys.executable, __file__, "--child", json.dumps([str(base), repos, ahead, partial, str(out)])]
+    args = [sys.executable, __file__, "--child", json.dumps([str(base), repos, ahead, partial, str(out), method])]
     served = server.bytes_served
     done = subprocess.run(args, env=env, check=True, capture_output=True, text=True)
     row = json.loads(done.stdout.strip().splitlines()[-1])
@@ -132,7 +132,8 @@ def run_config(server, base: Path, repos: list[str], ahead: int, partial: bool, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--experts", type=int, default=8)
-    parser.add_argument("--bandwidth", type=float, default=25.0, help="MB/s the server sends (default 25)")
+    parser.add_argument("--bandwidth", type=float, default=10.0, help="MB/s the server sends (default 10)")
+    parser.add_argument("--method", default="task_arithmetic", help="merge method (default task_arithmetic)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -153,7 +154,7 @@ def main() -> None:
             server.bandwidth_bytes_per_s = args.bandwidth * 1e6
             for label, ahead, partial in CONFIGS:
                 print(f"running: {label}", file=sys.stderr, flush=True)
-                rows.append({"label": label, **run_config(server, base, repos, ahead, partial, work)})
+                rows.append({"label": label, **run_config(server, base, repos, ahead, partial, work, args.method)})
         identical = all(_same(rows[0]["weights"], row["weights"]) for row in rows[1:])
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -172,7 +173,7 @@ def render(rows: list[dict], args: argparse.Namespace, expert_bytes: int, identi
     lines = [
         "# Download speed: prefetching and ranged downloads",
         "",
-        f"{args.experts} experts merged with OPCM (`--scope vision`, evicting each expert once merged) from the local",
+        f"{args.experts} experts merged with `{args.method}` (`--scope vision`, evicting each expert once merged) from the local",
         f"Hub server throttled to {args.bandwidth:g} MB/s. Models: ViT-B/32 layout at half width and half vocabulary,",
         f"float16, {expert_bytes / 2**20:.0f} MiB per expert (58.7 % of it in the vision tower; ViT-B/32: 58.1 %).",
         f"Every run starts with an empty Hub cache; bytes are what the server sent for the experts.",

@@ -180,3 +180,28 @@ def test_bandwidth_flag_parses_rates():
     for bad in ("fast", "-3MB", "0"):
         with pytest.raises(UsageError):
             parse_rate(bad)
+
+
+def test_no_partial_download_flag_reaches_the_recipe():
+    from hf_merge.api import _partial_prefixes
+    from hf_merge.cli import build_parser
+    from hf_merge.cli.merge import _recipe_fields
+    from hf_merge.recipe import EvalSpec, MergeRecipe
+
+    parser = build_parser()
+    flagged = _recipe_fields(parser.parse_args(["merge", "--base", "a/b", "--experts", "c/d", "--no-partial-download"]))
+    assert flagged["partial_download"] is False
+    assert "partial_download" not in _recipe_fields(parser.parse_args(["merge", "--base", "a/b", "--experts", "c/d"]))
+    add = parser.parse_args(["add", "a/merged", "--experts", "c/e", "--no-partial-download"])
+    assert add.partial_download is False
+
+    recipe = MergeRecipe.from_dict({"base": "a/b", "experts": ["c/d"], **flagged})
+    assert MergeRecipe.from_yaml(recipe.to_yaml()).partial_download is False
+    assert "partial_download" not in MergeRecipe(base="a/b", experts=["c/d"]).to_dict()  # on by default
+    assert _partial_prefixes(recipe) is None
+    assert _partial_prefixes(MergeRecipe(base="a/b", experts=["c/d"])) == VISION
+    assert _partial_prefixes(MergeRecipe(base="a/b", experts=["c/d"], scope="all")) is None
+    every_step = MergeRecipe(base="a/b", experts=["c/d"], eval=EvalSpec(tasks=["mnist"], every_step=True))
+    assert _partial_prefixes(every_step) is None  # experts are evaluated from full snapshots anyway
+    with pytest.raises(Exception, match="partial_download"):
+        MergeRecipe(base="a/b", experts=["c/d"], partial_download="yes")
