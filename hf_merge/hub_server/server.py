@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -26,6 +25,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from ..log import get_logger
 from .routes import HubApi
+from .throttle import Meter
 from .git import HubError
 
 logger = get_logger(__name__)
@@ -294,38 +294,11 @@ class _Request:
         return (self.query.get(name) or [""])[-1].lower() in ("1", "true", "yes")
 
 
-class _Meter:
-    """Bytes of file content served, and an optional bandwidth limit shared by every connection."""
-
-    def __init__(self, bytes_per_s: float | None = None):
-        if bytes_per_s is not None and bytes_per_s <= 0:
-            raise ValueError("bandwidth must be a positive number of bytes per second")
-        self.bytes_per_s = bytes_per_s
-        self.bytes_served = 0
-        self._lock = threading.Lock()
-        self._free_at = 0.0  # when the link is next free, on the monotonic clock
-
-    def wait_for(self, count: int) -> None:
-        """Block until ``count`` more bytes fit in the limit (a queue: connections share the link)."""
-        if not self.bytes_per_s:
-            return
-        with self._lock:
-            now = time.monotonic()
-            self._free_at = max(self._free_at, now) + count / self.bytes_per_s
-            delay = self._free_at - now  # the bytes go when the link would have carried them
-        if delay > 0:
-            time.sleep(delay)
-
-    def count(self, count: int) -> None:
-        with self._lock:
-            self.bytes_served += count
-
-
 class _HubHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128  # many client threads open connections at once
 
-    def __init__(self, address: tuple[str, int], api: HubApi, meter: _Meter):
+    def __init__(self, address: tuple[str, int], api: HubApi, meter: Meter):
         self.api = api
         self.meter = meter
         super().__init__(address, HubRequestHandler)
@@ -348,7 +321,7 @@ class LocalHubServer:
         self.root = Path(root)
         self.host = host
         self.api = HubApi(self.root, tokens or {})
-        self._meter = _Meter(bandwidth_bytes_per_s)
+        self._meter = Meter(bandwidth_bytes_per_s)
         self._httpd = _HubHTTPServer((host, port), self.api, self._meter)
         self.port = int(self._httpd.server_address[1])
         self._thread: threading.Thread | None = None
