@@ -165,3 +165,19 @@ def test_merged_result_is_the_same_with_and_without_prefetch_and_ranges(seeded_h
     for repo in experts:  # evicted: neither a partial nor a full copy is left
         assert not ranged.snapshot_path(repo, seeded_hub.commits[repo]).exists()
     assert _prefetch_threads() == []
+
+
+def test_the_full_downloads_progress_bar_stops_it_when_cancelled():
+    from hf_merge.transfer import DownloadCancelled
+
+    transfer = Transfer()
+    bar = transfer.progress_class()(total=10, disable=True)
+    bar.update(4)  # counts as usual while wanted
+    transfer.cancel()
+    with pytest.raises(DownloadCancelled):
+        bar.update(4)
+    bar.close()
+    transfer = Transfer()
+    transfer.received(3)
+    transfer.received(5)
+    assert transfer.bytes_received == 8
