@@ -38,6 +38,7 @@ test: $(STAMP) browser zoo-data
 bench: $(STAMP)
 	$(BIN)/python benchmarks/merge_speed.py
 	$(BIN)/python benchmarks/merge_quality.py
+	$(BIN)/python benchmarks/download_speed.py
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache

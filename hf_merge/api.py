@@ -118,6 +118,7 @@ def add(
     allow_pickle: bool | None = None,
     evict: bool | None = None,
     space: str | None = None,
+    partial_download: bool | None = None,
 ) -> MergeResult:
     """Continue a merge: pull a merged repo with its merge state, merge more experts, push a new commit.
 
@@ -129,7 +130,7 @@ def add(
         push_to_hub: Where to push (default: the repo it came from; a local folder pushes nowhere).
         create_pr: Open a pull request instead of committing to ``main``.
         eval: Evaluation settings (default: the recipe's).
-        allow_pickle, evict, space: As in the recipe (default: the recipe's values).
+        allow_pickle, evict, space, partial_download: As in the recipe (default: the recipe's values).
     """
     token = hub.resolve_token(token)
     experts = [str(e) for e in experts]
@@ -172,7 +173,8 @@ def add(
     recipe.shuffle = False
     recipe.push_to_hub = push_to_hub or source_repo
     recipe.output = str(output_dir)
-    for name, value in (("allow_pickle", allow_pickle), ("evict", evict), ("space", space)):
+    for name, value in (("allow_pickle", allow_pickle), ("evict", evict), ("space", space),
+                        ("partial_download", partial_download)):
         if value is not None:
             setattr(recipe, name, value)
     tasks = continued_tasks(recipe, eval, len(done), len(experts))
@@ -243,15 +245,35 @@ def _resolve_base(reference: str, *, token: str | None, allow_pickle: bool) -> A
 
 
 def _merge_experts(merger: Any, experts: Sequence[str], recipe: MergeRecipe, token: str | None, licenses: dict) -> None:
-    with Phase("Merging", len(experts), unit="expert") as phase:
-        for reference in experts:
-            phase.describe(str(reference))
-            source = resolve(reference, token=token, allow_pickle=recipe.allow_pickle)
+    from .prefetch import Prefetcher
+
+    prefixes = _partial_prefixes(recipe)
+
+    def fetch(reference: str, transfer: Any) -> sources.ModelSource:
+        return resolve(reference, token=token, allow_pickle=recipe.allow_pickle, tensor_prefixes=prefixes, transfer=transfer)
+
+    # The next expert downloads while this one merges; with evict, at most two are on disk.
+    prefetcher = Prefetcher(experts, fetch, discard=sources.evict if recipe.evict else None)
+    with Phase("Merging", len(experts), unit="expert") as phase, prefetcher:
+        for source in prefetcher:
+            phase.describe(source.name)
             licenses[source.name] = read_license(source.path)
             merger.add(source)
             if recipe.evict:
                 sources.evict(source)
             phase.step(source.name)
+
+
+def _partial_prefixes(recipe: MergeRecipe) -> tuple[str, ...] | None:
+    """Tensor prefixes to download experts for, or ``None`` for full snapshots."""
+    from .validation import SCOPES
+
+    prefixes = SCOPES.get(recipe.scope)
+    if not recipe.partial_download or not prefixes or "" in prefixes:
+        return None
+    if recipe.eval is not None and recipe.eval.every_step:
+        return None  # each expert is evaluated too, from a full snapshot: a partial one would be a second download
+    return tuple(prefixes)
 
 
 def _publish(output_dir: Path, recipe: MergeRecipe, *, token: str | None, licenses: dict, create_pr: bool,

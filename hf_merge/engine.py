@@ -203,7 +203,9 @@ class ContinualMerger:
             )
         source = resolve(expert, token=self.token, allow_pickle=self.allow_pickle)
         with Checkpoint.open(source.path, allow_pickle=self.allow_pickle) as checkpoint:
-            check_compatible(self.base, checkpoint, source.name)
+            check_compatible(self.base, checkpoint, source.name, only=source.tensor_prefixes)
+            if source.tensor_prefixes is not None:
+                _require_downloaded(self.names, source)
             checkpoint.require_finite(self.names, source.name)
             started = time.perf_counter()
             self._broken = True  # until the step is both merged and saved
@@ -281,6 +283,16 @@ class ContinualMerger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _require_downloaded(names: list[str], source: ModelSource) -> None:
+    prefixes = source.tensor_prefixes or ()
+    missing = next((n for n in names if not n.startswith(prefixes)), None)
+    if missing is not None:
+        raise UsageError(
+            f"{source.name} was downloaded for tensors under {', '.join(prefixes)} only, but the merge also "
+            f"needs '{missing}'; download it in full (partial_download: false)"
+        )
 
 
 def _recorded_base(state: MergeState) -> ModelRef:

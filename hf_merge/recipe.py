@@ -125,6 +125,8 @@ class MergeRecipe:
         shuffle: Merge the experts in a seeded random order instead of the listed one.
         allow_pickle: Accept ``.bin`` checkpoints (loaded with ``torch.load(weights_only=True)``).
         evict: Delete each expert's snapshot from the local cache once merged (flat disk use).
+        partial_download: Download only the experts' tensors in ``scope`` (HTTP ranges), not whole
+            snapshots, where the server allows it.
     """
 
     base: str
@@ -141,6 +143,7 @@ class MergeRecipe:
     shuffle: bool = False
     allow_pickle: bool = False
     evict: bool = False
+    partial_download: bool = True
 
     def __post_init__(self) -> None:
         self.validate()
@@ -183,7 +186,7 @@ class MergeRecipe:
                 raise RecipeError(f"`{name}` must be a repo id `USER/NAME`, got {value!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             raise RecipeError(f"`seed` must be an integer, got {self.seed!r}")
-        for name in ("private", "shuffle", "allow_pickle", "evict"):
+        for name in ("private", "shuffle", "allow_pickle", "evict", "partial_download"):
             if not isinstance(getattr(self, name), bool):
                 raise RecipeError(f"`{name}` must be true or false, got {getattr(self, name)!r}")
 
@@ -259,6 +262,8 @@ class MergeRecipe:
         for name in ("private", "shuffle", "allow_pickle", "evict"):
             if getattr(self, name):
                 data[name] = True
+        if not self.partial_download:
+            data["partial_download"] = False
         return data
 
     def to_yaml(self) -> str:

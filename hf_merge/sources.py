@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import huggingface_hub
 
 from . import hub
 from .log import get_logger
+
+if TYPE_CHECKING:
+    from .transfer import Transfer
 
 logger = get_logger(__name__)
 
@@ -28,12 +31,15 @@ class ModelSource:
         repo_id: Hub repo id, or ``None`` for a plain local folder.
         revision: The revision the user asked for (branch, tag or sha), or ``None``.
         commit_sha: The exact commit the snapshot was downloaded from, or ``None`` for a folder.
+        tensor_prefixes: Set when only the tensors under these name prefixes were downloaded
+            (a partial snapshot, see :mod:`hf_merge.ranged`); ``None`` for a complete one.
     """
 
     path: Path
     repo_id: str | None = None
     revision: str | None = None
     commit_sha: str | None = None
+    tensor_prefixes: tuple[str, ...] | None = None
 
     @classmethod
     def local(cls, path: str | Path) -> "ModelSource":
@@ -51,6 +57,7 @@ class ModelSource:
         """JSON-ready provenance (the path is local and therefore not recorded)."""
         data = asdict(self)
         data.pop("path")
+        data.pop("tensor_prefixes")  # how it was downloaded is not part of what was merged
         data["name"] = self.name
         return data
 
@@ -68,12 +75,14 @@ def resolve(
     *,
     token: str | bool | None = None,
     allow_pickle: bool = False,
+    tensor_prefixes: Sequence[str] | None = None,
+    transfer: "Transfer | None" = None,
 ) -> ModelSource:
     """Resolve a folder path, ``repo_id`` or ``repo_id@revision`` to a local snapshot.
 
     An existing local folder wins over a repo id of the same spelling, as in ``from_pretrained``.
     Repo ids are downloaded with :func:`download_model` (safetensors, config and
-    processor files only).
+    processor files only; with ``tensor_prefixes``, only those tensors when the server allows).
     """
     if isinstance(reference, ModelSource):
         return reference
@@ -81,7 +90,8 @@ def resolve(
     if path.is_dir():
         return ModelSource.local(path)
     repo_id, revision = split_reference(str(reference))
-    return download_model(repo_id, revision=revision, token=token, allow_pickle=allow_pickle)
+    return download_model(repo_id, revision=revision, token=token, allow_pickle=allow_pickle,
+                          tensor_prefixes=tensor_prefixes, transfer=transfer)
 
 
 def download_model(
@@ -92,6 +102,8 @@ def download_model(
     *,
     extra_patterns: Sequence[str] = (),
     local_dir: str | Path | None = None,
+    tensor_prefixes: Sequence[str] | None = None,
+    transfer: "Transfer | None" = None,
 ) -> ModelSource:
     """Download the files of a model repo that a merge needs and pin the commit they came from.
 
@@ -102,6 +114,10 @@ def download_model(
         allow_pickle: Also accept ``.bin`` weights (loaded later with ``weights_only=True``).
         extra_patterns: More file patterns to fetch (``merge_state.json`` to continue a merge).
         local_dir: Download into this folder instead of the cache (a writable copy).
+        tensor_prefixes: Download only the tensors whose names start with these prefixes, by HTTP
+            ranges, into a partial snapshot outside the Hub cache (:mod:`hf_merge.ranged`); the full
+            snapshot when the server or the repo does not allow it.
+        transfer: Cancel switch and byte counter of this download (:class:`hf_merge.transfer.Transfer`).
 
     Returns:
         A :class:`ModelSource` with the local snapshot folder and the exact commit sha.
@@ -117,6 +133,13 @@ def download_model(
         info = hub.api_client(token).model_info(repo_id, revision=revision, files_metadata=False)
         files = [sibling.rfilename for sibling in info.siblings or []]
         hub.check_weights(repo_id, files, allow_pickle)
+        if tensor_prefixes is not None and local_dir is None and info.sha:
+            from .ranged import download_ranged
+
+            partial = download_ranged(repo_id, info.sha, files, tensor_prefixes, token=token, transfer=transfer)
+            if partial is not None:
+                return ModelSource(path=partial.path, repo_id=repo_id, revision=revision, commit_sha=info.sha,
+                                   tensor_prefixes=tuple(tensor_prefixes))
         patterns = list(hub.MODEL_PATTERNS) + list(extra_patterns) + (list(hub.PICKLE_PATTERNS) if allow_pickle else [])
         logger.info("Downloading %s (%s)", reference, info.sha[:10] if info.sha else "?")
         path = huggingface_hub.snapshot_download(
@@ -128,12 +151,14 @@ def download_model(
             local_dir=local_dir,
             endpoint=hub.endpoint(),
             library_name="hf-merge",
+            tqdm_class=transfer.progress_class() if transfer is not None else None,
         )
     return ModelSource(path=Path(path), repo_id=repo_id, revision=revision, commit_sha=info.sha or Path(path).name)
 
 
 def evict(source: ModelSource) -> bool:
-    """Delete a downloaded snapshot from the Hub cache (blobs shared with other revisions stay).
+    """Delete a downloaded snapshot from the Hub cache (blobs shared with other revisions stay),
+    or a partial download (:mod:`hf_merge.ranged`) from hf-merge's own cache.
 
     Only snapshots inside the Hub cache are touched; local folders are never deleted.
     Returns whether something was deleted.
@@ -141,13 +166,27 @@ def evict(source: ModelSource) -> bool:
     if source.repo_id is None or source.commit_sha is None:
         return False
     cache = Path(hub.constants.HF_HUB_CACHE).resolve()
-    if cache not in Path(source.path).resolve().parents:
+    if source.tensor_prefixes is not None:
+        from .ranged import remove_snapshot
+
+        logger.info("Evicting the partial download of %s", source.name)
+        if not remove_snapshot(source.path):
+            return False
+        if not cache.is_dir():
+            return True
+        # The checks before the merge put this commit's config.json in the Hub cache: it goes too.
+    elif cache not in Path(source.path).resolve().parents:
         return False
     try:
-        strategy = huggingface_hub.scan_cache_dir(cache).delete_revisions(source.commit_sha)
+        scan = huggingface_hub.scan_cache_dir(cache)
+        if source.tensor_prefixes is not None and not any(
+            r.commit_hash == source.commit_sha for repo in scan.repos if repo.repo_id == source.repo_id for r in repo.revisions
+        ):
+            return True
+        strategy = scan.delete_revisions(source.commit_sha)
     except Exception as error:  # a cache we cannot scan is not worth failing a finished merge for
         logger.warning("Could not evict %s from the cache: %s", source.name, type(error).__name__)
-        return False
+        return source.tensor_prefixes is not None
     logger.info("Evicting %s from the cache (%s)", source.name, strategy.expected_freed_size_str)
     strategy.execute()
     return True

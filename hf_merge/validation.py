@@ -100,9 +100,12 @@ def _config_difference(base: dict[str, Any], expert: dict[str, Any]) -> str | No
     return None
 
 
-def check_compatible(base: Checkpoint, expert: Checkpoint, label: str) -> None:
+def check_compatible(base: Checkpoint, expert: Checkpoint, label: str, *, only: Sequence[str] | None = None) -> None:
     """Same architecture, same tensor names and shapes, same CLIP config; raises
-    :class:`IncompatibleExpertError` naming the first difference."""
+    :class:`IncompatibleExpertError` naming the first difference.
+
+    ``only``: compare only the base's tensors under these name prefixes (an expert downloaded in
+    part holds no others)."""
     if (base.config.get("model_type"), base.config.get("architectures")) != (
         expert.config.get("model_type"), expert.config.get("architectures")
     ):
@@ -112,6 +115,8 @@ def check_compatible(base: Checkpoint, expert: Checkpoint, label: str) -> None:
     config_hint = _config_difference(base.config, expert.config)
     hint = f"; {config_hint}" if config_hint else ""
     for name in base.names():
+        if only is not None and not name.startswith(tuple(only)):
+            continue
         if name not in expert:
             raise IncompatibleExpertError(f"expert {label} has no tensor '{name}'{hint}")
         if expert.shape(name) != base.shape(name):

@@ -41,6 +41,11 @@ def register(subparsers) -> None:
         type=Path,
         help="File of NAME=SECRET lines (keeps secrets off the command line and out of `ps`).",
     )
+    serve.add_argument(
+        "--bandwidth",
+        metavar="RATE",
+        help="Limit downloads to RATE per second over all clients (e.g. 20MB, 500KiB): a slow link for benchmarks.",
+    )
     add_verbosity_flags(serve)
     serve.set_defaults(func=_serve)
     hub.set_defaults(func=lambda args: _print_help(hub))
@@ -75,12 +80,30 @@ def parse_tokens(pairs: list[str], token_file: Path | None = None) -> dict[str, 
     return tokens
 
 
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_rate(text: str) -> float:
+    """``"20MB"``, ``"20MB/s"``, ``"500KiB"``, ``"1000"`` -> bytes per second."""
+    value = text.strip().upper().removesuffix("/S").replace(" ", "")
+    number = value.rstrip("KMGIB")
+    unit = value[len(number):]
+    try:
+        rate = float(number) * _UNITS[unit]
+    except (KeyError, ValueError):
+        raise UsageError(f"--bandwidth {text!r} is not a rate; write e.g. 20MB or 500KiB (per second)") from None
+    if rate <= 0:
+        raise UsageError(f"--bandwidth must be positive, got {text!r}")
+    return rate
+
+
 def _serve(args: argparse.Namespace) -> int:
     from ..hub_server import LocalHubServer
 
     tokens = parse_tokens(args.token, args.token_file)
+    rate = parse_rate(args.bandwidth) if args.bandwidth else None
     try:
-        server = LocalHubServer(args.root, host=args.host, port=args.port, tokens=tokens)
+        server = LocalHubServer(args.root, host=args.host, port=args.port, tokens=tokens, bandwidth_bytes_per_s=rate)
     except OSError as error:
         raise UsageError(f"Cannot listen on {args.host}:{args.port}: {error.strerror}.") from error
     users = ", ".join(sorted(tokens)) or "none (read-only)"

@@ -54,8 +54,14 @@ def _register_merge(subparsers: Any) -> None:
     parser.add_argument("--shuffle", action="store_true", default=None, help="Merge the experts in a seeded random order.")
     parser.add_argument("--allow-pickle", action="store_true", default=None, help="Accept .bin checkpoints (loaded with weights_only=True).")
     parser.add_argument("--evict", action="store_true", default=None, help="Delete each expert from the cache once merged.")
+    _add_partial_flag(parser)
     add_verbosity_flags(parser)
     parser.set_defaults(func=run_merge)
+
+
+def _add_partial_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-partial-download", dest="partial_download", action="store_false", default=None,
+                        help="Download whole expert snapshots, not only the tensors in --scope.")
 
 
 def _add_eval_flags(parser: argparse.ArgumentParser) -> None:
@@ -105,7 +111,7 @@ def _recipe_fields(args: argparse.Namespace) -> dict[str, Any]:
     from ..errors import UsageError
 
     fields: dict[str, Any] = {}
-    for key in ("base", "experts", "method", "scope", "output", "push_to_hub", "private", "space", "seed", "shuffle", "allow_pickle", "evict"):
+    for key in ("base", "experts", "method", "scope", "output", "push_to_hub", "private", "space", "seed", "shuffle", "allow_pickle", "evict", "partial_download"):
         value = getattr(args, key, None)
         if value is not None:
             fields[key] = value
@@ -164,6 +170,7 @@ def _register_add(subparsers: Any) -> None:
     parser.add_argument("--space", metavar="USER/NAME", help="Also (re)publish a Gradio Space.")
     parser.add_argument("--allow-pickle", action="store_true", default=None, help="Accept .bin checkpoints.")
     parser.add_argument("--evict", action="store_true", default=None, help="Delete each expert from the cache once merged.")
+    _add_partial_flag(parser)
     add_verbosity_flags(parser)
     parser.set_defaults(func=run_add)
 
@@ -188,6 +195,7 @@ def run_add(args: argparse.Namespace) -> int:
         allow_pickle=args.allow_pickle,
         evict=args.evict,
         space=args.space,
+        partial_download=args.partial_download,
     )
     _print_summary(result, quiet=args.quiet)
     return 0

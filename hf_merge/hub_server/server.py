@@ -25,11 +25,13 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from ..log import get_logger
 from .routes import HubApi
+from .throttle import Meter
 from .git import HubError
 
 logger = get_logger(__name__)
 
 _CHUNK = 1 << 20
+_THROTTLED_CHUNK = 64 << 10  # small steps keep a throttled rate smooth
 _TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
 
 
@@ -235,11 +237,15 @@ class HubRequestHandler(BaseHTTPRequestHandler):
                 return
             file.seek(start)
             remaining = end - start + 1
+            meter = self.server.meter
+            chunk_size = _THROTTLED_CHUNK if meter.bytes_per_s else _CHUNK
             while remaining > 0:
-                chunk = file.read(min(remaining, _CHUNK))
+                chunk = file.read(min(remaining, chunk_size))
                 if not chunk:
                     break
+                meter.wait_for(len(chunk))
                 self.wfile.write(chunk)
+                meter.count(len(chunk))
                 remaining -= len(chunk)
 
 
@@ -306,8 +312,9 @@ class _HubHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128  # many client threads open connections at once
 
-    def __init__(self, address: tuple[str, int], api: HubApi):
+    def __init__(self, address: tuple[str, int], api: HubApi, meter: Meter):
         self.api = api
+        self.meter = meter
         super().__init__(address, HubRequestHandler)
 
 
@@ -319,15 +326,35 @@ class LocalHubServer:
         host: Interface to listen on. Keep ``127.0.0.1`` unless other machines must reach it.
         port: TCP port; ``0`` picks a free one (see :attr:`url`).
         tokens: User name -> secret. A request authenticates with ``Authorization: Bearer <secret>``.
+        bandwidth_bytes_per_s: Limit on the file bytes sent per second, over all connections
+            together (a slow link, for benchmarks); ``None`` for no limit.
     """
 
-    def __init__(self, root: str | Path, host: str = "127.0.0.1", port: int = 0, tokens: dict[str, str] | None = None):
+    def __init__(self, root: str | Path, host: str = "127.0.0.1", port: int = 0, tokens: dict[str, str] | None = None,
+                 bandwidth_bytes_per_s: float | None = None):
         self.root = Path(root)
         self.host = host
         self.api = HubApi(self.root, tokens or {})
-        self._httpd = _HubHTTPServer((host, port), self.api)
+        self._meter = Meter(bandwidth_bytes_per_s)
+        self._httpd = _HubHTTPServer((host, port), self.api, self._meter)
         self.port = int(self._httpd.server_address[1])
         self._thread: threading.Thread | None = None
+
+    @property
+    def bytes_served(self) -> int:
+        """Bytes of file content sent by downloads (``resolve``) since the server started."""
+        return self._meter.bytes_served
+
+    @property
+    def bandwidth_bytes_per_s(self) -> float | None:
+        """The bandwidth limit, or ``None``; settable while serving."""
+        return self._meter.bytes_per_s
+
+    @bandwidth_bytes_per_s.setter
+    def bandwidth_bytes_per_s(self, value: float | None) -> None:
+        if value is not None and value <= 0:
+            raise ValueError("bandwidth must be a positive number of bytes per second")
+        self._meter.bytes_per_s = value
 
     @property
     def url(self) -> str:
@@ -367,9 +394,10 @@ class LocalHubServer:
         self.stop()
 
 
-def serve(root: str | Path, host: str = "127.0.0.1", port: int = 8000, tokens: dict[str, str] | None = None) -> None:
+def serve(root: str | Path, host: str = "127.0.0.1", port: int = 8000, tokens: dict[str, str] | None = None,
+          bandwidth_bytes_per_s: float | None = None) -> None:
     """Run a local Hub in the foreground (what ``hf-merge hub serve`` does); returns on Ctrl-C."""
-    server = LocalHubServer(root, host=host, port=port, tokens=tokens)
+    server = LocalHubServer(root, host=host, port=port, tokens=tokens, bandwidth_bytes_per_s=bandwidth_bytes_per_s)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
