@@ -1,11 +1,12 @@
 """A local, Hub-compatible server: ``hf-merge hub serve``, the demo, the tests, air-gapped teams.
 
 It speaks the Hub's HTTP API as ``huggingface_hub``, ``transformers`` and ``datasets`` use it.
-Five files, one layer each: :mod:`~hf_merge.hub_server.storage` (repos, commits and refs on disk,
+One layer a file: :mod:`~hf_merge.hub_server.storage` (repos, commits and refs on disk,
 content-addressed), :mod:`~hf_merge.hub_server.git` (git blob and LFS pointer details),
 :mod:`~hf_merge.hub_server.metadata` (what the API shows of a repo: cards, tags, trees),
-:mod:`~hf_merge.hub_server.routes` (one method per endpoint) and :mod:`~hf_merge.hub_server.server`
-(HTTP parsing, streaming bodies, the server's life cycle).
+:mod:`~hf_merge.hub_server.routes` (one method per endpoint), :mod:`~hf_merge.hub_server.request`
+(one parsed request), :mod:`~hf_merge.hub_server.throttle` (bandwidth limit, byte count) and
+:mod:`~hf_merge.hub_server.server` (HTTP dispatch, streamed bodies, the server's life cycle).
 """
 
 from .server import LocalHubServer, serve

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import json
 import threading
-from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from ..log import get_logger
+from .request import Request, parse_range
 from .routes import HubApi
 from .throttle import Meter
 from .git import HubError
@@ -85,7 +85,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
                 return self._send_json(200, {})
             body = self._read_body()
             user = api.authenticate(self.headers.get("Authorization"))
-            request = _Request(method, segments, query, body, self.headers.get("Content-Type", ""), user, self._base())
+            request = Request(method, segments, query, body, self.headers.get("Content-Type", ""), user, self._base())
             self._route(api, request)
         except HubError as error:
             self._send_error(error)
@@ -155,7 +155,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         self._send_json(error.status, {"error": message, **error.body}, headers)
 
     # ---- routing -------------------------------------------------------------------------------
-    def _route(self, api: HubApi, req: "_Request") -> None:
+    def _route(self, api: HubApi, req: "Request") -> None:
         seg, method = req.segments, req.method
         if seg[:1] == ["api"] and len(seg) >= 2:
             if seg[1:] == ["whoami-v2"] and method == "GET":
@@ -183,7 +183,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             return self._resolve(api, req, repo_type, f"{rest[0]}/{rest[1]}", rest[3], "/".join(rest[4:]))
         raise HubError(404, f"Not found: {method} {self.path.split('?')[0]}")
 
-    def _route_repo_api(self, api: HubApi, req: "_Request", repo_type: str, repo_id: str, rest: list[str]) -> None:
+    def _route_repo_api(self, api: HubApi, req: "Request", repo_type: str, repo_id: str, rest: list[str]) -> None:
         method, user = req.method, req.user
         action, arg = (rest[0] if rest else ""), "/".join(rest[1:])
         if method == "GET" and action in ("", "revision"):
@@ -214,13 +214,13 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             return self._send_json(200, api.settings(user, repo_type, repo_id, req.json()))
         raise HubError(404, f"Not found: {method} {self.path.split('?')[0]}")
 
-    def _resolve(self, api: HubApi, req: "_Request", repo_type: str, repo_id: str, rev: str, path: str) -> None:
+    def _resolve(self, api: HubApi, req: "Request", repo_type: str, repo_id: str, rev: str, path: str) -> None:
         file, headers = api.resolve(req.user, repo_type, repo_id, rev, path)
         size = int(headers["Content-Length"])
         start, end, status = 0, size - 1, 200
         range_header = self.headers.get("Range")
         if range_header:
-            parsed = _parse_range(range_header, size)
+            parsed = parse_range(range_header, size)
             if parsed is None:
                 file.close()
                 raise HubError(416, "Range not satisfiable.", headers={"Content-Range": f"bytes */{size}"})
@@ -247,65 +247,6 @@ class HubRequestHandler(BaseHTTPRequestHandler):
                 self.wfile.write(chunk)
                 meter.count(len(chunk))
                 remaining -= len(chunk)
-
-
-def _parse_range(header: str, size: int) -> tuple[int, int] | None:
-    """``bytes=a-b`` / ``bytes=a-`` / ``bytes=-n`` -> inclusive (start, end); ``None`` if unsatisfiable."""
-    unit, _, spec = header.partition("=")
-    if unit.strip() != "bytes" or "," in spec:
-        return None
-    first, _, last = spec.strip().partition("-")
-    try:
-        if first == "":
-            start, end = max(size - int(last), 0), size - 1
-        else:
-            start, end = int(first), (int(last) if last else size - 1)
-    except ValueError:
-        return None
-    end = min(end, size - 1)
-    return (start, end) if 0 <= start <= end else None
-
-
-@dataclass
-class _Request:
-    """The parts of a request the routes need, body already read."""
-
-    method: str
-    segments: list[str]
-    query: dict[str, list[str]]
-    body: bytes
-    content_type: str
-    user: str | None
-    base: str
-
-    def json(self) -> dict[str, Any]:
-        if not self.body:
-            return {}
-        try:
-            data = json.loads(self.body)
-        except ValueError as error:
-            raise HubError(400, f"Request body is not valid JSON: {error}") from error
-        if not isinstance(data, dict):
-            raise HubError(400, "Request body must be a JSON object.")
-        return data
-
-    def ndjson(self) -> list[dict[str, Any]]:
-        """The lines of an ``application/x-ndjson`` body, each a JSON object (the commit endpoint)."""
-        lines = []
-        for number, line in enumerate(self.body.decode("utf-8", errors="replace").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except ValueError as error:
-                raise HubError(400, f"Commit body line {number} is not valid JSON (expected ndjson): {error}") from error
-            if not isinstance(item, dict):
-                raise HubError(400, f"Commit body line {number} must be a JSON object with 'key' and 'value'.")
-            lines.append(item)
-        return lines
-
-    def flag(self, name: str) -> bool:
-        return (self.query.get(name) or [""])[-1].lower() in ("1", "true", "yes")
 
 
 class _HubHTTPServer(ThreadingHTTPServer):
