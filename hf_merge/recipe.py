@@ -32,6 +32,7 @@ import yaml
 
 from .errors import RecipeError
 from .sources import split_reference
+from .watch.policy import AdmissionPolicy
 
 RECIPE_FILENAME = "recipe.yaml"
 
@@ -125,6 +126,7 @@ class MergeRecipe:
         shuffle: Merge the experts in a seeded random order instead of the listed one.
         allow_pickle: Accept ``.bin`` checkpoints (loaded with ``torch.load(weights_only=True)``).
         evict: Delete each expert's snapshot from the local cache once merged (flat disk use).
+        watch: Admission policy of ``hf-merge watch`` (:class:`~hf_merge.watch.policy.AdmissionPolicy`).
     """
 
     base: str
@@ -141,6 +143,7 @@ class MergeRecipe:
     shuffle: bool = False
     allow_pickle: bool = False
     evict: bool = False
+    watch: AdmissionPolicy | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -186,6 +189,8 @@ class MergeRecipe:
         for name in ("private", "shuffle", "allow_pickle", "evict"):
             if not isinstance(getattr(self, name), bool):
                 raise RecipeError(f"`{name}` must be true or false, got {getattr(self, name)!r}")
+        if self.watch is not None and not isinstance(self.watch, AdmissionPolicy):
+            self.watch = AdmissionPolicy.from_dict(self.watch)
 
     def _checked_parameters(self) -> dict[str, Any]:
         declared = method_parameters(self.method)
@@ -259,6 +264,8 @@ class MergeRecipe:
         for name in ("private", "shuffle", "allow_pickle", "evict"):
             if getattr(self, name):
                 data[name] = True
+        if self.watch is not None:
+            data["watch"] = self.watch.to_dict()
         return data
 
     def to_yaml(self) -> str:
@@ -290,6 +297,8 @@ class MergeRecipe:
             values["eval"] = _eval_from_mapping(values["eval"], source=source)
         elif isinstance(values.get("eval"), (list, str)):
             values["eval"] = EvalSpec(tasks=_as_list(values["eval"]))
+        if "watch" in values:
+            values["watch"] = AdmissionPolicy.from_dict(values["watch"] or {}, source=source)
         return cls(**values)
 
     @classmethod
