@@ -57,3 +57,77 @@ def with_nan(base_dir: Path, out_dir: Path, base_repo: str) -> Path:
     tensors[name][0, 0] = float("nan")
     save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
     return out_dir
+
+
+def prediction_task(model_dir: Path, name: str, out_dir: Path, *, per_class: int = 4):
+    """A registered task whose labels are what ``model_dir`` predicts on coloured squares.
+
+    A random tiny CLIP is at chance on any real task, so forgetting cannot be seen there; on this
+    task the model it was built from scores 100 %, and a merge that changes its predictions loses.
+    """
+    import torch
+    from PIL import Image
+
+    from ..evaluation import Task, register_task
+    from ..evaluation.heads import build_head
+    from ..evaluation.runner import load_clip
+    from ..evaluation.synthetic import COLOR_NAMES
+    from ..evaluation.tasks import DatasetSpec
+
+    templates = ("a photo of a {} square.",)
+    probe = Task(name, COLOR_NAMES, templates)
+    model, processor = load_clip(str(model_dir), device="cpu")
+    head = build_head(model, processor.tokenizer, probe)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    generator = torch.Generator().manual_seed(7)
+    images = [Image.new("RGB", (32, 32), tuple(int(v) for v in torch.randint(0, 256, (3,), generator=generator)))
+              for _ in range(per_class * len(COLOR_NAMES))]
+    with torch.no_grad():
+        pixels = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        predicted = head.logits(model.get_image_features(pixel_values=pixels).pooler_output).argmax(-1).tolist()
+    for index, (image, label) in enumerate(zip(images, predicted)):
+        folder = out_dir / COLOR_NAMES[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        image.save(folder / f"{index:03d}.png")
+    task = Task(name, COLOR_NAMES, templates, DatasetSpec(kind="imagefolder", path=str(out_dir)))
+    return register_task(task, overwrite=True)
+
+
+def publish(api, repo_id: str, folder: Path, message: str = "Add model") -> str:
+    """Create ``repo_id`` if needed and upload ``folder``; the head commit afterwards."""
+    api.create_repo(repo_id, exist_ok=True)
+    api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=message)
+    return api.model_info(repo_id).sha
+
+
+def merged_repo(api, token: str, prefix: str, base_dir: Path, expert_dirs: list[Path], work: Path,
+                tasks: list[str] | None = None, eval_limit: int | None = 8) -> tuple[str, str]:
+    """``(merged repo id, base repo id)``: a base and experts of its own, merged and pushed by hf-merge.
+
+    Each test module uses its own base, so the fine-tunes it pushes are found by its watcher only.
+    """
+    from ..api import merge
+    from ..recipe import EvalSpec
+
+    namespace = api.whoami()["name"]
+    base = f"{namespace}/{prefix}-base"
+    publish(api, base, base_dir)
+    experts = []
+    for index, folder in enumerate(expert_dirs):
+        experts.append(f"{namespace}/{prefix}-expert-{index}")
+        publish(api, experts[-1], folder)
+    repo = f"{namespace}/{prefix}-merged"
+    spec = EvalSpec(tasks=list(tasks), every_step=True, limit=eval_limit) if tasks else None
+    merge(base=base, experts=experts, method="opcm", parameters={"alpha": 0.5}, eval=spec,
+          output=str(work / repo.split("/")[-1]), push_to_hub=repo, token=token)
+    return repo, base
+
+
+def lineage_of(repo_id: str) -> list[tuple[str, str]]:
+    """``(repo_id, commit_sha)`` of every merged expert, from the repo's ``merge_state.json`` on ``main``."""
+    import json
+
+    from huggingface_hub import hf_hub_download
+
+    state = json.loads(Path(hf_hub_download(repo_id, "merge_state.json", force_download=True)).read_text())
+    return [(entry.get("repo_id"), entry.get("commit_sha")) for entry in state["lineage"]]

@@ -142,3 +142,21 @@ def _string_list(name: str, value: Any) -> list[str]:
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
         raise RecipeError(f"`watch.{name}` must be a list of names, got {value!r}")
     return list(value)
+
+
+def load_policy_file(path: str) -> AdmissionPolicy:
+    """A policy file: a recipe with a ``watch:`` section, or that section's mapping alone."""
+    from pathlib import Path
+
+    import yaml
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise RecipeError(f"policy file {str(file)!r} does not exist")
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise RecipeError(f"{file.name} is not valid YAML: {str(error).strip().splitlines()[0]}") from None
+    if not isinstance(data, Mapping):
+        raise RecipeError(f"{file.name} must be a mapping with a `watch:` section")
+    return AdmissionPolicy.from_dict(data.get("watch", data) if "watch" in data else data, source=file.name)

@@ -1,0 +1,72 @@
+"""``hf-merge watch`` polling: another user pushes a fine-tune of the base; the merged repo follows."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from huggingface_hub import HfApi, ModelCard
+
+from hf_merge.testing.watch_models import fine_tune, lineage_of, merged_repo, publish
+from hf_merge.watch.publish import RetryPolicy
+from hf_merge.watch.runner import Watcher
+
+pytestmark = pytest.mark.slow
+TASK = "synthetic/colors"
+
+
+def _wait(condition, timeout=180.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.3)
+    return False
+
+
+@pytest.fixture(scope="module")
+def watched(hub_api, alice_token, tiny_base, tiny_experts, tmp_path_factory):
+    work = tmp_path_factory.mktemp("watch-poll")
+    repo, base = merged_repo(hub_api, alice_token, "watch-poll", tiny_base, tiny_experts[:2], work, tasks=[TASK, TASK])
+    return repo, base, work
+
+
+def test_running_watcher_merges_each_commit_of_a_fine_tune_exactly_once(watched, hub_url, alice_token, bob_token, tiny_base):
+    repo, base, work = watched
+    bob = HfApi(endpoint=hub_url, token=bob_token)
+    titles_before = [c.title for c in HfApi(endpoint=hub_url).list_repo_commits(repo)]
+    watcher = Watcher(repo, work_dir=work / "watcher", token=alice_token, retry=RetryPolicy(attempts=2, first_delay_s=0.1))
+    stop = threading.Event()
+    thread = threading.Thread(target=watcher.watch, args=(0.3, stop), daemon=True)
+    thread.start()
+    try:
+        folder = fine_tune(tiny_base, work / "bob-ft", base, seed=4242, extra=f"datasets:\n- {TASK}")
+        first = publish(bob, "bob/watch-poll-ft", folder)
+        assert _wait(lambda: ("bob/watch-poll-ft", first) in lineage_of(repo))
+        assert lineage_of(repo)[-1] == ("bob/watch-poll-ft", first)
+
+        # The same files again: the client makes no commit, the sha stays, and nothing is merged twice.
+        assert publish(bob, "bob/watch-poll-ft", folder) == first
+        assert watcher.consider("bob/watch-poll-ft", first).status == "skipped"
+        time.sleep(1.5)  # several passes
+        assert lineage_of(repo).count(("bob/watch-poll-ft", first)) == 1
+
+        # A new commit of the same repo is a new candidate.
+        folder = fine_tune(tiny_base, work / "bob-ft", base, seed=4343, extra=f"datasets:\n- {TASK}")
+        second = publish(bob, "bob/watch-poll-ft", folder, message="Train longer")
+        assert second != first
+        assert _wait(lambda: ("bob/watch-poll-ft", second) in lineage_of(repo))
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    lineage = lineage_of(repo)
+    assert lineage[-2:] == [("bob/watch-poll-ft", first), ("bob/watch-poll-ft", second)]
+    assert len(lineage) == 4
+    titles = [c.title for c in HfApi(endpoint=hub_url).list_repo_commits(repo)]
+    ours = titles[: len(titles) - len(titles_before)]
+    assert ours == [f"hf-merge watch: add bob/watch-poll-ft@{second[:10]}", f"hf-merge watch: add bob/watch-poll-ft@{first[:10]}"]
+    card = ModelCard.load(repo)
+    assert f"`{first}`" in card.text and f"`{second}`" in card.text
+    assert "\n| 4 | " in card.text  # the candidates' task (from their cards) continued the per-step table
+    assert "bob/watch-poll-ft" in card.data.base_model
