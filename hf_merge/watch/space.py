@@ -36,7 +36,7 @@ from hf_merge.watch.runner import Watcher
 from hf_merge.watch.webhook import create_webhook_server
 
 MERGED_REPO = os.environ.get("MERGED_REPO", "{merged_repo}")
-HERE = Path(__file__).resolve().parent
+HERE = Path(os.path.abspath(__file__)).parent
 
 
 def policy():
