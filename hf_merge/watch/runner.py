@@ -28,19 +28,18 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from .. import hub
-from ..card import STATE_FILENAME, lineage, load_state
 from ..errors import (CheckpointError, HfMergeError, IncompatibleExpertError, MergeStateError, ModelNotFoundError,
                       PushError)
 from ..log import get_logger
 from ..recipe import EvalSpec, MergeRecipe
 from .discovery import Candidate, Discovery, candidate_at
 from .ledger import LEDGER_FILENAME, Ledger, candidate_key
+from .mirror import HEAD_FILE, Mirror
 from .policy import AdmissionPolicy, Refusal
 from .publish import RetryPolicy, StaleParentError, push_files, push_result
 
 logger = get_logger(__name__)
 
-_HEAD_FILE = ".watch-head"
 _CANDIDATE_FILE = ".watch-candidate.json"
 PAUSE_ENV = "HF_MERGE_WATCH_PAUSE"  # "POINT:SECONDS": a test hook that holds the watcher at a point
 
@@ -93,7 +92,7 @@ class Watcher:
         self.review = review
         self.authors, self.searches, self.allow_list, self.limit = list(authors), list(searches), allow_list, limit
         self.retry = retry or RetryPolicy()
-        self.mirror = self.work_dir / "mirror"
+        self.mirror = Mirror(self.work_dir / "mirror")
         self.ledger = Ledger.load(self.work_dir)
         self._lock = threading.Lock()
         self.last_timings: dict[str, float] = {}
@@ -124,7 +123,7 @@ class Watcher:
                 candidate = candidate_at(repo_id, sha, token=self.token, source=source)
             except ModelNotFoundError as error:
                 return Outcome(repo_id, sha or "", "skipped", str(error))
-            base_id = self._base_id()
+            base_id = self.mirror.base_id()
             related = (f"base_model:{base_id}" in candidate.tags or repo_id.split("/")[0] in self.authors
                        or self._allow_listed(repo_id))
             if not related:
@@ -146,15 +145,15 @@ class Watcher:
     def policy(self) -> AdmissionPolicy:
         if self._policy is not None:
             return self._policy
-        recipe = self._recipe()
+        recipe = self.mirror.recipe()
         return recipe.watch if recipe is not None and recipe.watch is not None else AdmissionPolicy()
 
     # ---- one candidate ------------------------------------------------------------------------------
     def _consider(self, candidate: Candidate, head: str) -> Outcome:
         repo_id, sha = candidate.repo_id, candidate.sha
-        if (repo_id, sha) in self._merged_commits():
+        if (repo_id, sha) in self.mirror.merged_commits():
             return Outcome(repo_id, sha, "skipped", "already merged")
-        if self.ledger.decided(repo_id, sha) or repo_id in (self.merged_repo, self._base_id()):
+        if self.ledger.decided(repo_id, sha) or repo_id in (self.merged_repo, self.mirror.base_id()):
             return Outcome(repo_id, sha, "skipped", "already considered")
         policy = self.policy
         refusal = policy.check_metadata(repo_id, license=candidate.license, tags=list(candidate.tags))
@@ -164,7 +163,7 @@ class Watcher:
 
         timings: dict[str, float] = {}
         try:
-            check_models(self._base_reference(), [candidate.reference], token=self.token, allow_pickle=policy.allow_pickle)
+            check_models(self.mirror.base_reference(), [candidate.reference], token=self.token, allow_pickle=policy.allow_pickle)
             started = time.perf_counter()
             from ..sources import resolve
 
@@ -209,14 +208,14 @@ class Watcher:
         from ..api import add
         from .gate import candidate_task
 
-        recipe = self._recipe()
+        recipe = self.mirror.recipe()
         task = candidate_task(candidate.repo_id, candidate.card, policy)
         spec = None
-        done = len(self._merged_commits())
+        done = len(self.mirror.merged_commits())
         evaluated = recipe is not None and recipe.eval is not None
         if evaluated and recipe.eval.every_step and task and len(recipe.eval.tasks) == done:
             spec = EvalSpec(tasks=[task], every_step=True, limit=recipe.eval.limit)
-        shutil.copytree(self.mirror, pending, ignore=shutil.ignore_patterns(".cache", _HEAD_FILE, ".hf-merge-*"))
+        shutil.copytree(self.mirror.path, pending, ignore=shutil.ignore_patterns(".cache", HEAD_FILE, ".hf-merge-*"))
         # `add` on a local folder pushes nothing; the watcher pushes once the gate has admitted it.
         # Without a task for the candidate the per-step table cannot grow a row: evaluation is
         # skipped for this step (the previous rows stay) and the recipe's settings are restored after.
@@ -230,10 +229,10 @@ class Watcher:
         from ..sources import resolve
         from .gate import run_gate
 
-        recipe = self._recipe()
+        recipe = self.mirror.recipe()
         old_tasks = list(recipe.eval.tasks) if recipe is not None and recipe.eval is not None else []
-        base = resolve(self._base_reference(), token=self.token)
-        result = run_gate(policy, before=self.mirror, after=pending, base=base.path, old_tasks=old_tasks,
+        base = resolve(self.mirror.base_reference(), token=self.token)
+        result = run_gate(policy, before=self.mirror.path, after=pending, base=base.path, old_tasks=old_tasks,
                           new_task=task, token=self.token)
         return result.refusal
 
@@ -241,7 +240,7 @@ class Watcher:
         """Restore the published recipe fields, record the decision in the ledger, rewrite the card."""
         from ..api import card
 
-        recipe = self._recipe()
+        recipe = self.mirror.recipe()
         space = recipe.space if recipe is not None else None
         _edit_recipe(pending, push_to_hub=self.merged_repo, space=space)
         ledger = Ledger.load(pending)
@@ -289,39 +288,31 @@ class Watcher:
         """A commit of only the ledger and the card, when the repo's ledger lacks local decisions; pushed?"""
         from ..api import card
 
-        remote = Ledger.load(self.mirror)
+        remote = Ledger.load(self.mirror.path)
         refused = {e.key for e in self.ledger.refused()}
         if refused <= {e.key for e in remote.refused()}:
             return False
         remote.update(self.ledger)
-        remote.save(self.mirror)
-        recipe = self._recipe()
-        card(self.mirror, repo_id=self.merged_repo, space=recipe.space if recipe is not None else None)
+        remote.save(self.mirror.path)
+        recipe = self.mirror.recipe()
+        card(self.mirror.path, repo_id=self.merged_repo, space=recipe.space if recipe is not None else None)
         try:
-            push_files(self.mirror, self.merged_repo, [Path("README.md"), Path(LEDGER_FILENAME)], token=self.token,
+            push_files(self.mirror.path, self.merged_repo, [Path("README.md"), Path(LEDGER_FILENAME)], token=self.token,
                        parent_commit=head, message="hf-merge watch: record candidates not merged", retry=self.retry)
         except PushError as error:  # the local ledger keeps the decision; the next pass publishes it
             logger.warning("Could not record the refusal in %s: %s", self.merged_repo, error)
             return False
-        (self.mirror / _HEAD_FILE).unlink(missing_ok=True)
+        self.mirror.invalidate()
         return True
 
     # ---- state ---------------------------------------------------------------------------------------
     def _sync(self) -> str:
         """Mirror the merged repo's head, adopt its ledger, finish results a crash left; the head sha."""
-        from ..sources import download_model
-
         with hub.hub_errors(self.merged_repo, token=self.token):
             head = hub.api_client(self.token).model_info(self.merged_repo).sha or ""
-        if self._head_of_mirror() != head:
-            (self.mirror / _HEAD_FILE).unlink(missing_ok=True)
-            download_model(self.merged_repo, revision=head, token=self.token, allow_pickle=True,
-                           extra_patterns=hub.MERGE_RESULT_PATTERNS, local_dir=self.mirror)
-            if not (self.mirror / STATE_FILENAME).is_file():
-                raise MergeStateError(f"{self.merged_repo} has no {STATE_FILENAME}: only a model made by hf-merge can be watched")
-            (self.mirror / _HEAD_FILE).write_text(head, encoding="utf-8")
-        self.ledger.update(Ledger.load(self.mirror))
-        merged = self._merged_commits()
+        self.mirror.update(self.merged_repo, head, self.token)
+        self.ledger.update(Ledger.load(self.mirror.path))
+        merged = self.mirror.merged_commits()
         for key, entry in list(self.ledger.entries.items()):
             if (entry.repo_id, entry.sha) in merged and entry.status != "merged":
                 self.ledger.record(entry.repo_id, entry.sha, "merged")
@@ -340,43 +331,14 @@ class Watcher:
             return self._sync()
         return head
 
-    def _head_of_mirror(self) -> str | None:
-        path = self.mirror / _HEAD_FILE
-        return path.read_text(encoding="utf-8").strip() if path.is_file() else None
-
-    def _merged_commits(self) -> set[tuple[str | None, str | None]]:
-        if not (self.mirror / STATE_FILENAME).is_file():
-            return set()
-        _, experts = lineage(load_state(self.mirror))
-        return {(e.get("repo_id"), e.get("commit_sha")) for e in experts}
-
     def _forget_intent(self, repo_id: str, sha: str) -> None:
         entry = self.ledger.get(repo_id, sha)
         if entry is not None and entry.status == "merging":
             del self.ledger.entries[entry.key]
             self.ledger.save(self.work_dir)
 
-    def _recipe(self) -> MergeRecipe | None:
-        return MergeRecipe.load(self.mirror) if (self.mirror / "recipe.yaml").is_file() else None
-
-    def _base_entry(self) -> dict:
-        return lineage(load_state(self.mirror))[0]
-
-    def _base_id(self) -> str:
-        entry = self._base_entry()
-        if entry.get("repo_id"):
-            return str(entry["repo_id"])
-        recipe = self._recipe()
-        return recipe.base.partition("@")[0] if recipe is not None else ""
-
-    def _base_reference(self) -> str:
-        entry = self._base_entry()
-        if entry.get("repo_id") and entry.get("commit_sha"):
-            return f"{entry['repo_id']}@{entry['commit_sha']}"
-        return self._base_id()
-
     def _discovery(self) -> Discovery:
-        return Discovery(base=self._base_id(), exclude=(self.merged_repo, self._base_id()), authors=self.authors,
+        return Discovery(base=self.mirror.base_id(), exclude=(self.merged_repo, self.mirror.base_id()), authors=self.authors,
                          searches=self.searches, allow_list=self.allow_list, limit=self.limit)
 
     def _allow_listed(self, repo_id: str) -> bool:
@@ -390,7 +352,7 @@ class Watcher:
         return self.work_dir / "ready" / f"{repo_id.replace('/', '--')}@{sha}"
 
     def _refresh_space(self) -> None:
-        recipe = self._recipe()
+        recipe = self.mirror.recipe()
         if recipe is None or not recipe.space or self.review != "commit":
             return
         from ..space import publish_space
