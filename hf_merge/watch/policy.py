@@ -159,4 +159,4 @@ def load_policy_file(path: str) -> AdmissionPolicy:
         raise RecipeError(f"{file.name} is not valid YAML: {str(error).strip().splitlines()[0]}") from None
     if not isinstance(data, Mapping):
         raise RecipeError(f"{file.name} must be a mapping with a `watch:` section")
-    return AdmissionPolicy.from_dict(data.get("watch", data) if "watch" in data else data, source=file.name)
+    return AdmissionPolicy.from_dict(data["watch"] if "watch" in data else data, source=file.name)

@@ -139,6 +139,8 @@ class Watcher:
                     logger.info("%s: %s%s", outcome.key, outcome.status, f" ({outcome.reason})" if outcome.reason else "")
             except HfMergeError as error:  # the Hub is down or refused: try again at the next pass
                 logger.warning("Watch pass failed: %s", error)
+            except Exception as error:  # a watcher outlives one bad pass; the type and first line say why
+                logger.warning("Watch pass failed: %s: %s", type(error).__name__, str(error).strip().split("\n")[0][:200])
             stop.wait(interval_s)
 
     @property
