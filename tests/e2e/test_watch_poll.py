@@ -70,3 +70,16 @@ def test_running_watcher_merges_each_commit_of_a_fine_tune_exactly_once(watched,
     assert f"`{first}`" in card.text and f"`{second}`" in card.text
     assert "\n| 4 | " in card.text  # the candidates' task (from their cards) continued the per-step table
     assert "bob/watch-poll-ft" in card.data.base_model
+
+
+def test_review_pr_opens_a_pull_request_and_leaves_main_alone(watched, hub_url, alice_token, bob_token, tiny_base):
+    repo, base, work = watched
+    folder = fine_tune(tiny_base, work / "bob-pr", base, seed=4444)
+    sha = publish(HfApi(endpoint=hub_url, token=bob_token), "bob/watch-poll-pr", folder)
+    main_before = HfApi(endpoint=hub_url).model_info(repo).sha
+    watcher = Watcher(repo, work_dir=work / "watcher-pr", token=alice_token, review="pr")
+    outcomes = watcher.run_once()
+    assert [(o.repo_id, o.sha, o.status) for o in outcomes] == [("bob/watch-poll-pr", sha, "proposed")]
+    assert "/discussions/" in outcomes[0].url
+    assert HfApi(endpoint=hub_url).model_info(repo).sha == main_before
+    assert watcher.run_once() == []  # proposed once, not again at every pass
