@@ -69,3 +69,14 @@ class Mirror:
         if entry.get("repo_id") and entry.get("commit_sha"):
             return f"{entry['repo_id']}@{entry['commit_sha']}"
         return self.base_id()
+
+
+def edit_recipe(folder: Path, **values: object) -> None:
+    """Set fields of the ``recipe.yaml`` in ``folder`` (a staging copy of the mirror)."""
+    path = folder / "recipe.yaml"
+    if not path.is_file():
+        return
+    recipe = MergeRecipe.load(path)
+    for name, value in values.items():
+        setattr(recipe, name, value)
+    recipe.save(folder)

@@ -31,10 +31,10 @@ from .. import hub
 from ..errors import (CheckpointError, HfMergeError, IncompatibleExpertError, MergeStateError, ModelNotFoundError,
                       PushError)
 from ..log import get_logger
-from ..recipe import EvalSpec, MergeRecipe
+from ..recipe import EvalSpec
 from .discovery import Candidate, Discovery, candidate_at
 from .ledger import LEDGER_FILENAME, Ledger, candidate_key
-from .mirror import HEAD_FILE, Mirror
+from .mirror import HEAD_FILE, Mirror, edit_recipe
 from .policy import AdmissionPolicy, Refusal
 from .publish import RetryPolicy, StaleParentError, push_files, push_result
 
@@ -157,6 +157,8 @@ class Watcher:
             return Outcome(repo_id, sha, "skipped", "already merged")
         if self.ledger.decided(repo_id, sha) or repo_id in (self.merged_repo, self.mirror.base_id()):
             return Outcome(repo_id, sha, "skipped", "already considered")
+        if self._ready_dir(repo_id, sha).exists():
+            return Outcome(repo_id, sha, "failed", "merged, waiting for the Hub to accept the push")
         policy = self.policy
         refusal = policy.check_metadata(repo_id, license=candidate.license, tags=list(candidate.tags))
         if refusal is not None:
@@ -221,10 +223,10 @@ class Watcher:
         # `add` on a local folder pushes nothing; the watcher pushes once the gate has admitted it.
         # Without a task for the candidate the per-step table cannot grow a row: evaluation is
         # skipped for this step (the previous rows stay) and the recipe's settings are restored after.
-        _edit_recipe(pending, push_to_hub=None, space=None, **({} if spec or not evaluated else {"eval": None}))
+        edit_recipe(pending, push_to_hub=None, space=None, **({} if spec or not evaluated else {"eval": None}))
         add(pending, [candidate.reference], token=self.token, eval=spec, allow_pickle=policy.allow_pickle)
         if spec is None and evaluated:
-            _edit_recipe(pending, eval=recipe.eval)
+            edit_recipe(pending, eval=recipe.eval)
         return task
 
     def _gate(self, pending: Path, candidate: Candidate, policy: AdmissionPolicy, task: str | None) -> Refusal | None:
@@ -244,7 +246,7 @@ class Watcher:
 
         recipe = self.mirror.recipe()
         space = recipe.space if recipe is not None else None
-        _edit_recipe(pending, push_to_hub=self.merged_repo, space=space)
+        edit_recipe(pending, push_to_hub=self.merged_repo, space=space)
         ledger = Ledger.load(pending)
         ledger.update(self.ledger)
         ledger.record(candidate.repo_id, candidate.sha, "merged" if self.review == "commit" else "proposed")
@@ -273,6 +275,8 @@ class Watcher:
         self.ledger.save(self.work_dir)
         shutil.rmtree(ready, ignore_errors=True)
         timings = {"push": time.perf_counter() - started}
+        if status == "proposed":
+            self._publish_ledger(head)  # main records the open pull request, so no watcher proposes it again
         self._refresh_space()
         logger.info("%s %s@%s: %s", "Merged" if status == "merged" else "Proposed", repo_id, sha[:10], url)
         return Outcome(repo_id, sha, status, url=url, timings=timings)
@@ -287,12 +291,15 @@ class Watcher:
         return Outcome(repo_id, sha, "refused", str(refusal), timings=dict(timings or {}))
 
     def _publish_ledger(self, head: str) -> bool:
-        """A commit of only the ledger and the card, when the repo's ledger lacks local decisions; pushed?"""
+        """A commit of only the ledger and card when the repo's lacks local refusals or proposals; pushed?"""
         from ..api import card
 
         remote = Ledger.load(self.mirror.path)
-        refused = {e.key for e in self.ledger.refused()}
-        if refused <= {e.key for e in remote.refused()}:
+
+        def published(ledger: Ledger) -> set[str]:
+            return {k for k, e in ledger.entries.items() if e.status in ("refused", "proposed")}
+
+        if published(self.ledger) <= published(remote):
             return False
         remote.update(self.ledger)
         remote.save(self.mirror.path)
@@ -300,7 +307,7 @@ class Watcher:
         card(self.mirror.path, repo_id=self.merged_repo, space=recipe.space if recipe is not None else None)
         try:
             push_files(self.mirror.path, self.merged_repo, [Path("README.md"), Path(LEDGER_FILENAME)], token=self.token,
-                       parent_commit=head, message="hf-merge watch: record candidates not merged", retry=self.retry)
+                       parent_commit=head, message="hf-merge watch: record candidates considered", retry=self.retry)
         except PushError as error:  # the local ledger keeps the decision; the next pass publishes it
             logger.warning("Could not record the refusal in %s: %s", self.merged_repo, error)
             return False
@@ -327,7 +334,8 @@ class Watcher:
                 shutil.rmtree(ready, ignore_errors=True)  # pushed before the crash, or computed on an old head
                 continue
             logger.info("Pushing %s@%s, merged before an interruption", meta["repo_id"], meta["sha"][:10])
-            self._push_ready(ready, head)
+            if self._push_ready(ready, head).status == "failed" and ready.exists():
+                return head  # the Hub still refuses: the result waits for the next pass
             return self._sync()
         if self._publish_ledger(head):
             return self._sync()
@@ -373,16 +381,6 @@ class Watcher:
                     yield
                 finally:
                     fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _edit_recipe(folder: Path, **values: object) -> None:
-    path = folder / "recipe.yaml"
-    if not path.is_file():
-        return
-    recipe = MergeRecipe.load(path)
-    for name, value in values.items():
-        setattr(recipe, name, value)
-    recipe.save(folder)
 
 
 def _pause(point: str, work_dir: Path) -> None:

@@ -76,10 +76,33 @@ def test_review_pr_opens_a_pull_request_and_leaves_main_alone(watched, hub_url, 
     repo, base, work = watched
     folder = fine_tune(tiny_base, work / "bob-pr", base, seed=4444)
     sha = publish(HfApi(endpoint=hub_url, token=bob_token), "bob/watch-poll-pr", folder)
-    main_before = HfApi(endpoint=hub_url).model_info(repo).sha
+    lineage_before = lineage_of(repo)
     watcher = Watcher(repo, work_dir=work / "watcher-pr", token=alice_token, review="pr")
     outcomes = watcher.run_once()
     assert [(o.repo_id, o.sha, o.status) for o in outcomes] == [("bob/watch-poll-pr", sha, "proposed")]
     assert "/discussions/" in outcomes[0].url
-    assert HfApi(endpoint=hub_url).model_info(repo).sha == main_before
+    # main gets no merge, only the ledger's note of the open pull request.
+    assert lineage_of(repo) == lineage_before
+    assert HfApi(endpoint=hub_url).list_repo_commits(repo)[0].title == "hf-merge watch: record candidates considered"
     assert watcher.run_once() == []  # proposed once, not again at every pass
+    assert Watcher(repo, work_dir=work / "watcher-pr-2", token=alice_token, review="pr").run_once() == []
+
+
+def test_a_refused_push_keeps_the_result_and_the_next_pass_pushes_it(watched, hub_url, alice_token, bob_token, tiny_base):
+    repo, base, work = watched
+    sha = publish(HfApi(endpoint=hub_url, token=bob_token), "bob/watch-poll-kept",
+                  fine_tune(tiny_base, work / "bob-kept", base, seed=4646))
+    commits = len(HfApi(endpoint=hub_url).list_repo_commits(repo))
+    # Bob may read the merged repo but not write it: the merge is done, the push refused (403).
+    outcomes = Watcher(repo, work_dir=work / "watcher-kept", token=bob_token,
+                       retry=RetryPolicy(attempts=2, first_delay_s=0.1)).run_once()
+    assert [(o.repo_id, o.status) for o in outcomes] == [("bob/watch-poll-kept", "failed")]
+    assert "403" in outcomes[0].reason and "kept in" in outcomes[0].reason and bob_token not in outcomes[0].reason
+    kept = list((work / "watcher-kept" / "ready").iterdir())
+    assert [p.name for p in kept] == [f"bob--watch-poll-kept@{sha}"]
+    assert len(HfApi(endpoint=hub_url).list_repo_commits(repo)) == commits
+    # With a token that may write, the next pass pushes the kept result instead of merging again.
+    assert Watcher(repo, work_dir=work / "watcher-kept", token=alice_token).run_once() == []
+    assert lineage_of(repo)[-1] == ("bob/watch-poll-kept", sha)
+    assert len(HfApi(endpoint=hub_url).list_repo_commits(repo)) == commits + 1
+    assert not (work / "watcher-kept" / "ready" / f"bob--watch-poll-kept@{sha}").exists()
