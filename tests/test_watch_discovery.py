@@ -15,31 +15,31 @@ def _repo(api: HfApi, repo_id: str, front_matter: str) -> str:
     return api.create_commit(repo_id, [CommitOperationAdd("README.md", readme)], commit_message="card").oid
 
 
-def test_candidates_from_every_source_pinned_and_oldest_first(hub_server, hub_url, alice_token, bob_token, tmp_path):
-    alice, bob = HfApi(endpoint=hub_url, token=alice_token), HfApi(endpoint=hub_url, token=bob_token)
-    first = _repo(bob, "bob/disc-ft-1", "base_model: alice/disc-base\nlicense: mit")
+def test_candidates_from_every_source_pinned_and_oldest_first(hub_server, hub_url, alice_token, carol_token, tmp_path):
+    alice, carol = HfApi(endpoint=hub_url, token=alice_token), HfApi(endpoint=hub_url, token=carol_token)
+    first = _repo(carol, "carol/disc-ft-1", "base_model: alice/disc-base\nlicense: mit")
     second = _repo(alice, "alice/disc-ft-2", "base_model: alice/disc-base")
-    _repo(alice, "alice/disc-merged", "base_model:\n- alice/disc-base\n- bob/disc-ft-1")
+    _repo(alice, "alice/disc-merged", "base_model:\n- alice/disc-base\n- carol/disc-ft-1")
     _repo(alice, "alice/disc-adapter", "base_model: alice/disc-base\nbase_model_relation: adapter")
-    searched = _repo(bob, "bob/disc-findme-special", "license: mit")
-    pinned = _repo(bob, "bob/disc-pinned", "license: mit")
-    _repo(bob, "bob/disc-pinned", "license: apache-2.0")  # main moves on; the allow-list pins the first
+    searched = _repo(carol, "carol/disc-findme-special", "license: mit")
+    pinned = _repo(carol, "carol/disc-pinned", "license: mit")
+    _repo(carol, "carol/disc-pinned", "license: apache-2.0")  # main moves on; the allow-list pins the first
     allow = tmp_path / "allow.txt"
-    allow.write_text(f"# pinned fine-tunes\nbob/disc-pinned@{pinned}  # reviewed\n\n")
+    allow.write_text(f"# pinned fine-tunes\ncarol/disc-pinned@{pinned}  # reviewed\n\n")
 
     found = Discovery(base="alice/disc-base", exclude=["alice/disc-merged"], searches=["disc-findme"],
                       allow_list=allow).find(alice_token)
     by_id = {c.repo_id: c for c in found}
-    assert set(by_id) == {"bob/disc-ft-1", "alice/disc-ft-2", "bob/disc-findme-special", "bob/disc-pinned"}
+    assert set(by_id) == {"carol/disc-ft-1", "alice/disc-ft-2", "carol/disc-findme-special", "carol/disc-pinned"}
     assert [(by_id[r].sha, by_id[r].source) for r in sorted(by_id)] == [
         (second, "base_model"), (searched, "search"), (first, "base_model"), (pinned, "allow-list")]
-    assert [c.repo_id for c in found][:2] == ["bob/disc-ft-1", "alice/disc-ft-2"]  # oldest first
-    assert by_id["bob/disc-ft-1"].license == "mit" and by_id["alice/disc-ft-2"].license is None
-    assert by_id["bob/disc-ft-1"].reference == f"bob/disc-ft-1@{first}"
+    assert [c.repo_id for c in found][:2] == ["carol/disc-ft-1", "alice/disc-ft-2"]  # oldest first
+    assert by_id["carol/disc-ft-1"].license == "mit" and by_id["alice/disc-ft-2"].license is None
+    assert by_id["carol/disc-ft-1"].reference == f"carol/disc-ft-1@{first}"
 
-    authored = Discovery(base="nobody/none", authors=["bob"]).find(alice_token)
-    assert {"bob/disc-ft-1", "bob/disc-pinned"} <= {c.repo_id for c in authored}
-    assert all(c.repo_id.startswith("bob/") and c.source == "author" for c in authored)
+    authored = Discovery(base="nobody/none", authors=["carol"]).find(alice_token)
+    assert {"carol/disc-ft-1", "carol/disc-pinned"} <= {c.repo_id for c in authored}
+    assert all(c.repo_id.startswith("carol/") and c.source == "author" for c in authored)
 
 
 def test_allow_list_must_exist(tmp_path):

@@ -33,15 +33,15 @@ def _weights(repo: str) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def twins(hub_api, alice_token, bob_token, hub_url, tiny_base, tiny_experts, tmp_path_factory):
+def twins(hub_api, alice_token, carol_token, hub_url, tiny_base, tiny_experts, tmp_path_factory):
     """Three merged repos with the same content, each with the same fine-tune pushed for it."""
     work = tmp_path_factory.mktemp("watch-crash")
-    bob = HfApi(endpoint=hub_url, token=bob_token)
+    carol = HfApi(endpoint=hub_url, token=carol_token)
     repos = {}
     for name in ("calm", "killed-merging", "killed-pushing"):
         repo, base = merged_repo(hub_api, alice_token, f"watch-crash-{name}", tiny_base, tiny_experts[:2], work)
         folder = fine_tune(tiny_base, work / f"ft-{name}", base, seed=5151)
-        repos[name] = (repo, f"bob/watch-crash-{name}-ft", publish(bob, f"bob/watch-crash-{name}-ft", folder))
+        repos[name] = (repo, f"carol/watch-crash-{name}-ft", publish(carol, f"carol/watch-crash-{name}-ft", folder))
     return repos, work
 
 
@@ -49,7 +49,7 @@ def twins(hub_api, alice_token, bob_token, hub_url, tiny_base, tiny_experts, tmp
 def test_sigkill_then_restart_gives_the_uninterrupted_result(twins, alice_token, hub_url, name, point):
     repos, work = twins
     calm_repo, calm_ft, calm_sha = repos["calm"]
-    if ("bob/watch-crash-calm-ft", calm_sha) not in lineage_of(calm_repo):
+    if ("carol/watch-crash-calm-ft", calm_sha) not in lineage_of(calm_repo):
         calm = _watch_once(calm_repo, work / "w-calm", alice_token)
         assert calm.wait(timeout=300) == 0, calm.stderr.read()
     repo, ft, sha = repos[name]

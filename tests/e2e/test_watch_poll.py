@@ -32,9 +32,9 @@ def watched(hub_api, alice_token, tiny_base, tiny_experts, tmp_path_factory):
     return repo, base, work
 
 
-def test_running_watcher_merges_each_commit_of_a_fine_tune_exactly_once(watched, hub_url, alice_token, bob_token, tiny_base):
+def test_running_watcher_merges_each_commit_of_a_fine_tune_exactly_once(watched, hub_url, alice_token, carol_token, tiny_base):
     repo, base, work = watched
-    bob = HfApi(endpoint=hub_url, token=bob_token)
+    carol = HfApi(endpoint=hub_url, token=carol_token)
     titles_before = [c.title for c in HfApi(endpoint=hub_url).list_repo_commits(repo)]
     watcher = Watcher(repo, work_dir=work / "watcher", token=alice_token, retry=RetryPolicy(attempts=2, first_delay_s=0.1))
     stop = threading.Event()
@@ -42,44 +42,44 @@ def test_running_watcher_merges_each_commit_of_a_fine_tune_exactly_once(watched,
     thread.start()
     try:
         folder = fine_tune(tiny_base, work / "bob-ft", base, seed=4242, extra=f"datasets:\n- {TASK}")
-        first = publish(bob, "bob/watch-poll-ft", folder)
-        assert _wait(lambda: ("bob/watch-poll-ft", first) in lineage_of(repo))
-        assert lineage_of(repo)[-1] == ("bob/watch-poll-ft", first)
+        first = publish(carol, "carol/watch-poll-ft", folder)
+        assert _wait(lambda: ("carol/watch-poll-ft", first) in lineage_of(repo))
+        assert lineage_of(repo)[-1] == ("carol/watch-poll-ft", first)
 
         # The same files again: the client makes no commit, the sha stays, and nothing is merged twice.
-        assert publish(bob, "bob/watch-poll-ft", folder) == first
-        assert watcher.consider("bob/watch-poll-ft", first).status == "skipped"
+        assert publish(carol, "carol/watch-poll-ft", folder) == first
+        assert watcher.consider("carol/watch-poll-ft", first).status == "skipped"
         time.sleep(1.5)  # several passes
-        assert lineage_of(repo).count(("bob/watch-poll-ft", first)) == 1
+        assert lineage_of(repo).count(("carol/watch-poll-ft", first)) == 1
 
         # A new commit of the same repo is a new candidate.
         folder = fine_tune(tiny_base, work / "bob-ft", base, seed=4343, extra=f"datasets:\n- {TASK}")
-        second = publish(bob, "bob/watch-poll-ft", folder, message="Train longer")
+        second = publish(carol, "carol/watch-poll-ft", folder, message="Train longer")
         assert second != first
-        assert _wait(lambda: ("bob/watch-poll-ft", second) in lineage_of(repo))
+        assert _wait(lambda: ("carol/watch-poll-ft", second) in lineage_of(repo))
     finally:
         stop.set()
         thread.join(timeout=60)
     lineage = lineage_of(repo)
-    assert lineage[-2:] == [("bob/watch-poll-ft", first), ("bob/watch-poll-ft", second)]
+    assert lineage[-2:] == [("carol/watch-poll-ft", first), ("carol/watch-poll-ft", second)]
     assert len(lineage) == 4
     titles = [c.title for c in HfApi(endpoint=hub_url).list_repo_commits(repo)]
     ours = titles[: len(titles) - len(titles_before)]
-    assert ours == [f"hf-merge watch: add bob/watch-poll-ft@{second[:10]}", f"hf-merge watch: add bob/watch-poll-ft@{first[:10]}"]
+    assert ours == [f"hf-merge watch: add carol/watch-poll-ft@{second[:10]}", f"hf-merge watch: add carol/watch-poll-ft@{first[:10]}"]
     card = ModelCard.load(repo)
     assert f"`{first}`" in card.text and f"`{second}`" in card.text
     assert "\n| 4 | " in card.text  # the candidates' task (from their cards) continued the per-step table
-    assert "bob/watch-poll-ft" in card.data.base_model
+    assert "carol/watch-poll-ft" in card.data.base_model
 
 
-def test_review_pr_opens_a_pull_request_and_leaves_main_alone(watched, hub_url, alice_token, bob_token, tiny_base):
+def test_review_pr_opens_a_pull_request_and_leaves_main_alone(watched, hub_url, alice_token, carol_token, tiny_base):
     repo, base, work = watched
     folder = fine_tune(tiny_base, work / "bob-pr", base, seed=4444)
-    sha = publish(HfApi(endpoint=hub_url, token=bob_token), "bob/watch-poll-pr", folder)
+    sha = publish(HfApi(endpoint=hub_url, token=carol_token), "carol/watch-poll-pr", folder)
     lineage_before = lineage_of(repo)
     watcher = Watcher(repo, work_dir=work / "watcher-pr", token=alice_token, review="pr")
     outcomes = watcher.run_once()
-    assert [(o.repo_id, o.sha, o.status) for o in outcomes] == [("bob/watch-poll-pr", sha, "proposed")]
+    assert [(o.repo_id, o.sha, o.status) for o in outcomes] == [("carol/watch-poll-pr", sha, "proposed")]
     assert "/discussions/" in outcomes[0].url
     # main gets no merge, only the ledger's note of the open pull request.
     assert lineage_of(repo) == lineage_before
@@ -88,21 +88,21 @@ def test_review_pr_opens_a_pull_request_and_leaves_main_alone(watched, hub_url, 
     assert Watcher(repo, work_dir=work / "watcher-pr-2", token=alice_token, review="pr").run_once() == []
 
 
-def test_a_refused_push_keeps_the_result_and_the_next_pass_pushes_it(watched, hub_url, alice_token, bob_token, tiny_base):
+def test_a_refused_push_keeps_the_result_and_the_next_pass_pushes_it(watched, hub_url, alice_token, carol_token, tiny_base):
     repo, base, work = watched
-    sha = publish(HfApi(endpoint=hub_url, token=bob_token), "bob/watch-poll-kept",
+    sha = publish(HfApi(endpoint=hub_url, token=carol_token), "carol/watch-poll-kept",
                   fine_tune(tiny_base, work / "bob-kept", base, seed=4646))
     commits = len(HfApi(endpoint=hub_url).list_repo_commits(repo))
-    # Bob may read the merged repo but not write it: the merge is done, the push refused (403).
-    outcomes = Watcher(repo, work_dir=work / "watcher-kept", token=bob_token,
+    # Carol may read the merged repo but not write it: the merge is done, the push refused (403).
+    outcomes = Watcher(repo, work_dir=work / "watcher-kept", token=carol_token,
                        retry=RetryPolicy(attempts=2, first_delay_s=0.1)).run_once()
-    assert [(o.repo_id, o.status) for o in outcomes] == [("bob/watch-poll-kept", "failed")]
-    assert "403" in outcomes[0].reason and "kept in" in outcomes[0].reason and bob_token not in outcomes[0].reason
+    assert [(o.repo_id, o.status) for o in outcomes] == [("carol/watch-poll-kept", "failed")]
+    assert "403" in outcomes[0].reason and "kept in" in outcomes[0].reason and carol_token not in outcomes[0].reason
     kept = list((work / "watcher-kept" / "ready").iterdir())
-    assert [p.name for p in kept] == [f"bob--watch-poll-kept@{sha}"]
+    assert [p.name for p in kept] == [f"carol--watch-poll-kept@{sha}"]
     assert len(HfApi(endpoint=hub_url).list_repo_commits(repo)) == commits
     # With a token that may write, the next pass pushes the kept result instead of merging again.
     assert Watcher(repo, work_dir=work / "watcher-kept", token=alice_token).run_once() == []
-    assert lineage_of(repo)[-1] == ("bob/watch-poll-kept", sha)
+    assert lineage_of(repo)[-1] == ("carol/watch-poll-kept", sha)
     assert len(HfApi(endpoint=hub_url).list_repo_commits(repo)) == commits + 1
-    assert not (work / "watcher-kept" / "ready" / f"bob--watch-poll-kept@{sha}").exists()
+    assert not (work / "watcher-kept" / "ready" / f"carol--watch-poll-kept@{sha}").exists()

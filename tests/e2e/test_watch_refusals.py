@@ -35,29 +35,29 @@ def _weights_and_state(api: HfApi, repo: str) -> tuple[str, str]:
     return weights, state
 
 
-def test_refused_candidates_are_recorded_with_their_reasons_and_change_no_weights(watched, hub_url, alice_token, bob_token, tiny_base):
+def test_refused_candidates_are_recorded_with_their_reasons_and_change_no_weights(watched, hub_url, alice_token, carol_token, tiny_base):
     repo, base, work = watched
-    bob = HfApi(endpoint=hub_url, token=bob_token)
+    carol = HfApi(endpoint=hub_url, token=carol_token)
     anonymous = HfApi(endpoint=hub_url)
     shas = {
-        "bob/refuse-arch": publish(bob, "bob/refuse-arch", other_architecture(work / "arch", base)),
-        "bob/refuse-pickle": publish(bob, "bob/refuse-pickle", pickle_only(tiny_base, work / "pickle", base)),
-        "bob/refuse-nan": publish(bob, "bob/refuse-nan", with_nan(tiny_base, work / "nan", base)),
-        "bob/refuse-license": publish(bob, "bob/refuse-license", fine_tune(tiny_base, work / "lic", base, seed=4545, license="gpl-3.0")),
-        "bob/refuse-hurt": publish(bob, "bob/refuse-hurt", fine_tune(tiny_base, work / "hurt", base, seed=999, scale=10.0)),
+        "carol/refuse-arch": publish(carol, "carol/refuse-arch", other_architecture(work / "arch", base)),
+        "carol/refuse-pickle": publish(carol, "carol/refuse-pickle", pickle_only(tiny_base, work / "pickle", base)),
+        "carol/refuse-nan": publish(carol, "carol/refuse-nan", with_nan(tiny_base, work / "nan", base)),
+        "carol/refuse-license": publish(carol, "carol/refuse-license", fine_tune(tiny_base, work / "lic", base, seed=4545, license="gpl-3.0")),
+        "carol/refuse-hurt": publish(carol, "carol/refuse-hurt", fine_tune(tiny_base, work / "hurt", base, seed=999, scale=10.0)),
     }
-    policy = AdmissionPolicy(licenses=["mit", "apache-2.0"], max_forgetting=10.0, tasks={"bob/refuse-hurt": PROBE})
+    policy = AdmissionPolicy(licenses=["mit", "apache-2.0"], max_forgetting=10.0, tasks={"carol/refuse-hurt": PROBE})
     before = _weights_and_state(anonymous, repo)
     watcher = Watcher(repo, work_dir=work / "watcher", token=alice_token, policy=policy,
                       retry=RetryPolicy(attempts=2, first_delay_s=0.1))
     outcomes = {o.repo_id: o for o in watcher.run_once()}
 
     assert {r: (o.status, o.sha) for r, o in outcomes.items()} == {r: ("refused", sha) for r, sha in shas.items()}
-    assert outcomes["bob/refuse-arch"].reason.startswith("architecture:") and "hidden_size is 48 instead of 32" in outcomes["bob/refuse-arch"].reason
-    assert outcomes["bob/refuse-pickle"].reason.startswith("weights:") and "only pickle weights" in outcomes["bob/refuse-pickle"].reason
-    assert outcomes["bob/refuse-nan"].reason.startswith("weights:") and "NaN" in outcomes["bob/refuse-nan"].reason
-    assert outcomes["bob/refuse-license"].reason == "license: license 'gpl-3.0' is not allowed (mit, apache-2.0)"
-    hurt = outcomes["bob/refuse-hurt"].reason
+    assert outcomes["carol/refuse-arch"].reason.startswith("architecture:") and "hidden_size is 48 instead of 32" in outcomes["carol/refuse-arch"].reason
+    assert outcomes["carol/refuse-pickle"].reason.startswith("weights:") and "only pickle weights" in outcomes["carol/refuse-pickle"].reason
+    assert outcomes["carol/refuse-nan"].reason.startswith("weights:") and "NaN" in outcomes["carol/refuse-nan"].reason
+    assert outcomes["carol/refuse-license"].reason == "license: license 'gpl-3.0' is not allowed (mit, apache-2.0)"
+    hurt = outcomes["carol/refuse-hurt"].reason
     assert hurt.startswith("quality: forgetting ") and "100.0 -> " in hurt and "more than max_forgetting 10" in hurt
     assert float(hurt.split("forgetting ")[1].split(" points")[0]) > 50
 
@@ -65,8 +65,8 @@ def test_refused_candidates_are_recorded_with_their_reasons_and_change_no_weight
     assert _weights_and_state(anonymous, repo) == before
     ledger = json.loads(Path(hf_hub_download(repo, "watch_ledger.json", force_download=True)).read_text())
     recorded = {e["repo_id"]: (e["sha"], e["status"], e["kind"]) for e in ledger["entries"]}
-    kinds = {"bob/refuse-arch": "architecture", "bob/refuse-pickle": "weights", "bob/refuse-nan": "weights",
-             "bob/refuse-license": "license", "bob/refuse-hurt": "quality"}
+    kinds = {"carol/refuse-arch": "architecture", "carol/refuse-pickle": "weights", "carol/refuse-nan": "weights",
+             "carol/refuse-license": "license", "carol/refuse-hurt": "quality"}
     assert recorded == {r: (shas[r], "refused", kinds[r]) for r in shas}
     text = ModelCard.load(repo).text
     section = text.split("## Considered and not merged", 1)[1].split("\n## ", 1)[0]
@@ -81,9 +81,9 @@ def test_refused_candidates_are_recorded_with_their_reasons_and_change_no_weight
     assert _weights_and_state(anonymous, repo)[0] == before[0]
 
     # A new commit of a refused candidate is considered again: with an allowed licence, it is merged.
-    fixed = publish(bob, "bob/refuse-license", fine_tune(tiny_base, work / "lic", base, seed=4545, license="mit"))
+    fixed = publish(carol, "carol/refuse-license", fine_tune(tiny_base, work / "lic", base, seed=4545, license="mit"))
     again = watcher.run_once()
-    assert [(o.repo_id, o.sha, o.status) for o in again] == [("bob/refuse-license", fixed, "merged")]
-    assert lineage_of(repo)[-1] == ("bob/refuse-license", fixed)
+    assert [(o.repo_id, o.sha, o.status) for o in again] == [("carol/refuse-license", fixed, "merged")]
+    assert lineage_of(repo)[-1] == ("carol/refuse-license", fixed)
     assert _weights_and_state(anonymous, repo)[0] != before[0]
-    assert f"| bob/refuse-license | `{shas['bob/refuse-license'][:12]}` | " in ModelCard.load(repo).text  # the old refusal stays listed
+    assert f"| carol/refuse-license | `{shas['carol/refuse-license'][:12]}` | " in ModelCard.load(repo).text  # the old refusal stays listed

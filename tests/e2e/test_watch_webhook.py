@@ -61,39 +61,39 @@ def served(hub_api, alice_token, tiny_base, tiny_experts, tmp_path_factory):
     gradio.close_all()
 
 
-def test_a_missing_or_wrong_secret_is_refused_and_nothing_is_merged(served, hub_url, bob_token, tiny_base):
+def test_a_missing_or_wrong_secret_is_refused_and_nothing_is_merged(served, hub_url, carol_token, tiny_base):
     repo, base, work, url, deliveries = served
-    sha = publish(HfApi(endpoint=hub_url, token=bob_token), "bob/watch-hook-intruder",
+    sha = publish(HfApi(endpoint=hub_url, token=carol_token), "carol/watch-hook-intruder",
                   fine_tune(tiny_base, work / "intruder", base, seed=6001))
     before = lineage_of(repo)
-    assert _post(url, _payload("bob/watch-hook-intruder", sha), "not-the-secret") == (403, {"error": "Invalid webhook secret."})
-    assert _post(url, _payload("bob/watch-hook-intruder", sha), None)[0] == 401
+    assert _post(url, _payload("carol/watch-hook-intruder", sha), "not-the-secret") == (403, {"error": "Invalid webhook secret."})
+    assert _post(url, _payload("carol/watch-hook-intruder", sha), None)[0] == 401
     time.sleep(1.0)
     deliveries.wait_idle()
     assert deliveries.done == [] and lineage_of(repo) == before
 
 
-def test_the_hubs_delivery_of_a_push_merges_the_fine_tune(served, hub_url, alice_token, bob_token, tiny_base):
+def test_the_hubs_delivery_of_a_push_merges_the_fine_tune(served, hub_url, alice_token, carol_token, tiny_base):
     repo, base, work, url, deliveries = served
     alice = HfApi(endpoint=hub_url, token=alice_token)
-    hook = alice.create_webhook(url=url, watched=[{"type": "user", "name": "bob"}], domains=["repo"], secret=SECRET)
+    hook = alice.create_webhook(url=url, watched=[{"type": "user", "name": "carol"}], domains=["repo"], secret=SECRET)
     try:
         assert [h.id for h in alice.list_webhooks()] == [hook.id] and hook.secret == SECRET
-        sha = publish(HfApi(endpoint=hub_url, token=bob_token), "bob/watch-hook-ft",
+        sha = publish(HfApi(endpoint=hub_url, token=carol_token), "carol/watch-hook-ft",
                       fine_tune(tiny_base, work / "ft", base, seed=6002))
-        assert _wait(lambda: ("bob/watch-hook-ft", sha) in lineage_of(repo))
+        assert _wait(lambda: ("carol/watch-hook-ft", sha) in lineage_of(repo))
     finally:
         alice.delete_webhook(hook.id)
     assert alice.list_webhooks() == []
-    merged = [d for d in deliveries.done if d.repo_id == "bob/watch-hook-ft"]
+    merged = [d for d in deliveries.done if d.repo_id == "carol/watch-hook-ft"]
     assert [(d.sha, d.outcome.status) for d in merged] == [(sha, "merged")]
 
 
-def test_two_deliveries_at_once_merge_one_after_the_other_in_order(served, hub_url, bob_token, tiny_base):
+def test_two_deliveries_at_once_merge_one_after_the_other_in_order(served, hub_url, carol_token, tiny_base):
     repo, base, work, url, deliveries = served
-    bob = HfApi(endpoint=hub_url, token=bob_token)
-    shas = {name: publish(bob, name, fine_tune(tiny_base, work / name.split("/")[1], base, seed=seed))
-            for name, seed in (("bob/watch-hook-a", 6003), ("bob/watch-hook-b", 6004))}
+    carol = HfApi(endpoint=hub_url, token=carol_token)
+    shas = {name: publish(carol, name, fine_tune(tiny_base, work / name.split("/")[1], base, seed=seed))
+            for name, seed in (("carol/watch-hook-a", 6003), ("carol/watch-hook-b", 6004))}
     before = lineage_of(repo)
     answers: dict[str, tuple[int, dict]] = {}
     start = threading.Barrier(2)
