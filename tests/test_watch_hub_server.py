@@ -91,6 +91,8 @@ def test_webhooks_are_registered_like_the_hub_and_delivered_on_every_commit(hub)
         first = _card(dave, "dave/model", "base_model: org/base")
         second = _card(dave, "dave/model", "base_model: org/base\nlicense: mit")
         _card(carol, "carol/not-watched", "license: mit")
+        dave.create_repo("dave/secret", private=True)
+        _card(dave, "dave/secret", "license: mit")  # carol cannot read it, so she is not told
         hub.api.webhooks.wait_idle()
         assert [(path, secret) for path, secret, _ in _Receiver.received] == [("/hook", "s3cret")] * 2
         payload = _Receiver.received[1][2]

@@ -131,7 +131,9 @@ class WebhookRegistry:
         """Queue one ``repo.content`` delivery per webhook watching ``repo_id`` (or its namespace)."""
         namespace = repo_id.split("/", 1)[0]
         with self._lock:
+            # A private repo is only reported to its own namespace's webhooks, as only it may read it.
             hooks = [dict(h) for h in self._hooks.values() if not h.get("disabled") and "repo" in h.get("domains", [])
+                     and (not private or h["owner"] == namespace)
                      and any((w["type"] == repo_type and w["name"] == repo_id)
                              or (w["type"] in ("user", "org") and w["name"] == namespace) for w in h["watched"])]
         if not hooks:
