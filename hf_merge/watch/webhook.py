@@ -103,12 +103,16 @@ def create_webhook_server(watcher: Watcher, *, secret: str | None) -> tuple[Any,
     if not secret:
         raise UsageError("webhook mode needs a secret: pass --webhook-secret or set WEBHOOK_SECRET "
                          "(the same one as in the Hub's webhook settings)")
+    import gradio as gr
     from fastapi import Request
     from fastapi.responses import JSONResponse
     from huggingface_hub import WebhooksServer
 
     deliveries = DeliveryQueue(watcher)
-    server = WebhooksServer(webhook_secret=secret)
+    with gr.Blocks(title=f"hf-merge watch {watcher.merged_repo}") as ui:
+        gr.Markdown(f"# hf-merge watcher of `{watcher.merged_repo}`\n\nThe Hub's webhook posts to `/webhooks/{WEBHOOK_PATH}`.")
+    server = WebhooksServer(ui=ui, webhook_secret=secret)
+    server.ui = ui  # our own handle: `server.ui.close()` stops this app and no other Gradio app
 
     async def watch(request: Request):
         # The server already refused a missing or wrong secret; this compare is constant-time.

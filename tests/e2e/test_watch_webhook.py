@@ -50,15 +50,13 @@ def _wait(condition, timeout=180.0) -> bool:
 
 @pytest.fixture(scope="module")
 def served(hub_api, alice_token, tiny_base, tiny_experts, tmp_path_factory):
-    import gradio
-
     work = tmp_path_factory.mktemp("watch-webhook")
     repo, base = merged_repo(hub_api, alice_token, "watch-hook", tiny_base, tiny_experts[:2], work)
     watcher = Watcher(repo, work_dir=work / "watcher", token=alice_token, retry=RetryPolicy(attempts=2, first_delay_s=0.1))
     port = free_port()
-    _, deliveries = serve_webhooks(watcher, secret=SECRET, port=port, block=False)
+    server, deliveries = serve_webhooks(watcher, secret=SECRET, port=port, block=False)
     yield repo, base, work, f"http://127.0.0.1:{port}/webhooks/watch", deliveries
-    gradio.close_all()
+    server.ui.close()  # not gradio.close_all(): the session's Space fixture keeps running
 
 
 def test_a_missing_or_wrong_secret_is_refused_and_nothing_is_merged(served, hub_url, carol_token, tiny_base):
