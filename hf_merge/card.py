@@ -179,6 +179,7 @@ def build_card(
         "recipe_yaml": recipe_yaml or "# no recipe.yaml in this folder\n",
         "space_id": space_id,
         "space_url": f"{hub}/spaces/{space_id}" if space_id else None,
+        "considered": _considered(output_dir),
     }
     card = ModelCard.from_template(card_data, template_path=str(templates_dir() / "model_card.md"), **context)
     # Parents' licenses, kept in a comment so that a regenerated card still knows them once the
@@ -193,6 +194,13 @@ def write_card(output_dir: str | Path, **kwargs: Any) -> Path:
     path = Path(output_dir) / CARD_FILENAME
     card.save(path)
     return path
+
+
+def _considered(output_dir: Path) -> list[dict[str, Any]]:
+    """Candidates ``hf-merge watch`` refused, from the folder's ``watch_ledger.json``."""
+    from .watch.ledger import Ledger
+
+    return Ledger.load(output_dir).to_card()
 
 
 def _decorate(source: dict[str, Any], hub: str) -> None:

@@ -50,7 +50,7 @@ MODEL_PATTERNS = (
 )
 PICKLE_PATTERNS = ("*.bin", "pytorch_model.bin.index.json")
 # What continuing a merged repo additionally needs.
-MERGE_RESULT_PATTERNS = ("merge_state.json", "recipe.yaml", "eval_results.json", "accuracy.png")
+MERGE_RESULT_PATTERNS = ("merge_state.json", "recipe.yaml", "eval_results.json", "accuracy.png", "watch_ledger.json")
 
 # Files a push sends: the model (as from_pretrained reads it) and what documents and continues it.
 PUSH_PATTERNS = MODEL_PATTERNS + MERGE_RESULT_PATTERNS

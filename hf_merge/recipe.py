@@ -32,6 +32,7 @@ import yaml
 
 from .errors import RecipeError
 from .sources import split_reference
+from .watch.policy import AdmissionPolicy
 
 RECIPE_FILENAME = "recipe.yaml"
 
@@ -127,6 +128,7 @@ class MergeRecipe:
         evict: Delete each expert's snapshot from the local cache once merged (flat disk use).
         partial_download: Download only the experts' tensors in ``scope`` (HTTP ranges), not whole
             snapshots, where the server allows it.
+        watch: Admission policy of ``hf-merge watch`` (:class:`~hf_merge.watch.policy.AdmissionPolicy`).
     """
 
     base: str
@@ -144,6 +146,7 @@ class MergeRecipe:
     allow_pickle: bool = False
     evict: bool = False
     partial_download: bool = True
+    watch: AdmissionPolicy | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -189,6 +192,8 @@ class MergeRecipe:
         for name in ("private", "shuffle", "allow_pickle", "evict", "partial_download"):
             if not isinstance(getattr(self, name), bool):
                 raise RecipeError(f"`{name}` must be true or false, got {getattr(self, name)!r}")
+        if self.watch is not None and not isinstance(self.watch, AdmissionPolicy):
+            self.watch = AdmissionPolicy.from_dict(self.watch)
 
     def _checked_parameters(self) -> dict[str, Any]:
         declared = method_parameters(self.method)
@@ -264,6 +269,8 @@ class MergeRecipe:
                 data[name] = True
         if not self.partial_download:
             data["partial_download"] = False
+        if self.watch is not None:
+            data["watch"] = self.watch.to_dict()
         return data
 
     def to_yaml(self) -> str:
@@ -295,6 +302,8 @@ class MergeRecipe:
             values["eval"] = _eval_from_mapping(values["eval"], source=source)
         elif isinstance(values.get("eval"), (list, str)):
             values["eval"] = EvalSpec(tasks=_as_list(values["eval"]))
+        if "watch" in values:
+            values["watch"] = AdmissionPolicy.from_dict(values["watch"] or {}, source=source)
         return cls(**values)
 
     @classmethod

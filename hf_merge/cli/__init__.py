@@ -18,7 +18,7 @@ from ..errors import HfMergeError
 from ..log import set_verbosity
 
 # One module per group of subcommands; each defines ``register(subparsers)``.
-_COMMAND_MODULES = ("merge", "evaluate", "space", "hub", "demo")
+_COMMAND_MODULES = ("merge", "evaluate", "space", "hub", "demo", "watch")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -63,14 +63,26 @@ def tags_for(card: dict[str, Any], tree: dict[str, TreeEntry], config: dict[str,
     tags += _as_list(card.get("tags"))
     tags += _as_list(card.get("pipeline_tag"))
     tags += [f"dataset:{name}" for name in _as_list(card.get("datasets"))]
-    relation = card.get("base_model_relation")
-    for base in _as_list(card.get("base_model")):
+    bases = _as_list(card.get("base_model"))
+    relation = card.get("base_model_relation") or _inferred_relation(bases, tree, config)
+    for base in bases:
         tags.append(f"base_model:{base}")
         if isinstance(relation, str):
             tags.append(f"base_model:{relation}:{base}")
     tags += [f"license:{name}" for name in _as_list(card.get("license"))]
     tags += [str(lang) for lang in _as_list(card.get("language"))]
     return list(dict.fromkeys(tags))
+
+
+def _inferred_relation(bases: list[str], tree: dict[str, TreeEntry], config: dict[str, Any] | None) -> str | None:
+    """The Hub's guess when a card names base models without ``base_model_relation``."""
+    if not bases:
+        return None
+    if "adapter_config.json" in tree:
+        return "adapter"
+    if any(path.endswith(".gguf") for path in tree) or (config and "quantization_config" in config):
+        return "quantized"
+    return "merge" if len(bases) > 1 else "finetune"
 
 
 class RepoViews:

@@ -21,6 +21,7 @@ from typing import Any, BinaryIO, Iterator
 from .metadata import RepoViews, parse_front_matter, url_prefix
 from .git import HubError, should_use_lfs
 from .storage import REPO_TYPES, SPACE_SDKS, HubStorage, RepoRecord
+from .webhooks import WebhookRegistry
 
 _TICKET_TTL_S = 3600
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -38,6 +39,7 @@ class HubApi:
             raise ValueError("Two users cannot share a token.")
         self.storage = HubStorage(root)
         self.views = RepoViews(self.storage)
+        self.webhooks = WebhookRegistry(self.storage.root)
         self._tokens = dict(tokens)
         # One-time upload tickets: the client PUTs LFS content without an Authorization header.
         self._tickets: dict[str, tuple[str, int, float]] = {}
@@ -312,6 +314,13 @@ class HubApi:
             repo_type, repo_id, revision=revision, author=str(user), title=str(header["summary"]),
             message=str(header.get("description") or ""), operations=operations,
             parent_commit=header.get("parentCommit"), create_pr=create_pr,
+        )
+        record = self.storage.get_repo(repo_type, repo_id)
+        self.webhooks.notify_commit(
+            repo_type=repo_type, repo_id=repo_id, private=bool(record and record.private),
+            ref=f"refs/pr/{pr_num}" if pr_num else f"refs/heads/{revision}",
+            old_sha=commit.parents[0] if commit.parents else None, new_sha=commit.id, base=base,
+            tags=self.views.card_and_tags(commit)[1],
         )
         repo_url = f"{base}/{url_prefix(repo_type)}{repo_id}"
         return {

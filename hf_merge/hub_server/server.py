@@ -43,7 +43,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
     ``/api/whoami-v2``, ``/api/repos/{create,delete}``, ``/api/validate-yaml``, ``/api/{t}``,
     ``/api/{t}/{ns}/{name}[/revision/{rev}]``, ``…/preupload/{rev}``, ``…/commit/{rev}``,
     ``…/branch/{b}``, ``…/tag/{rev}``, ``…/tree/{rev}[/{path}]``, ``…/refs``, ``…/commits/{rev}``,
-    ``…/paths-info/{rev}``, ``…/settings``, ``/{p}{ns}/{name}.git/info/lfs/objects/batch``,
+    ``…/paths-info/{rev}``, ``…/settings``, ``/api/settings/webhooks[/{id}]``, ``/{p}{ns}/{name}.git/info/lfs/objects/batch``,
     ``/lfs-upload/{ticket}`` and ``/{p}{ns}/{name}/resolve/{rev}/{path}``.
     """
 
@@ -168,6 +168,9 @@ class HubRequestHandler(BaseHTTPRequestHandler):
                 return self._send_json(status, data)
             if seg[1] == "repos" and seg[2:] == ["delete"] and method == "DELETE":
                 return self._send_json(200, api.delete_repo(req.user, req.json()))
+            if seg[1:3] == ["settings", "webhooks"]:
+                status, data = api.webhooks.handle(req.user, method, seg[3:], req.json() if method == "POST" else {})
+                return self._send_json(status, data)
             if seg[1] in _TYPES and len(seg) == 2 and method == "GET":
                 return self._send_json(200, api.list_repos(req.user, _TYPES[seg[1]], req.query))
             if seg[1] in _TYPES and len(seg) >= 4:

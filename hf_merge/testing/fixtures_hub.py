@@ -3,7 +3,7 @@
 Enable with ``pytest_plugins = ["hf_merge.testing.fixtures_hub"]`` in a ``conftest.py`` that has set
 ``HF_ENDPOINT=http://127.0.0.1:<free port>`` before ``huggingface_hub`` was imported: the server
 listens on that port, so code that uses the default endpoint (``transformers``' ``push_to_hub`` and
-``from_pretrained``, subprocesses) reaches it too. Users ``alice`` and ``bob`` have tokens.
+``from_pretrained``, subprocesses) reaches it too. Users ``alice``, ``bob`` and ``carol`` have tokens.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from ..hub_server import LocalHubServer
 
 ALICE = "alice"
 BOB = "bob"
+CAROL = "carol"
 
 
 def _endpoint_port() -> int:
@@ -32,7 +33,8 @@ def _endpoint_port() -> int:
 @pytest.fixture(scope="session")
 def hub_tokens() -> dict[str, str]:
     """User name -> token of every user of the session's Hub."""
-    return {ALICE: f"hf_alice_{secrets.token_hex(12)}", BOB: f"hf_bob_{secrets.token_hex(12)}"}
+    return {ALICE: f"hf_alice_{secrets.token_hex(12)}", BOB: f"hf_bob_{secrets.token_hex(12)}",
+            CAROL: f"hf_carol_{secrets.token_hex(12)}"}
 
 
 @pytest.fixture(scope="session")
@@ -59,6 +61,13 @@ def alice_token(hub_tokens) -> str:
 def bob_token(hub_tokens) -> str:
     """Token of ``bob``, a second user (for access-control tests)."""
     return hub_tokens[BOB]
+
+
+@pytest.fixture(scope="session")
+def carol_token(hub_tokens) -> str:
+    """Token of ``carol``, who pushes fine-tunes that watchers pick up (her own namespace keeps
+    other tests' listings of ``bob`` unchanged)."""
+    return hub_tokens[CAROL]
 
 
 @pytest.fixture(scope="session")

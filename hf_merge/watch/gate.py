@@ -1,0 +1,117 @@
+"""The quality gate: admit a candidate only if merging it keeps what the merged model knows.
+
+The candidate has already been merged into a copy of the merged model (the watcher's staging
+folder). The gate evaluates, with :mod:`hf_merge.evaluation`:
+
+- the average accuracy on the tasks already merged, before and after: it may drop by at most
+  ``max_forgetting`` points;
+- the accuracy on the candidate's task after the merge, against the base's zero-shot accuracy: it
+  must gain at least ``min_gain`` points.
+
+The candidate's task comes from the policy (``watch.tasks``), else its card's ``model-index`` or
+``datasets`` (the first one that names a registered task).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..errors import EvaluationError
+from ..log import get_logger
+from .policy import AdmissionPolicy, Refusal
+
+logger = get_logger(__name__)
+
+
+@dataclass
+class GateResult:
+    """What the gate measured (points, 0-100) and decided."""
+
+    refusal: Refusal | None = None
+    old_before: float | None = None
+    old_after: float | None = None
+    new_task: str | None = None
+    new_after: float | None = None
+    new_base: float | None = None
+    scores: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def admitted(self) -> bool:
+        return self.refusal is None
+
+
+def candidate_task(repo_id: str, card: dict[str, Any], policy: AdmissionPolicy) -> str | None:
+    """The evaluation task of a candidate: declared in the policy, else read from its card."""
+    if repo_id in policy.tasks:
+        return policy.tasks[repo_id]
+    from ..evaluation import get_task
+
+    names: list[str] = []
+    for model in card.get("model-index") or card.get("model_index") or []:
+        for result in (model or {}).get("results") or []:
+            dataset = (result or {}).get("dataset") or {}
+            names += [str(dataset[k]) for k in ("name", "type") if dataset.get(k)]
+    datasets = card.get("datasets") or []
+    names += [str(d) for d in ([datasets] if isinstance(datasets, str) else datasets)]
+    for name in names:
+        for spelling in (name, name.split("/")[-1]):
+            try:
+                return get_task(spelling).name
+            except EvaluationError:
+                continue
+    return None
+
+
+def run_gate(
+    policy: AdmissionPolicy,
+    *,
+    before: Path,
+    after: Path,
+    base: Path,
+    old_tasks: Sequence[str],
+    new_task: str | None,
+    token: str | None = None,
+) -> GateResult:
+    """Evaluate and decide; ``before``/``after``/``base`` are model folders."""
+    from ..evaluation import Evaluator
+
+    result = GateResult(new_task=new_task)
+    if policy.min_gain is not None and new_task is None:
+        result.refusal = Refusal("quality", "no evaluation task for it: declare one in `watch.tasks` or its card's model-index")
+        return result
+    old = list(dict.fromkeys(old_tasks))
+    tasks = old + ([new_task] if new_task and new_task not in old else [])
+    if not tasks:
+        return result
+    try:
+        evaluator = Evaluator(tasks, limit=policy.eval_limit, token=token)
+        after_scores = evaluator.evaluate(str(after))
+        if old and policy.max_forgetting is not None:
+            before_scores = evaluator.evaluate(str(before), tasks=old)
+            result.old_before = 100 * sum(before_scores[t]["accuracy"] for t in old) / len(old)
+            result.old_after = 100 * sum(after_scores[t]["accuracy"] for t in old) / len(old)
+        if new_task and policy.min_gain is not None:
+            result.new_after = 100 * after_scores[new_task]["accuracy"]
+            result.new_base = 100 * evaluator.evaluate(str(base), tasks=[new_task])[new_task]["accuracy"]
+    except EvaluationError as error:
+        result.refusal = Refusal("quality", f"could not be evaluated: {error}")
+        return result
+    result.scores = {t: after_scores[t]["accuracy"] for t in tasks}
+    if result.old_before is not None and result.old_after is not None:
+        drop = result.old_before - result.old_after
+        logger.info("Gate: merged tasks %.1f -> %.1f (%+.1f points)", result.old_before, result.old_after, -drop)
+        if drop > policy.max_forgetting + 1e-9:
+            result.refusal = Refusal(
+                "quality", f"forgetting {drop:.1f} points on the merged tasks ({result.old_before:.1f} -> "
+                f"{result.old_after:.1f}), more than max_forgetting {policy.max_forgetting:g}")
+            return result
+    if result.new_after is not None and result.new_base is not None:
+        gain = result.new_after - result.new_base
+        logger.info("Gate: %s %.1f vs base %.1f (%+.1f points)", new_task, result.new_after, result.new_base, gain)
+        if gain < policy.min_gain - 1e-9:
+            result.refusal = Refusal(
+                "quality", f"gain {gain:+.1f} points on {new_task} over the base ({result.new_base:.1f} -> "
+                f"{result.new_after:.1f}), less than min_gain {policy.min_gain:g}")
+    return result
