@@ -61,11 +61,35 @@ if __name__ == "__main__":
     server.launch(share=False, server_name="0.0.0.0", server_port=7860)
 '''
 
-REQUIREMENTS = """# Installed by the Hub on top of the Gradio SDK.
+# The Space carries its own copy of hf-merge (``hf_merge/`` beside ``app.py``), so it needs no
+# published package; these are that copy's dependencies, installed by the Hub on top of the Gradio SDK.
+REQUIREMENTS_HEADER = """# Installed by the Hub on top of the Gradio SDK; hf_merge/ beside app.py is hf-merge itself.
 --extra-index-url https://download.pytorch.org/whl/cpu
-torch>=2.4
-hf-merge
 """
+# What a watcher never runs: the local Hub server, the offline zoo, pytest support.
+_NOT_SHIPPED = ("testing", "zoo", "hub_server", "__pycache__", "*.pyc", "examples")
+
+
+def _requirements() -> str:
+    """hf-merge's own dependencies (its installed metadata), without gradio: the SDK brings it."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    try:
+        declared = requires("hf-merge") or []
+    except PackageNotFoundError:  # a source checkout that was never installed
+        declared = []
+    names = [r.split(";")[0].strip() for r in declared if "extra ==" not in r]
+    names = [r for r in names if not r.lower().startswith("gradio")]
+    return REQUIREMENTS_HEADER + "".join(f"{r}\n" for r in names or ["torch", "transformers", "huggingface_hub", "accelerate",
+                                                                         "evaluate", "datasets", "safetensors", "PyYAML", "Jinja2"])
+
+
+def _copy_package(out: Path) -> None:
+    import shutil
+
+    package = Path(__file__).resolve().parents[1]
+    # Links (hf_merge/_resources -> templates, spaces) are copied as the files they point to.
+    shutil.copytree(package, out / "hf_merge", ignore=shutil.ignore_patterns(*_NOT_SHIPPED), dirs_exist_ok=True)
 
 README_TEMPLATE = """---
 title: {title}
@@ -100,7 +124,7 @@ Refused candidates are listed in the model card under "Considered and not merged
 
 
 def write_watcher_space(merged_repo: str, out_dir: str | Path, *, space_id: str, policy: AdmissionPolicy | None = None) -> Path:
-    """The files of the watcher Space: ``app.py``, ``requirements.txt``, ``README.md``, the policy."""
+    """The files of the watcher Space: ``app.py``, ``hf_merge/``, ``requirements.txt``, ``README.md``, the policy."""
     import gradio
 
     from ..hub import endpoint
@@ -108,7 +132,8 @@ def write_watcher_space(merged_repo: str, out_dir: str | Path, *, space_id: str,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "app.py").write_text(APP_TEMPLATE.format(merged_repo=merged_repo), encoding="utf-8")
-    (out / "requirements.txt").write_text(REQUIREMENTS, encoding="utf-8")
+    (out / "requirements.txt").write_text(_requirements(), encoding="utf-8")
+    _copy_package(out)
     (out / "README.md").write_text(README_TEMPLATE.format(
         title=f"watch {merged_repo.split('/')[-1]}"[:60], sdk_version=gradio.__version__, merged_repo=merged_repo,
         short_repo=merged_repo.split("/")[-1][:30], endpoint=endpoint()), encoding="utf-8")

@@ -33,7 +33,36 @@ def test_space_repo_has_the_app_requirements_policy_and_a_readme_with_its_secret
     assert readme.startswith("---\ntitle: watch tiny-clip-merged\nsdk: gradio\n")
     assert "app_file: app.py" in readme and f"- {published}" in readme
     assert "`HF_TOKEN`" in readme and "`WEBHOOK_SECRET`" in readme and "/webhooks/watch" in readme
-    assert "hf-merge" in Path(hf_hub_download(SPACE, "requirements.txt", repo_type="space")).read_text().split()
+    text = Path(hf_hub_download(SPACE, "requirements.txt", repo_type="space")).read_text()
+    requirements = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith(("#", "-"))]
+    assert "hf-merge" not in requirements  # not on PyPI: the Space carries its own copy
+    assert any(r.startswith("transformers") for r in requirements) and any(r.startswith("torch") for r in requirements)
+    assert {"hf_merge/__init__.py", "hf_merge/watch/webhook.py", "hf_merge/_resources/templates/model_card.md"} <= files
+    assert not any(f.startswith(("hf_merge/testing/", "hf_merge/zoo/", "hf_merge/hub_server/")) for f in files)
+
+
+def test_space_app_runs_its_own_copy_of_hf_merge(published, tmp_path):
+    import os
+    import subprocess
+
+    from huggingface_hub import snapshot_download
+
+    folder = Path(snapshot_download(SPACE, repo_type="space", local_dir=tmp_path / "space"))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update({"WEBHOOK_SECRET": "s", "HF_HUB_OFFLINE": "1"})
+    # -I: no user site, no PYTHONPATH, no current folder: only the Space folder (added below) and the
+    # installed dependencies; the installed hf-merge is hidden the way a Space without it would be.
+    code = (
+        "import sys, importlib.abc; sys.path.insert(0, '.');"
+        "sys.meta_path = [f for f in sys.meta_path if 'editable' not in type(f).__module__.lower()];"
+        "import app, hf_merge; print('FILE=' + hf_merge.__file__); server, watcher = app.build(work_dir='work');"
+        "print('HOOKS=' + repr(list(server.registered_webhooks)))"
+    )
+    done = subprocess.run([sys.executable, "-I", "-c", code], cwd=folder, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = dict(line.split("=", 1) for line in done.stdout.splitlines() if line.startswith(("FILE=", "HOOKS=")))
+    assert Path(lines["FILE"]).resolve().is_relative_to(folder.resolve())
+    assert lines["HOOKS"] == "['/webhooks/watch']"
 
 
 def test_space_app_builds_the_webhook_server_without_the_network(published, tmp_path, monkeypatch):
