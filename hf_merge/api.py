@@ -92,6 +92,7 @@ def merge(recipe: MergeRecipe | str | Path | None = None, *, token: str | None =
         on_step=hook,
         token=token,
         allow_pickle=recipe.allow_pickle,
+        checkpoint_every=_checkpoint_every(recipe),
     )
     with merger:
         _merge_experts(merger, experts, recipe, token, licenses)
@@ -181,7 +182,8 @@ def add(
     base_name = base_entry.get("name") or base.name
     if licenses.get(base_name) is None:
         licenses[base_name] = read_license(base.path)
-    merger = ContinualMerger.resume(output_dir, base=base, on_step=hook, token=token, allow_pickle=recipe.allow_pickle)
+    merger = ContinualMerger.resume(output_dir, base=base, on_step=hook, token=token, allow_pickle=recipe.allow_pickle,
+                                    checkpoint_every=_checkpoint_every(recipe))
     with merger:
         _merge_experts(merger, experts, recipe, token, licenses)
     if not merger.executor.is_main_process:
@@ -230,14 +232,22 @@ def _merge_experts(merger: Any, experts: Sequence[str], recipe: MergeRecipe, tok
     from huggingface_hub.utils import tqdm
 
     with tqdm(total=len(experts), desc="Merging", unit="expert", disable=progress_disabled()) as bar:
-        for reference in experts:
+        for i, reference in enumerate(experts):
             source = resolve(reference, token=token, allow_pickle=recipe.allow_pickle)
             licenses[source.name] = read_license(source.path)
             bar.set_postfix_str(source.name, refresh=False)
-            merger.add(source)
+            merger.add(source, final=i == len(experts) - 1)
             if recipe.evict:
                 hub.evict(source)
             bar.update(1)
+
+
+def _checkpoint_every(recipe: MergeRecipe) -> int | None:
+    """The recipe's ``checkpoint_every``; 1 when every step is evaluated (the evaluation reads the
+    written model)."""
+    if recipe.eval is not None and recipe.eval.every_step:
+        return 1
+    return recipe.checkpoint_every
 
 
 def _publish(output_dir: Path, recipe: MergeRecipe, *, token: str | None, licenses: dict, create_pr: bool,

@@ -40,7 +40,7 @@ SCOPES = ("vision", "text", "all")
 # Used only until the methods registry can be imported: the parameters each method declares,
 # with their defaults (OPCM.md, "reference settings from the paper's experiments").
 _FALLBACK_METHOD_PARAMETERS: dict[str, dict[str, Any]] = {
-    "opcm": {"alpha": 0.5, "zero_diagonal": True, "svd_dtype": "float32"},
+    "opcm": {"alpha": 0.5, "zero_diagonal": True, "svd_dtype": "float32", "decomposition": "gram64"},
     "average": {},
     "task_arithmetic": {"scaling_factor": 0.3},
     "ties": {"scaling_factor": 0.3, "threshold": 0.2},
@@ -130,6 +130,10 @@ class MergeRecipe:
         shuffle: Merge the experts in a seeded random order instead of the listed one.
         allow_pickle: Accept ``.bin`` checkpoints (loaded with ``torch.load(weights_only=True)``).
         evict: Delete each expert's snapshot from the local cache once merged (flat disk use).
+        checkpoint_every: Write the output folder after every N-th step (the last step is always
+            written; a crash resumes from the last written one). ``None``: the method's default
+            (OPCM, TIES, MagMax 1; average and task arithmetic more, see the README's benchmark).
+            Evaluating every step needs 1.
     """
 
     base: str
@@ -146,6 +150,7 @@ class MergeRecipe:
     shuffle: bool = False
     allow_pickle: bool = False
     evict: bool = False
+    checkpoint_every: int | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -191,6 +196,11 @@ class MergeRecipe:
         for name in ("private", "shuffle", "allow_pickle", "evict"):
             if not isinstance(getattr(self, name), bool):
                 raise RecipeError(f"`{name}` must be true or false, got {getattr(self, name)!r}")
+        every = self.checkpoint_every
+        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+            raise RecipeError(f"`checkpoint_every` must be a positive integer, got {every!r}")
+        if every is not None and every > 1 and self.eval is not None and self.eval.every_step:
+            raise RecipeError("`eval.every_step` evaluates the written model after each step, so it needs `checkpoint_every: 1`")
 
     def _checked_parameters(self) -> dict[str, Any]:
         declared = method_parameters(self.method)
@@ -258,7 +268,7 @@ class MergeRecipe:
             data["scope"] = self.scope
         if self.eval is not None:
             data["eval"] = self.eval.to_dict()
-        for name in ("output", "push_to_hub", "space", "seed"):
+        for name in ("output", "push_to_hub", "space", "seed", "checkpoint_every"):
             if getattr(self, name) is not None:
                 data[name] = getattr(self, name)
         for name in ("private", "shuffle", "allow_pickle", "evict"):

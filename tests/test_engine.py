@@ -105,7 +105,8 @@ def test_nan_found_midway_undoes_the_half_done_step(method, first, tiny_base, ti
     tensors["visual_projection.weight"][1, 2] = float("inf")  # read last: every other tensor is merged by then
     save_file(tensors, poisoned / "model.safetensors")
     reference = merge(tiny_base, tiny_experts[:3], method, tmp_path / "reference").output_dir
-    with ContinualMerger(tiny_base, tmp_path / "out", method) as merger:
+    # every step written, so that the spare files of the last write are there to be checked
+    with ContinualMerger(tiny_base, tmp_path / "out", method, checkpoint_every=1) as merger:
         merger.add_all(tiny_experts[:0 if first else 2])
         with pytest.raises(CheckpointError, match="tensor 'visual_projection.weight' contains NaN or Inf"):
             merger.add(poisoned)

@@ -54,6 +54,8 @@ def _register_merge(subparsers: Any) -> None:
     parser.add_argument("--shuffle", action="store_true", default=None, help="Merge the experts in a seeded random order.")
     parser.add_argument("--allow-pickle", action="store_true", default=None, help="Accept .bin checkpoints (loaded with weights_only=True).")
     parser.add_argument("--evict", action="store_true", default=None, help="Delete each expert from the cache once merged.")
+    parser.add_argument("--checkpoint-every", type=int, metavar="N",
+                        help="Write the output after every N-th step (the last always; default: the method's).")
     add_verbosity_flags(parser)
     parser.set_defaults(func=run_merge)
 
@@ -105,7 +107,8 @@ def _recipe_fields(args: argparse.Namespace) -> dict[str, Any]:
     from ..errors import UsageError
 
     fields: dict[str, Any] = {}
-    for key in ("base", "experts", "method", "scope", "output", "push_to_hub", "private", "space", "seed", "shuffle", "allow_pickle", "evict"):
+    for key in ("base", "experts", "method", "scope", "output", "push_to_hub", "private", "space", "seed", "shuffle", "allow_pickle", "evict",
+                "checkpoint_every"):
         value = getattr(args, key, None)
         if value is not None:
             fields[key] = value
