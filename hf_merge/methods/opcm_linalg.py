@@ -8,15 +8,17 @@ do:
 - ``"svd"``: ``torch.linalg.svd`` of D, as the reference does (reduced, or full matrices with
   ``reduced_svd=False``). The exact path; the slowest on CPU.
 - ``"gram64"``: the eigendecomposition of the small Gram matrix, DᵀD = V diag(s²) Vᵀ (or DDᵀ when
-  D is wide), built and decomposed in float64; then U = D V / s in the products' precision. The
-  Gram matrix squares D's condition number, which float64 absorbs (s down to ~1e-7·s_max stays
-  resolved), so it is as close to a float64 SVD as a float32 SVD is, at a fraction of the cost.
+  D is wide), built and decomposed in float64, and U = D V / s in float64 too; the projection's
+  products then run in τ's precision. The Gram matrix squares D's condition number, which float64
+  absorbs (s down to ~1e-7·s_max stays resolved), so it is as close to a float64 SVD as a float32
+  SVD is.
 - ``"gram32"``: the same with the Gram matrix and its eigendecomposition in float32. Faster still,
   but singular values below ~3e-4·s_max drown in rounding (measured in benchmarks/results).
 
 U is never orthogonalised: u_i = D v_i / ‖D v_i‖ uses the norm of the computed column rather than
 √eigenvalue, because ‖D v_i‖ is accurate to the products' rounding while the eigenvalue of a small
-pair is not. Pairs with ‖D v_i‖ ≤ s_max · max(m, n) · eps (the usual numerical-rank cut) are not
+pair is not. Pairs with ‖D v_i‖ ≤ s_max · max(m, n) · eps (the usual numerical-rank cut, eps of the
+Gram matrix's precision) are not
 singular pairs of D at all: D has no direction there, an SVD fills that null space with an
 arbitrary orthonormal basis, and zeroing τ along arbitrary directions is not defined by the method,
 so the Gram paths leave τ alone there. For a full-rank D (every real merge) this changes nothing.
@@ -83,12 +85,12 @@ def project_svd(
     return remove_pairs(tau, u, vh, r, zero_diagonal)
 
 
-def gram_pairs(delta: torch.Tensor, gram_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Singular values (descending, in ``gram_dtype``) and right singular vectors (columns of V,
-    n × n) of a tall ``delta`` (m ≥ n), from the eigendecomposition of DᵀD."""
+def gram_pairs(delta: torch.Tensor, gram_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Singular values (descending), right singular vectors (columns of V, n × n) and D itself,
+    all in ``gram_dtype``, of a tall ``delta`` (m ≥ n), from the eigendecomposition of DᵀD."""
     d = delta.to(gram_dtype)
     evals, evecs = torch.linalg.eigh(d.T @ d)
-    return evals.flip(0).clamp_min_(0).sqrt_(), evecs.flip(1)
+    return evals.flip(0).clamp_min_(0).sqrt_(), evecs.flip(1), d
 
 
 def project_gram(
@@ -109,20 +111,25 @@ def project_gram(
                      split_index_base=split_index_base, gram_dtype=gram_dtype)
         return tau
     m, n = delta.shape
-    s, v = gram_pairs(delta, gram_dtype)
+    s, v, d = gram_pairs(delta, gram_dtype)
     if not bool(s[:1].any()):  # D = 0: no singular pairs, nothing to remove
         return tau
     r = split_rank(s, alpha, split_index_base)
     rows = n if zero_diagonal else r  # without the diagonal only the leading r pairs are needed
     if rows == 0:
         return tau
-    v = v[:, :rows].to(delta.dtype)
-    u = delta @ v  # U·S, column by column
+    v = v[:, :rows]
+    # U·S, column by column, in the Gram matrix's precision: a float32 product would carry an
+    # error of eps·s_max into columns of norm s_i, i.e. lose log10(s_max/s_i) digits of u_i
+    u = d @ v
+    del d
     norms = torch.linalg.vector_norm(u, dim=0)
-    cut = float(s[0]) * max(m, n) * torch.finfo(delta.dtype).eps
+    # the numerical-rank cut of the precision the pairs were found in: a float64 SVD of the same
+    # float32 D resolves pairs down there too, and the reference is that SVD
+    cut = float(s[0]) * max(m, n) * torch.finfo(gram_dtype).eps
     kept = norms > cut
-    u.div_(norms.clamp_min_(torch.finfo(delta.dtype).tiny))
-    vh = v.T
+    u = u.div_(norms.clamp_min_(torch.finfo(u.dtype).tiny)).to(delta.dtype)
+    vh = v.T.to(delta.dtype)
     if not bool(kept.all()):  # D is rank-deficient: drop the pairs it does not have
         r = int(kept[:r].sum())
         u, vh = u[:, kept], vh[kept]
