@@ -3,8 +3,10 @@
 On ViT-B/32-shaped CLIP checkpoints (``CLIPConfig()`` defaults, 151M parameters; random weights,
 experts = base + low-rank and dense task vectors on the vision tower), merge 2, 4 and 8 experts with
 every method. Each run happens in a fresh subprocess, which reports its wall time and peak resident
-memory (``ru_maxrss``). Also measured: the bare cost of the SVDs OPCM needs (the SVD calls alone over
-the same tensors), to see what the rest of the engine adds.
+memory (``VmHWM``). OPCM runs once per decomposition (``svd``, ``gram64``, ``gram32``), with the time
+spent inside the SVD / eigh calls, and every result is compared with a float64 OPCM (exact SVDs,
+float64 arithmetic); average and task arithmetic run with their default ``checkpoint_every`` and
+with a write after every step.
 
 Models are written once to ``benchmarks/.cache/``. ``--quick`` uses a smaller model and fewer
 experts. Results: a table on stdout and ``benchmarks/results/merge_speed.md``.
@@ -83,60 +85,51 @@ def build_models(cache: Path, n_experts: int, quick: bool) -> tuple[Path, list[P
 
 
 # -- children (each measured in its own process) -----------------------------------------------------
-def child_streaming(method: str, out: str, base: str, experts: list[str]) -> dict:
+def child_streaming(method: str, out: str, base: str, experts: list[str], options: dict | None = None) -> dict:
+    """One streaming merge. ``options``: method hyperparameters plus the engine's ``checkpoint_every``,
+    ``compute_dtype`` and ``snapshot_steps`` (copy the weights written at these steps to ``out``-N,
+    so one float64 run gives the references of several expert counts)."""
     import torch
 
     from hf_merge.engine import merge
 
-    svd_seconds = [0.0]
-    real_svd = torch.linalg.svd
+    options = dict(options or {})
+    engine = {k: options.pop(k) for k in ("checkpoint_every", "compute_dtype") if k in options}
+    snapshots = set(options.pop("snapshot_steps", []))
+    decomposition_seconds = [0.0]
 
-    def timed_svd(*args, **kwargs):
-        started = time.perf_counter()
-        try:
-            return real_svd(*args, **kwargs)
-        finally:
-            svd_seconds[0] += time.perf_counter() - started
+    def timed(real):
+        def call(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return real(*args, **kwargs)
+            finally:
+                decomposition_seconds[0] += time.perf_counter() - started
+        return call
 
-    torch.linalg.svd = timed_svd  # only timed, so the SVD share of a run is known under any load
+    # only timed, so the decompositions' share of a run is known under any load
+    torch.linalg.svd = timed(torch.linalg.svd)
+    torch.linalg.eigh = timed(torch.linalg.eigh)
+
+    def on_step(step, output_dir, state):
+        if step in snapshots:
+            keep = Path(f"{out}-{step}")
+            keep.mkdir(parents=True, exist_ok=True)
+            for name in ("config.json", "model.safetensors"):
+                shutil.copy2(Path(output_dir) / name, keep / name)
+
     baseline = peak_rss()
-    result = merge(base, experts, method, out)
+    result = merge(base, experts, method, out, on_step=on_step, **engine, **options)
     steps = result.steps
     return {
-        "svd_seconds": svd_seconds[0],
+        "svd_seconds": decomposition_seconds[0],
         "seconds": result.timings["merge_seconds"] + result.timings["save_seconds"],
         "setup_seconds": result.timings["setup_seconds"],
         "peak_rss": peak_rss(),
         "baseline_rss": baseline,
         "later_steps_seconds": sum(s.merge_seconds + s.save_seconds for s in steps[1:]),
+        "writes": sum(1 for s in steps if s.save_seconds > 0),
     }
-
-
-def child_svd(base: str, experts: list[str]) -> dict:
-    """The SVDs OPCM's steps 2..n do, alone: one reduced SVD per linear weight of D_t.
-
-    D_t = M_{t−1} − θ0 gains a task vector's worth of rank at each step, and SVD time depends on
-    the spectrum, so step t's SVDs are timed on the mean of τ_1..τ_{t−1} (what D_t spans)."""
-    import torch
-
-    from hf_merge.checkpoint import Checkpoint
-    from hf_merge.validation import linear_weight_names, merged_names
-
-    with Checkpoint.open(base) as b:
-        names = sorted(linear_weight_names(b.config, merged_names(b, "vision")))
-        theta0 = {n: b.get(n).float() for n in names}
-    total = {n: torch.zeros_like(t) for n, t in theta0.items()}
-    seconds = 0.0
-    for t, expert in enumerate(experts[:-1], start=1):
-        with Checkpoint.open(expert) as e:
-            for n in names:
-                total[n] += e.get(n).float() - theta0[n]
-        deltas = [total[n] / t for n in names]
-        started = time.perf_counter()
-        for delta in deltas:
-            torch.linalg.svd(delta, full_matrices=False)
-        seconds += time.perf_counter() - started
-    return {"seconds": seconds / max(len(experts) - 1, 1), "count": len(names)}
 
 
 def run_child(args: list[str]) -> dict:
@@ -153,55 +146,88 @@ def max_abs_diff(left: Path, right: Path) -> float:
 
 
 # -- the table -------------------------------------------------------------------------------------
+DECOMPOSITIONS = ["svd", "gram64", "gram32"]
+CHEAP = ("average", "task_arithmetic")  # methods whose step is cheaper than writing the model
+
+
+def variants(method: str, decompositions: list[str]) -> list[tuple[str, dict]]:
+    """(label, options) of the streaming runs measured for ``method``; the first is the default."""
+    if method == "opcm":
+        return [(f"decomposition={d}", {"decomposition": d}) for d in decompositions]
+    if method in CHEAP:
+        return [("checkpoint_every=default", {}), ("checkpoint_every=1", {"checkpoint_every": 1})]
+    return [("default", {})]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small model, 2 and 4 experts")
     parser.add_argument("--experts", type=int, nargs="+", default=None)
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument("--opcm-experts", type=int, nargs="+", default=None,
-                        help="expert counts for OPCM (its SVDs dominate the run time); default: --experts")
+                        help="expert counts for OPCM (its decompositions dominate the run time); default: --experts")
+    parser.add_argument("--decompositions", nargs="+", default=DECOMPOSITIONS, choices=DECOMPOSITIONS,
+                        help="OPCM decompositions to measure (the first default run is the method's default)")
     parser.add_argument("--no-naive", action="store_true", help="skip the naive implementation")
+    parser.add_argument("--no-float64", action="store_true", help="skip the float64 OPCM reference")
     parser.add_argument("--naive-opcm-max", type=int, default=None,
                         help="run the naive OPCM (full-matrix SVDs, the slowest part) only up to this many experts")
+    parser.add_argument("--note", default="", help="a line about the machine's state, printed under the table")
     parser.add_argument("--cache", type=Path, default=HERE / ".cache")
     parser.add_argument("--results", type=Path, default=HERE / "results" / "merge_speed.md")
     parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         kind, *rest = args.child
-        report = child_streaming(rest[0], rest[1], rest[2], rest[3:]) if kind == "streaming" else child_svd(rest[0], rest[1:])
-        print(json.dumps(report))
+        print(json.dumps(child_streaming(rest[0], rest[1], rest[2], rest[4:], json.loads(rest[3]))))
         return
 
     counts = args.experts or ([2, 4] if args.quick else [2, 4, 8])
-    base, experts = build_models(args.cache, max(counts), args.quick)
+    opcm_counts = args.opcm_experts or counts
+    base, experts = build_models(args.cache, max(counts + opcm_counts), args.quick)
     model_bytes = (base / "model.safetensors").stat().st_size
     work = args.cache / "runs"
-    rows, svd_rows = [], []
-    svd = None  # the bare SVD run of the largest OPCM merge, for the text
+    shutil.rmtree(work, ignore_errors=True)
+    rows: list[dict] = []
+    accuracy: dict[int, dict[str, float]] = {}
+    context = {"model_bytes": model_bytes, "quick": args.quick, "note": args.note}
+
+    def stream(method: str, n: int, options: dict, out: Path) -> dict:
+        shutil.rmtree(out, ignore_errors=True)
+        return run_child([sys.executable, __file__, "--child", "streaming", method, str(out), str(base),
+                          json.dumps(options), *map(str, experts[:n])])
+
+    if "opcm" in args.methods and not args.no_float64:
+        # One float64 run (exact SVDs, float64 arithmetic) gives the reference of every count.
+        reference = work / "float64"
+        stream("opcm", max(opcm_counts), {"decomposition": "svd", "svd_dtype": "float64", "compute_dtype": "float64",
+                                          "checkpoint_every": 1, "snapshot_steps": opcm_counts}, reference)
     # cheap methods first, OPCM last: the table is written after every run, so it is useful even if
     # the long OPCM runs are cut short
     for method in sorted(args.methods, key=lambda m: m == "opcm"):
-        for n in (args.opcm_experts or counts) if method == "opcm" else counts:
-            shutil.rmtree(work, ignore_errors=True)
-            stream = run_child([sys.executable, __file__, "--child", "streaming", method, str(work / "stream"),
-                                str(base), *map(str, experts[:n])])
-            row = {"method": method, "n": n, "stream": stream, "naive": None, "diff": None}
+        for n in opcm_counts if method == "opcm" else counts:
+            naive, naive_dir = None, work / "naive"
             skip_naive = method == "opcm" and args.naive_opcm_max is not None and n > args.naive_opcm_max
             if not args.no_naive and not skip_naive:
-                row["naive"] = run_child([sys.executable, str(HERE / "naive_reference.py"), method, str(work / "naive"),
-                                          str(base), *map(str, experts[:n])])
-                row["diff"] = max_abs_diff(work / "stream", work / "naive")
-            rows.append(row)
-            print(format_row(row, model_bytes), flush=True)
-            if method == "opcm" and n > 1:
-                svd = run_child([sys.executable, __file__, "--child", "svd", str(base), *map(str, experts[:n])])
-                per_step = stream["later_steps_seconds"] / (n - 1)
-                svd_rows.append((n, per_step, svd["seconds"], stream["svd_seconds"] / (n - 1)))
-            args.results.parent.mkdir(parents=True, exist_ok=True)
-            args.results.write_text(render(rows, svd_rows, svd, model_bytes, args.quick))
+                shutil.rmtree(naive_dir, ignore_errors=True)
+                naive = run_child([sys.executable, str(HERE / "naive_reference.py"), method, str(naive_dir),
+                                   str(base), *map(str, experts[:n])])
+            f64 = work / f"float64-{n}"
+            if method == "opcm" and f64.is_dir() and naive is not None:
+                accuracy.setdefault(n, {})["naive (float32 full SVD)"] = max_abs_diff(naive_dir, f64)
+            for label, options in variants(method, args.decompositions):
+                out = work / "stream"
+                report = stream(method, n, options, out)
+                row = {"method": method, "variant": label, "n": n, "stream": report, "naive": naive,
+                       "diff": max_abs_diff(out, naive_dir) if naive else None}
+                if method == "opcm" and f64.is_dir():
+                    row["diff64"] = accuracy.setdefault(n, {})[label.split("=")[1]] = max_abs_diff(out, f64)
+                rows.append(row)
+                print(format_row(row, model_bytes), flush=True)
+                args.results.parent.mkdir(parents=True, exist_ok=True)
+                args.results.write_text(render(rows, accuracy, context))
     shutil.rmtree(work, ignore_errors=True)
-    print(render(rows, svd_rows, svd, model_bytes, args.quick))
+    print(render(rows, accuracy, context))
 
 
 def mb(n: float) -> str:
@@ -210,61 +236,68 @@ def mb(n: float) -> str:
 
 def format_row(row: dict, model_bytes: int) -> str:
     stream, naive, n = row["stream"], row["naive"], row["n"]
-    cells = [row["method"], str(n), f"{stream['seconds'] / n:.2f}"]
+    cells = [row["method"], row["variant"], str(n), f"{stream['seconds'] / n:.2f}"]
     cells.append(f"{naive['seconds'] / n:.2f}" if naive else "-")
     cells.append(f"{naive['seconds'] / stream['seconds']:.2f}" if naive else "-")
+    cells.append(f"{stream['svd_seconds'] / max(n - 1, 1):.2f}" if row["method"] == "opcm" else "-")
+    cells.append(str(stream["writes"]))
     cells += [mb(stream["peak_rss"]), mb(stream["peak_rss"] - stream["baseline_rss"])]
     cells.append(mb(naive["peak_rss"]) if naive else "-")
     cells.append(f"{stream['peak_rss'] / model_bytes:.2f}")
     cells.append(f"{row['diff']:.1e}" if row["diff"] is not None else "-")
+    cells.append(f"{row['diff64']:.1e}" if row.get("diff64") is not None else "-")
     return "| " + " | ".join(cells) + " |"
 
 
-def render(rows: list[dict], svd_rows: list[tuple], svd: dict | None, model_bytes: int, quick: bool) -> str:
+def render(rows: list[dict], accuracy: dict[int, dict[str, float]], context: dict) -> str:
     import torch
 
+    model_bytes = context["model_bytes"]
     lines = [
         "# Merge speed and memory",
         "",
-        f"Model: {'small CLIP (--quick)' if quick else 'ViT-B/32-shaped CLIP (CLIPConfig defaults)'}, "
+        f"Model: {'small CLIP (--quick)' if context['quick'] else 'ViT-B/32-shaped CLIP (CLIPConfig defaults)'}, "
         f"{mb(model_bytes)} MiB of float32 weights; vision tower + visual_projection merged. "
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
         f"({torch.get_num_threads()} threads). Each run in a fresh process; times include reading inputs "
         "and writing the merged model.",
+    ]
+    if context["note"]:
+        lines += ["", context["note"]]
+    lines += [
         "",
-        "Streaming = hf_merge.engine (one model resident, reduced SVDs); naive = benchmarks/naive_reference.py "
-        "(every model in memory, full-matrix SVDs). Peak RSS counts the interpreter and its imports; "
-        "\"+ over imports\" is the growth after importing. Δ = max |streaming − naive| over all weights.",
+        "Streaming = hf_merge.engine (one model resident); naive = benchmarks/naive_reference.py "
+        "(every model in memory, float32 full-matrix SVDs, written once). Peak RSS counts the interpreter "
+        "and its imports; \"+ over imports\" is the growth after importing. Δ naive = max |streaming − naive| "
+        "over all weights; Δ float64 = max |streaming − float64 OPCM| (exact SVDs and float64 arithmetic "
+        "in the same engine, rounded to the checkpoint's float32).",
         "",
-        "| method | experts | streaming s/expert | naive s/expert | naive/streaming time | streaming peak RSS MiB "
-        "| + over imports MiB | naive peak RSS MiB | streaming RSS / model size | Δ |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | variant | experts | streaming s/expert | naive s/expert | naive/streaming time "
+        "| svd+eigh s/step | writes | streaming peak RSS MiB | + over imports MiB | naive peak RSS MiB "
+        "| streaming RSS / model size | Δ naive | Δ float64 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [format_row(row, model_bytes) for row in rows]
     setup = sum(r["stream"]["setup_seconds"] for r in rows) / max(len(rows), 1)
     lines += [
         "",
-        "Streaming s/expert = (merging + writing every step) / experts. Not included: the one-off set-up "
-        f"of a streaming run (opening the checkpoints, reading their headers), "
-        f"{setup:.2f} s on average. Naive s/expert = (loading + merging + writing once) / experts.",
+        "Streaming s/expert = (merging + writing the steps that are written) / experts. Not included: the "
+        f"one-off set-up of a streaming run (opening the checkpoints, reading their headers), {setup:.2f} s on "
+        "average. Naive s/expert = (loading + merging + writing once) / experts. svd+eigh s/step: time inside "
+        "`torch.linalg.svd` / `torch.linalg.eigh` per OPCM step (steps 2..n), timed in the same run. "
+        "writes: how many complete models the run wrote (checkpoint_every; the last step always).",
     ]
-    if svd is not None:
+    if accuracy:
+        labels = ["naive (float32 full SVD)"] + [d for d in DECOMPOSITIONS if any(d in a for a in accuracy.values())]
         lines += [
             "",
-            f"OPCM against the bare cost of its SVDs: steps 2..n each need {svd['count']} reduced SVDs (one per "
-            "nn.Linear weight; step 1 needs none). \"Bare\" is the same count of `torch.linalg.svd` calls alone in "
-            "a separate process, on D_t = mean(τ_1..τ_{t−1}) for t = 2..n (SVD time depends on the spectrum, "
-            "which fills up as experts are merged). The SVD calls inside each OPCM run are timed too: the ratio "
-            "of the step time to them compares the same matrices under the same load.",
+            "OPCM, max |merged − float64 OPCM| over all weights, side by side:",
             "",
-            "| experts | OPCM s/step (steps ≥ 2, incl. writing) | bare SVD s/step (separate run) | ratio to bare "
-            "| SVD s/step inside the run | ratio to SVDs of the same run |",
-            "|---|---|---|---|---|---|",
+            "| experts | " + " | ".join(labels) + " |",
+            "|---|" + "---|" * len(labels),
         ]
-        lines += [
-            f"| {n} | {step:.2f} | {bare:.2f} | {step / bare:.2f} | {inside:.2f} | {step / inside:.2f} |"
-            for n, step, bare, inside in svd_rows
-        ]
+        for n, diffs in sorted(accuracy.items()):
+            lines.append(f"| {n} | " + " | ".join(f"{diffs[l]:.1e}" if l in diffs else "-" for l in labels) + " |")
     lines.append("")
     return "\n".join(lines)
 

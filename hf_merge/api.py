@@ -98,6 +98,7 @@ def merge(recipe: MergeRecipe | str | Path | None = None, *, token: str | None =
         on_step=hook,
         token=token,
         allow_pickle=recipe.allow_pickle,
+        checkpoint_every=_checkpoint_every(recipe),
     )
     with merger:
         _merge_experts(merger, experts, recipe, token, licenses)
@@ -191,7 +192,8 @@ def add(
     base_name = base_entry.get("name") or base.name
     if licenses.get(base_name) is None:
         licenses[base_name] = read_license(base.path)
-    merger = ContinualMerger.resume(output_dir, base=base, on_step=hook, token=token, allow_pickle=recipe.allow_pickle)
+    merger = ContinualMerger.resume(output_dir, base=base, on_step=hook, token=token, allow_pickle=recipe.allow_pickle,
+                                    checkpoint_every=_checkpoint_every(recipe))
     with merger:
         _merge_experts(merger, experts, recipe, token, licenses)
     if not merger.executor.is_main_process:
@@ -255,10 +257,10 @@ def _merge_experts(merger: Any, experts: Sequence[str], recipe: MergeRecipe, tok
     # The next expert downloads while this one merges; with evict, at most two are on disk.
     prefetcher = Prefetcher(experts, fetch, discard=sources.evict if recipe.evict else None)
     with Phase("Merging", len(experts), unit="expert") as phase, prefetcher:
-        for source in prefetcher:
+        for i, source in enumerate(prefetcher):
             phase.describe(source.name)
             licenses[source.name] = read_license(source.path)
-            merger.add(source)
+            merger.add(source, final=i == len(experts) - 1)
             if recipe.evict:
                 sources.evict(source)
             phase.step(source.name)
@@ -274,6 +276,14 @@ def _partial_prefixes(recipe: MergeRecipe) -> tuple[str, ...] | None:
     if recipe.eval is not None and recipe.eval.every_step:
         return None  # each expert is evaluated too, from a full snapshot: a partial one would be a second download
     return tuple(prefixes)
+
+
+def _checkpoint_every(recipe: MergeRecipe) -> int | None:
+    """The recipe's ``checkpoint_every``; 1 when every step is evaluated (the evaluation reads the
+    written model)."""
+    if recipe.eval is not None and recipe.eval.every_step:
+        return 1
+    return recipe.checkpoint_every
 
 
 def _publish(output_dir: Path, recipe: MergeRecipe, *, token: str | None, licenses: dict, create_pr: bool,

@@ -78,6 +78,11 @@ class ContinualMerger:
         device: Device for the math (default: what ``accelerate`` picks for this process).
         compute_dtype: ``"float32"`` (default) or ``"float64"``.
         max_shard_size: Largest weight file written (``"5GB"``, bytes, ...).
+        checkpoint_every: Write the output after every N-th step (``None``: the method's
+            ``checkpoint_every``). The step passed ``final=True`` to :meth:`add`, the last of
+            :meth:`add_all`, and :meth:`flush` always write; a crash loses at most the unwritten
+            steps, and :meth:`resume` continues from the last written one with the same result.
+            ``on_step`` is called only for written steps.
     """
 
     def __init__(
@@ -94,9 +99,13 @@ class ContinualMerger:
         max_shard_size: int | str = "5GB",
         token: str | bool | None = None,
         allow_pickle: bool = False,
+        checkpoint_every: int | None = None,
         _saved: MergeState | None = None,
     ):
         started = time.perf_counter()
+        if checkpoint_every is not None and (isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int)
+                                             or checkpoint_every < 1):
+            raise UsageError(f"checkpoint_every must be a positive integer, got {checkpoint_every!r}")
         if compute_dtype not in _COMPUTE_DTYPES:
             raise UsageError(f"compute_dtype must be float32 or float64, got {compute_dtype!r}")
         self.output_dir = Path(output_dir).expanduser().resolve()
@@ -123,6 +132,7 @@ class ContinualMerger:
             compute_dtype=_COMPUTE_DTYPES[compute_dtype],
         )
         self.method.init(self.context)
+        self.checkpoint_every = checkpoint_every or self.method.checkpoint_every
         base_info = self.base_source.to_dict()
         if self.base_source.repo_id is None:  # a local base can only be found again by its path
             base_info["local_path"] = str(self.base_source.path)
@@ -136,6 +146,7 @@ class ContinualMerger:
         self.steps: list[StepResult] = []
         self.setup_seconds = time.perf_counter() - started
         self._broken = False
+        self._written_step = self.state.step  # the step the output folder holds
         if _saved is not None:
             self._restore(_saved)
 
@@ -157,7 +168,11 @@ class ContinualMerger:
         return cls(base, output, state.method, scope=state.scope, hyperparameters=state.hyperparameters, _saved=state, **options)
 
     def _roll_back(self) -> None:
-        """Put the method back to the last saved step (θ0 before the first), after a failed step."""
+        """Put the method back to the last written step (θ0 before the first), after a failed step;
+        steps merged since then and not written are dropped with it."""
+        if self.unwritten_steps:
+            self.state = MergeState.load(self.output_dir) if self._written_step else _fresh(self.state)
+            self.steps = [s for s in self.steps if s.step <= self._written_step]
         self.method.buffer = {}
         self.method = get_method(self.state.method)(**self.state.hyperparameters)
         self.method.init(self.context)
@@ -191,8 +206,9 @@ class ContinualMerger:
         """How many experts have been merged."""
         return self.state.step
 
-    def add(self, expert: ModelRef) -> StepResult:
-        """Check ``expert`` against the base, merge it, and save the new step atomically.
+    def add(self, expert: ModelRef, *, final: bool = False) -> StepResult:
+        """Check ``expert`` against the base, merge it, and save the new step atomically when it
+        is due (every ``checkpoint_every`` steps, or ``final``).
 
         A rejected expert (:class:`~hf_merge.errors.IncompatibleExpertError`,
         :class:`~hf_merge.errors.CheckpointError`) leaves the merge, on disk and in memory, as it was.
@@ -211,8 +227,14 @@ class ContinualMerger:
             self._broken = True  # until the step is both merged and saved
             try:
                 metrics = self.method.step(checkpoint)
-            except CheckpointError:  # a NaN found midway: the buffer is half updated
+            except CheckpointError as err:  # a NaN found midway: the buffer is half updated
+                lost = self.unwritten_steps
                 self._roll_back()
+                if lost:
+                    raise CheckpointError(
+                        f"{err}; the merge is back at its last written step {self.state.step}, "
+                        f"so the {lost} expert(s) merged after it must be added again"
+                    ) from err
                 raise
             self.method.finalize()
             merge_seconds = time.perf_counter() - started
@@ -220,19 +242,39 @@ class ContinualMerger:
         self.state.step = step
         self.state.lineage.append({**source.to_dict(), "step": step})
         self.state.method_state = self.method.state_dict()
-        started = time.perf_counter()
-        self._save()
-        self._broken = False
-        result = StepResult(step, source, merge_seconds, time.perf_counter() - started, metrics)
+        self._broken = False  # merged: memory is consistent, whether or not this step is written now
+        result = StepResult(step, source, merge_seconds, 0.0, metrics)
         self.steps.append(result)
         logger.info("step %d: merged %s in %.2fs %s", step, source.name, merge_seconds, _format(metrics))
-        if self.on_step is not None and self.executor.is_main_process:
-            self.on_step(step, self.output_dir, self.state)
+        if final or step - self._written_step >= self.checkpoint_every:
+            self.flush()
         return result
 
     def add_all(self, experts: Iterable[ModelRef]) -> list[StepResult]:
-        """:meth:`add` each expert in order."""
-        return [self.add(expert) for expert in experts]
+        """:meth:`add` each expert in order; the last step is always written."""
+        experts = list(experts)
+        return [self.add(expert, final=i == len(experts) - 1) for i, expert in enumerate(experts)]
+
+    @property
+    def unwritten_steps(self) -> int:
+        """Merged steps the output folder does not hold yet."""
+        return self.state.step - self._written_step
+
+    def flush(self) -> None:
+        """Write the merged steps the output folder does not hold yet (nothing if none)."""
+        if self._broken:
+            raise MergeStateError(
+                f"an earlier step failed midway; continue with ContinualMerger.resume({str(self.output_dir)!r})"
+            )
+        if not self.unwritten_steps:
+            return
+        started = time.perf_counter()
+        self._save()
+        self._written_step = self.state.step
+        if self.steps and self.steps[-1].step == self.state.step:
+            self.steps[-1].save_seconds = time.perf_counter() - started
+        if self.on_step is not None and self.executor.is_main_process:
+            self.on_step(self.state.step, self.output_dir, self.state)
 
     def result(self) -> MergeResult:
         """What has been merged so far in this run."""
@@ -281,8 +323,18 @@ class ContinualMerger:
     def __enter__(self) -> "ContinualMerger":
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        try:
+            if exc_type is None and not self._broken:
+                self.flush()  # a merge left by a `with` block ends written
+        finally:
+            self.close()
+
+
+def _fresh(state: MergeState) -> MergeState:
+    """``state`` before its first step."""
+    return MergeState(method=state.method, hyperparameters=state.hyperparameters, scope=state.scope,
+                      base=state.base, state_tensors=state.state_tensors)
 
 
 def _require_downloaded(names: list[str], source: ModelSource) -> None:
@@ -322,13 +374,14 @@ def merge(
     max_shard_size: int | str = "5GB",
     token: str | bool | None = None,
     allow_pickle: bool = False,
+    checkpoint_every: int | None = None,
     **hyperparameters: Any,
 ) -> MergeResult:
     """Merge ``experts`` into ``base`` in order with ``method`` and return the result.
 
     Example: ``merge("openai/clip-vit-base-patch32", ["org/a", "org/b"], method="opcm", alpha=0.5)``.
-    ``output_dir`` defaults to a new temporary folder. Extra keyword arguments are the method's
-    hyperparameters.
+    ``output_dir`` defaults to a new temporary folder. ``checkpoint_every`` as in
+    :class:`ContinualMerger`. Extra keyword arguments are the method's hyperparameters.
     """
     experts = list(experts)
     if not experts:
@@ -338,7 +391,7 @@ def merge(
     merger = ContinualMerger(
         base, output_dir, method, scope=scope, hyperparameters=hyperparameters, on_step=on_step,
         device=device, compute_dtype=compute_dtype, max_shard_size=max_shard_size, token=token,
-        allow_pickle=allow_pickle,
+        allow_pickle=allow_pickle, checkpoint_every=checkpoint_every,
     )
     with merger:
         merger.add_all(experts)

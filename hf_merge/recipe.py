@@ -41,7 +41,7 @@ SCOPES = ("vision", "text", "all")
 # Used only until the methods registry can be imported: the parameters each method declares,
 # with their defaults (OPCM.md, "reference settings from the paper's experiments").
 _FALLBACK_METHOD_PARAMETERS: dict[str, dict[str, Any]] = {
-    "opcm": {"alpha": 0.5, "zero_diagonal": True, "svd_dtype": "float32"},
+    "opcm": {"alpha": 0.5, "zero_diagonal": True, "svd_dtype": "float32", "decomposition": "gram64"},
     "average": {},
     "task_arithmetic": {"scaling_factor": 0.3},
     "ties": {"scaling_factor": 0.3, "threshold": 0.2},
@@ -129,6 +129,10 @@ class MergeRecipe:
         partial_download: Download only the experts' tensors in ``scope`` (HTTP ranges), not whole
             snapshots, where the server allows it.
         watch: Admission policy of ``hf-merge watch`` (:class:`~hf_merge.watch.policy.AdmissionPolicy`).
+        checkpoint_every: Write the output folder after every N-th step (the last step is always
+            written; a crash resumes from the last written one). ``None``: the method's default
+            (OPCM, TIES, MagMax 1; average and task arithmetic more, see the README's benchmark).
+            Evaluating every step needs 1.
     """
 
     base: str
@@ -147,6 +151,7 @@ class MergeRecipe:
     evict: bool = False
     partial_download: bool = True
     watch: AdmissionPolicy | None = None
+    checkpoint_every: int | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -194,6 +199,11 @@ class MergeRecipe:
                 raise RecipeError(f"`{name}` must be true or false, got {getattr(self, name)!r}")
         if self.watch is not None and not isinstance(self.watch, AdmissionPolicy):
             self.watch = AdmissionPolicy.from_dict(self.watch)
+        every = self.checkpoint_every
+        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+            raise RecipeError(f"`checkpoint_every` must be a positive integer, got {every!r}")
+        if every is not None and every > 1 and self.eval is not None and self.eval.every_step:
+            raise RecipeError("`eval.every_step` evaluates the written model after each step, so it needs `checkpoint_every: 1`")
 
     def _checked_parameters(self) -> dict[str, Any]:
         declared = method_parameters(self.method)
@@ -261,7 +271,7 @@ class MergeRecipe:
             data["scope"] = self.scope
         if self.eval is not None:
             data["eval"] = self.eval.to_dict()
-        for name in ("output", "push_to_hub", "space", "seed"):
+        for name in ("output", "push_to_hub", "space", "seed", "checkpoint_every"):
             if getattr(self, name) is not None:
                 data[name] = getattr(self, name)
         for name in ("private", "shuffle", "allow_pickle", "evict"):

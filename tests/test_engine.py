@@ -105,7 +105,8 @@ def test_nan_found_midway_undoes_the_half_done_step(method, first, tiny_base, ti
     tensors["visual_projection.weight"][1, 2] = float("inf")  # read last: every other tensor is merged by then
     save_file(tensors, poisoned / "model.safetensors")
     reference = merge(tiny_base, tiny_experts[:3], method, tmp_path / "reference").output_dir
-    with ContinualMerger(tiny_base, tmp_path / "out", method) as merger:
+    # every step written, so that the spare files of the last write are there to be checked
+    with ContinualMerger(tiny_base, tmp_path / "out", method, checkpoint_every=1) as merger:
         merger.add_all(tiny_experts[:0 if first else 2])
         with pytest.raises(CheckpointError, match="tensor 'visual_projection.weight' contains NaN or Inf"):
             merger.add(poisoned)
@@ -202,3 +203,11 @@ def test_integer_buffers_come_from_the_base_and_zero_delta_is_not_projected(tmp_
     assert float(cosine) == pytest.approx(1.0, abs=1e-6)
     projected = weights(merge(folders[0], folders[1:], "opcm", tmp_path / "p", project_zero_delta=True).output_dir)
     assert not torch.allclose(projected["vision_model.b.weight"], merged["vision_model.b.weight"])
+
+
+def test_cpu_worker_threads_give_bit_identical_weights(tiny_base, tiny_experts, tmp_path, monkeypatch):
+    outputs = []
+    for threads in ("1", "3"):
+        monkeypatch.setenv("HF_MERGE_THREADS", threads)
+        outputs.append(snapshot(merge(tiny_base, tiny_experts[:3], "opcm", tmp_path / threads).output_dir)["model.safetensors"])
+    assert outputs[0] == outputs[1]

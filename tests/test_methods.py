@@ -274,3 +274,21 @@ def test_kth_smallest_magnitude_matches_kthvalue():
     everything = torch.cat(chunks).abs()
     for k in (1, 2, 5, 800, 1000, everything.numel()):
         assert kth_smallest_magnitude(lambda: iter(chunks), k) == float(everything.kthvalue(k).values)
+
+
+@pytest.mark.parametrize("decomposition", ["svd", "gram64", "gram32"])
+def test_opcm_decompositions_against_the_float64_dense_reference(decomposition, tiny_base, tiny_experts, models, tmp_path):
+    reference, lambdas, _ = opcm_reference(*models)
+    exact = merge(tiny_base, tiny_experts[:N_STEPS], "opcm", tmp_path / "f64", svd_dtype="float64", decomposition=decomposition)
+    assert max_diff(tmp_path / "f64", reference) < 1e-5
+    assert [s.metrics["lambda"] for s in exact.steps] == pytest.approx(lambdas, rel=1e-6)
+    for options in ({"zero_diagonal": False}, {"alpha": 0.3}):
+        out = tmp_path / str(sorted(options.items()))
+        merge(tiny_base, tiny_experts[:3], "opcm", out, decomposition=decomposition, svd_dtype="float64", **options)
+        expected, _, _ = opcm_reference(models[0], models[1][:3], **options)
+        assert max_diff(out, expected) < 1e-5, options
+    # float32: the SVD's distance to float64 is the tolerance every path must keep (OPCM.md: ~2.5e-4,
+    # ill-conditioned singular vectors in the bulk of the spectrum; real mistakes move weights ≥ 3e-2)
+    merge(tiny_base, tiny_experts[:N_STEPS], "opcm", tmp_path / "f32", decomposition=decomposition)
+    # gram32 squares D's condition number in float32 and is the one path allowed more
+    assert max_diff(tmp_path / "f32", reference) < (3e-3 if decomposition == "gram32" else 1e-3)

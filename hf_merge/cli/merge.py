@@ -55,6 +55,8 @@ def _register_merge(subparsers: Any) -> None:
     parser.add_argument("--allow-pickle", action="store_true", default=None, help="Accept .bin checkpoints (loaded with weights_only=True).")
     parser.add_argument("--evict", action="store_true", default=None, help="Delete each expert from the cache once merged.")
     _add_partial_flag(parser)
+    parser.add_argument("--checkpoint-every", type=int, metavar="N",
+                        help="Write the output after every N-th step (the last always; default: the method's).")
     add_verbosity_flags(parser)
     parser.set_defaults(func=run_merge)
 
@@ -111,7 +113,8 @@ def _recipe_fields(args: argparse.Namespace) -> dict[str, Any]:
     from ..errors import UsageError
 
     fields: dict[str, Any] = {}
-    for key in ("base", "experts", "method", "scope", "output", "push_to_hub", "private", "space", "seed", "shuffle", "allow_pickle", "evict", "partial_download"):
+    for key in ("base", "experts", "method", "scope", "output", "push_to_hub", "private", "space", "seed", "shuffle", "allow_pickle", "evict",
+                "partial_download", "checkpoint_every"):
         value = getattr(args, key, None)
         if value is not None:
             fields[key] = value

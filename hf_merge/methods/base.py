@@ -54,6 +54,10 @@ class MergeMethod(ABC):
     #: largest task vector); such buffers are saved next to the state and :meth:`output` derives
     #: the weights from them.
     buffer_is_output: ClassVar[bool] = True
+    #: Default of the engine's ``checkpoint_every``: write the output after every N-th step. 1 where
+    #: a step costs far more than writing a model (OPCM's decompositions, TIES's selection), so
+    #: writing each step is cheap insurance; larger where a step is cheaper than the write itself.
+    checkpoint_every: ClassVar[int] = 1
 
     def __init__(self, **hyperparameters: Any):
         unknown = sorted(set(hyperparameters) - set(self.defaults))

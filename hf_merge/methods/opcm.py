@@ -18,7 +18,12 @@ hyperparameter whose default reproduces the reference:
 - ``merge_class_embedding`` (True): ``class_embedding`` is merged like any tensor; False keeps the
   reference's behaviour, where it is never merged (S = D, so it decays toward θ0).
 - ``svd_dtype`` ("float32"): "float64" makes SVDs reproducible across machines and precisions.
-- ``reduced_svd`` (True): the economical formula; False builds full U, V as the reference does.
+- ``reduced_svd`` (True): the economical formula; False builds full U, V as the reference does
+  (always with an SVD, whatever ``decomposition`` says).
+- ``decomposition`` ("gram64"): how D's singular pairs are found: "svd" (``torch.linalg.svd``, the
+  reference's), "gram64" (eigendecomposition of DᵀD in float64, several times faster on CPU and as
+  close to a float64 SVD as a float32 SVD is), "gram32" (the same in float32; faster, less
+  accurate). See :mod:`hf_merge.methods.opcm_linalg` and the README's benchmark.
 - ``project_zero_delta`` (False): where D is exactly zero its singular basis is arbitrary, so by
   default τ passes unprojected.
 """
@@ -34,65 +39,11 @@ import torch
 from ..checkpoint import Checkpoint
 from ..errors import UsageError
 from .base import MergeMethod, squared_norm
+from .opcm_linalg import DECOMPOSITIONS, project_task_vector, split_rank
+
+__all__ = ["OPCM", "project_task_vector", "split_rank"]
 
 _SVD_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-def split_rank(singular_values: torch.Tensor, alpha: float, index_base: int = 0) -> int:
-    """Number of leading directions whose cross terms are removed: the first index where the
-    cumulative share of singular-value mass exceeds ``alpha`` (0 if none does), plus ``index_base``."""
-    share = singular_values.cumsum(0) / singular_values.sum()
-    crossed = share > alpha
-    r = int(crossed.float().argmax()) if bool(crossed.any()) else 0
-    return min(r + index_base, singular_values.numel())
-
-
-def project_task_vector(
-    delta: torch.Tensor,
-    tau: torch.Tensor,
-    *,
-    alpha: float = 0.5,
-    zero_diagonal: bool = True,
-    split_index_base: int = 0,
-    reduced_svd: bool = True,
-    inplace: bool = False,
-    project_zero_delta: bool = True,
-) -> torch.Tensor:
-    """τ̃: τ without its components in the dominant subspace of ``delta`` (see module docstring).
-    With ``inplace=True`` (reduced form), ``tau`` itself becomes τ̃, saving a copy. With
-    ``project_zero_delta=False``, τ comes back unchanged where ``delta`` is all zeros.
-
-    With D = U diag(s) Vᵀ and P = Uᵀ τ V, zero P[:r, :r] and (optionally) P's diagonal. The reduced
-    form, τ̃ = τ − U_r (U_rᵀ τ V_r) V_rᵀ − Σ_{i≥r} (u_iᵀ τ v_i) u_i v_iᵀ, equals the full-matrix one.
-    """
-    driver = "gesvd" if delta.is_cuda else None  # the reference's driver; gesvdj is less accurate
-    u, s, vh = torch.linalg.svd(delta, full_matrices=not reduced_svd, driver=driver)
-    if not project_zero_delta and not bool(s[:1].any()):  # D = 0 exactly: its basis is arbitrary
-        return tau if inplace else tau.clone()
-    r = split_rank(s, alpha, split_index_base)
-    if not reduced_svd:
-        p = u.T @ tau @ vh.T
-        if zero_diagonal:
-            p.diagonal().zero_()
-        p[:r, :r] = 0
-        return u @ p @ vh
-    k = s.numel()
-    # Everything removed is U·C for a coefficient matrix C (k × n), so τ loses it in one in-place
-    # matrix product; C's rows come from W = Uᵀτ, one more product. Two products of τ's size with
-    # the singular vectors is the least zeroing the diagonal can cost.
-    rows = k if zero_diagonal else r
-    if not inplace:
-        tau = tau.clone()
-    if rows == 0:
-        return tau
-    u, vh = u[:, :rows], vh[:rows]
-    w = u.T @ tau
-    coeff = torch.empty_like(w)
-    if r > 0:
-        coeff[:r] = (w[:r] @ vh[:r].T) @ vh[:r]  # the r × r block Uᵣᵀ τ Vᵣ, mapped back to rows of Vᵀ
-    if rows > r:
-        coeff[r:] = (w[r:] * vh[r:]).sum(dim=1, keepdim=True) * vh[r:]  # u_iᵀ τ v_i · v_iᵀ, i ≥ r
-    return tau.addmm_(u, coeff, alpha=-1)
 
 
 class OPCM(MergeMethod):
@@ -107,6 +58,7 @@ class OPCM(MergeMethod):
         "svd_dtype": "float32",
         "reduced_svd": True,
         "project_zero_delta": False,
+        "decomposition": "gram64",
     }
 
     def validate(self) -> None:
@@ -115,6 +67,8 @@ class OPCM(MergeMethod):
             raise UsageError(f"opcm: alpha must be in [0, 1], got {hp['alpha']}")
         if hp["svd_dtype"] not in _SVD_DTYPES:
             raise UsageError(f"opcm: svd_dtype must be float32 or float64, got {hp['svd_dtype']!r}")
+        if hp["decomposition"] not in DECOMPOSITIONS:
+            raise UsageError(f"opcm: decomposition must be one of {', '.join(DECOMPOSITIONS)}, got {hp['decomposition']!r}")
         if hp["split_index_base"] not in (0, 1):
             raise UsageError(f"opcm: split_index_base must be 0 or 1, got {hp['split_index_base']!r}")
 
@@ -196,6 +150,7 @@ class OPCM(MergeMethod):
                     reduced_svd=bool(hp["reduced_svd"]),
                     inplace=True,
                     project_zero_delta=bool(hp["project_zero_delta"]),
+                    decomposition=str(hp["decomposition"]),
                 ).to(delta.dtype)
             s = delta.mul_(self.prev_lambda).add_(tau)
         return s.cpu(), {"tau_sq": tau_sq, "s_sq": squared_norm(s)}
