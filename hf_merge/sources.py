@@ -28,12 +28,16 @@ class ModelSource:
         repo_id: Hub repo id, or ``None`` for a plain local folder.
         revision: The revision the user asked for (branch, tag or sha), or ``None``.
         commit_sha: The exact commit the snapshot was downloaded from, or ``None`` for a folder.
+        conversion_pr: When the revision had only pickle weights and the safetensors came from
+            the Hub's conversion pull request: its ``ref``, ``num``, ``commit_sha`` (= ``commit_sha``)
+            and ``revision_commit`` (the commit of the revision asked for).
     """
 
     path: Path
     repo_id: str | None = None
     revision: str | None = None
     commit_sha: str | None = None
+    conversion_pr: dict[str, Any] | None = None
 
     @classmethod
     def local(cls, path: str | Path) -> "ModelSource":
@@ -114,22 +118,31 @@ def download_model(
     token = hub.resolve_token(token)
     reference = repo_id if revision is None else f"{repo_id}@{revision}"
     with hub.hub_errors(reference, token=token):
-        info = hub.api_client(token).model_info(repo_id, revision=revision, files_metadata=False)
-        files = [sibling.rfilename for sibling in info.siblings or []]
-        hub.check_weights(repo_id, files, allow_pickle)
-        patterns = list(hub.MODEL_PATTERNS) + list(extra_patterns) + (list(hub.PICKLE_PATTERNS) if allow_pickle else [])
-        logger.info("Downloading %s (%s)", reference, info.sha[:10] if info.sha else "?")
+        weights = hub.resolve_weights(repo_id, revision, token=token, allow_pickle=allow_pickle)
+        pickle = allow_pickle and not weights.has_safetensors  # never both: safetensors win
+        patterns = list(hub.MODEL_PATTERNS) + list(extra_patterns) + (list(hub.PICKLE_PATTERNS) if pickle else [])
+        pr = weights.conversion_pr
+        if pr is not None:
+            logger.info(
+                "%s has only pickle weights at %s; using the safetensors of the Hub's conversion pull request %s (%s)",
+                reference, pr.revision_commit[:10], pr.ref, pr.commit_sha[:10],
+            )
+        else:
+            logger.info("Downloading %s (%s)", reference, weights.commit_sha[:10] or "?")
         path = huggingface_hub.snapshot_download(
             repo_id,
-            # Pin the commit model_info saw, so the recorded sha is the one whose files we have.
-            revision=info.sha or revision,
+            # Pin the commit that was checked, so the recorded sha is the one whose files we have.
+            revision=weights.commit_sha or revision,
             token=token if token else False,
             allow_patterns=patterns,
             local_dir=local_dir,
             endpoint=hub.endpoint(),
             library_name="hf-merge",
         )
-    return ModelSource(path=Path(path), repo_id=repo_id, revision=revision, commit_sha=info.sha or Path(path).name)
+    return ModelSource(
+        path=Path(path), repo_id=repo_id, revision=revision, commit_sha=weights.commit_sha or Path(path).name,
+        conversion_pr=pr.to_dict() if pr is not None else None,
+    )
 
 
 def evict(source: ModelSource) -> bool:
