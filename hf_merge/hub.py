@@ -100,12 +100,13 @@ def check_weights(repo_id: str, files: Sequence[str], allow_pickle: bool) -> Non
         raise CheckpointError(f"{repo_id} has no model weights (no .safetensors file)")
 
 
-def fetch_config(repo_id: str, revision: str | None = None, token: str | None = None) -> dict:
-    """Read a repo's ``config.json`` without downloading its weights (checks before a long merge)."""
+def fetch_config(repo_id: str, revision: str | None = None, token: str | None = None, *, reference: str | None = None) -> dict:
+    """Read a repo's ``config.json`` without downloading its weights (checks before a long merge).
+    ``reference`` is how errors name the repo (default ``repo_id@revision``)."""
     import json
 
     token = resolve_token(token)
-    reference = repo_id if revision is None else f"{repo_id}@{revision}"
+    reference = reference or (repo_id if revision is None else f"{repo_id}@{revision}")
     with hub_errors(reference, token=token):
         path = huggingface_hub.hf_hub_download(
             repo_id, "config.json", revision=revision, token=token if token else False, endpoint=endpoint()

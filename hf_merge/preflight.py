@@ -67,7 +67,7 @@ def _model_of(reference: str, *, token: str | None, allow_pickle: bool) -> Tenso
             return TensorHeaders(dict(checkpoint.config), tensors, str(path))
     repo_id, revision = split_reference(reference)
     weights = hub.check_model(repo_id, revision, token=token, allow_pickle=allow_pickle)
-    config: dict[str, Any] = hub.fetch_config(repo_id, weights.commit_sha or revision, token=token)
+    config: dict[str, Any] = hub.fetch_config(repo_id, weights.commit_sha or revision, token=token, reference=reference)
     tensors = {}
     if weights.has_safetensors:
         with hub.hub_errors(reference, token=token):

@@ -73,7 +73,7 @@ REAL_DATASETS: tuple[ReplicaDataset, ...] = (
 )
 
 CLASSES_PER_TASK = 4
-IMAGES_PER_CLASS = {"train": 4, "test": 6}
+IMAGES_PER_CLASS = {"train": 4, "test": 3}
 IMAGES_PER_CLASS_OTHER = 1  # corruption and extra splits: present, tiny
 
 
@@ -150,7 +150,7 @@ def _quote(name: str) -> str:
 
 def _readme(dataset: ReplicaDataset, classes: tuple[str, ...], counts: dict[str, int]) -> str:
     names = "".join(f"          '{i}': {_quote(name)}\n" for i, name in enumerate(classes))
-    splits = "".join(f"  - name: {split}\n    num_examples: {n}\n" for split, n in counts.items())
+    splits = "".join(f"  - name: {split}\n    num_bytes: {0.0}\n    num_examples: {n}\n" for split, n in counts.items())
     files = "".join(f"  - split: {split}\n    path: {dataset.folder}/{split}-*\n" for split in dataset.shards)
     config_line = f"  config_name: {dataset.config}\n" if dataset.config != "default" else ""
     return (
