@@ -247,20 +247,38 @@ def _write_expert(base_model, processor, task: str, dataset: ReplicaDataset, out
 
 
 # ------------------------------------------------------------------------------------ publishing
-def publish_replicas(storage: HubStorage, cache_dir: str | Path) -> Replicas:
+def publish_replicas(storage: HubStorage, cache_dir: str | Path, *, models: bool = True) -> Replicas:
     """Build (or reuse) the replicas and publish them into a local Hub's storage, as their owners
-    and the conversion bot would have. Existing replica repos are left as they are."""
+    and the conversion bot would have (``models=False``: the datasets only). Existing replica
+    repos are left as they are."""
     root = build_replica_files(cache_dir)
+    if models:
+        _publish_models(storage, root)
+    for dataset in REAL_DATASETS:
+        if storage.get_repo("dataset", dataset.repo_id) is None:
+            folder = root / "datasets" / dataset.repo_id
+            files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+            storage.create_repo(RepoRecord("dataset", dataset.repo_id), author=dataset.repo_id.split("/")[0])
+            _commit(storage, "dataset", dataset.repo_id, folder, files, "Convert dataset to Parquet", "parquet-converter")
+    if not models:
+        return Replicas(base=BASE_ID, experts=[], datasets=[d.repo_id for d in REAL_DATASETS], main_sha="", pr_sha="", folder=root)
+    refs = storage.read_refs("model", BASE_ID)
+    return Replicas(
+        base=BASE_ID, experts=list(EXPERT_IDS), datasets=[d.repo_id for d in REAL_DATASETS],
+        main_sha=refs.branches["main"], pr_sha=refs.pull_requests[str(PR_NUM)], folder=root,
+        expert_shas={r: storage.read_refs("model", r).branches["main"] for r in EXPERT_IDS},
+    )
+
+
+def _publish_models(storage: HubStorage, root: Path) -> None:
     base_dir = root / BASE_ID
     main_files = sorted(p.name for p in base_dir.iterdir() if p.is_file() and p.name != ".gitattributes")
     if storage.get_repo("model", BASE_ID) is None:
         storage.create_repo(RepoRecord("model", BASE_ID), author="openai")
-        first = _commit(storage, "model", BASE_ID, base_dir, [".gitattributes", "README.md", "config.json"],
-                        "add files", "valhalla")
+        _commit(storage, "model", BASE_ID, base_dir, [".gitattributes", "README.md", "config.json"], "add files", "valhalla")
         # An older conversion PR, on an earlier main: it must not be the one picked.
         _commit(storage, "model", BASE_ID, base_dir / "pr", ["model.safetensors", ".gitattributes"], PR_TITLE,
                 CONVERSION_BOT, pr_num=OLD_PR_NUM)
-        assert first
         _commit(storage, "model", BASE_ID, base_dir, main_files, "Updates incorrect tokenizer configuration file (#13)",
                 "lysandre")
         _commit(storage, "model", BASE_ID, base_dir / "pr", ["model.safetensors", ".gitattributes"], PR_TITLE,
@@ -270,18 +288,6 @@ def publish_replicas(storage: HubStorage, cache_dir: str | Path) -> Replicas:
             storage.create_repo(RepoRecord("model", repo_id), author="tanganke")
             _commit(storage, "model", repo_id, root / repo_id, ["README.md", "config.json", "model.safetensors"],
                     "Upload folder using huggingface_hub", "tanganke")
-    for dataset in REAL_DATASETS:
-        if storage.get_repo("dataset", dataset.repo_id) is None:
-            folder = root / "datasets" / dataset.repo_id
-            files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
-            storage.create_repo(RepoRecord("dataset", dataset.repo_id), author=dataset.repo_id.split("/")[0])
-            _commit(storage, "dataset", dataset.repo_id, folder, files, "Convert dataset to Parquet", "parquet-converter")
-    refs = storage.read_refs("model", BASE_ID)
-    return Replicas(
-        base=BASE_ID, experts=list(EXPERT_IDS), datasets=[d.repo_id for d in REAL_DATASETS],
-        main_sha=refs.branches["main"], pr_sha=refs.pull_requests[str(PR_NUM)], folder=root,
-        expert_shas={r: storage.read_refs("model", r).branches["main"] for r in EXPERT_IDS},
-    )
 
 
 def _commit(storage: HubStorage, repo_type: str, repo_id: str, folder: Path, files: list[str], title: str,

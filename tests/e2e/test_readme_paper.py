@@ -144,7 +144,7 @@ def test_paper_merge_records_the_conversion_pr_and_eight_steps(paper_run):
 
 def test_paper_baselines_and_orders_ran(paper_run):
     cwd, _, _, _ = paper_run
-    expected = {"clip-vit-b32-opcm-8tasks": "opcm", "b32-average": "average", "b32-ta": "task_arithmetic",
+    expected = {"clip-vit-b32-opcm-8tasks": "opcm", "b32-opcm-no-eval": "opcm", "b32-average": "average", "b32-ta": "task_arithmetic",
                 "b32-ties": "ties", "b32-magmax": "magmax", "b32-opcm-seed1": "opcm"}
     for folder, method in expected.items():
         state = json.loads((cwd / folder / "merge_state.json").read_text())
@@ -177,3 +177,50 @@ def test_flax_tf_and_pickle_weights_were_never_downloaded(paper_run):
     names = {p.name for p in downloaded}
     assert not names & {"flax_model.msgpack", "tf_model.h5", "pytorch_model.bin"}
     assert not any(p.read_bytes() == PLACEHOLDER for p in downloaded if p.stat().st_size == len(PLACEHOLDER))
+
+
+def test_readme_command_line_and_python_api_against_replicas(replica_hub, tmp_path_factory):
+    """Every other README block that names a Hub repo: Merge, A recipe, Continue, Python API,
+    Evaluation and The Space (``space run`` aside: it serves until stopped)."""
+    server, replicas, env, _ = replica_hub
+    storage = server.api.storage
+    (merge_block,) = readme_blocks("### Merge", "bash")
+    run_block(shell_commands(merge_block), env, fresh_folder(tmp_path_factory, "merge"))
+    repo = f"{USER}/clip-vit-b32-opcm"
+    first = storage.read_refs("model", repo).branches["main"]
+
+    recipe_yaml, recipe_bash = readme_blocks("### A recipe", "yaml")[0], readme_blocks("### A recipe", "bash")[0]
+    folder = fresh_folder(tmp_path_factory, "recipe")
+    (folder / "recipe.yaml").write_text(recipe_yaml.replace("YOUR-USER", USER))
+    run_block(shell_commands(recipe_bash), env, folder)
+    assert storage.read_refs("model", repo).branches["main"] != first
+
+    # The two `add` lines are two separate continuations of the repo (each downloads it afresh).
+    for command in shell_commands(readme_blocks("### Continue a merged model", "bash")[0]):
+        run_block([command], env, fresh_folder(tmp_path_factory, "continue"))
+    refs = storage.read_refs("model", repo)
+    assert refs.pull_requests  # the --create-pr continuation
+    state_file = storage.resolve_revision("model", repo, "main").tree["merge_state.json"]
+    lineage = [e["repo_id"] for e in json.loads(storage.read_content(state_file))["lineage"]]
+    assert lineage == ["tanganke/clip-vit-base-patch32_sun397", "tanganke/clip-vit-base-patch32_stanford-cars",
+                       "tanganke/clip-vit-base-patch32_mnist"]
+
+    python_blocks = readme_blocks("## Python API", "python")
+    folder = fresh_folder(tmp_path_factory, "python-api")
+    for block in python_blocks:
+        script = block.replace("YOUR-USER", USER) + "\nprint('block done')\n"
+        process = subprocess.run([sys.executable, "-c", script], env=env, cwd=folder, capture_output=True, text=True, timeout=1200)
+        assert process.returncode == 0, process.stderr[-3000:]
+        assert process.stdout.strip().endswith("block done")
+    for name in ("clip-opcm", "clip-opcm-8"):
+        assert storage.get_repo("model", f"{USER}/{name}") is not None
+    continued = storage.resolve_revision("model", f"{USER}/clip-opcm", "main").tree["merge_state.json"]
+    assert json.loads(storage.read_content(continued))["step"] == 3
+
+    folder = fresh_folder(tmp_path_factory, "eval-space")
+    hub_commands = [c for block in readme_blocks("## Evaluation", "bash") + readme_blocks("## The Space", "bash")
+                    for c in shell_commands(block) if "YOUR-USER/" in c and " space run " not in c]
+    assert any(c.startswith("hf-merge eval") for c in hub_commands) and any("space publish" in c for c in hub_commands)
+    done = run_block(hub_commands, env, folder)
+    assert "sun397" in done[0].stdout
+    assert storage.get_repo("space", f"{USER}/clip-opcm") is not None
