@@ -276,3 +276,17 @@ def test_gated_repo_says_to_accept_its_terms(hub_server, seeded_hub, tmp_path, b
     record.gated_accepted = ["bob"]
     storage.update_repo(record)
     api.merge(base=seeded_hub.base, experts=[repo], output=str(tmp_path / "ok"), token=bob_token)
+
+
+def test_the_real_conversion_file_passes_the_name_check():
+    """openai/clip-vit-base-patch32's real config.json (full widths): the conversion bot's file
+    holds 398 float32 tensors plus two int64 position_ids; that set passes, a renamed one does not."""
+    from hf_merge.conversion_pr import expected_float_names, tensor_name_problem
+
+    config = json.loads((Path(__file__).parents[1] / "hf_merge/testing/replica_files/openai-clip-vit-base-patch32.config.json").read_text())
+    names = expected_float_names(config)
+    assert len(names) == 398 and "logit_scale" in names and "visual_projection.weight" in names
+    real_file = {n: "F32" for n in names} | {"text_model.embeddings.position_ids": "I64", "vision_model.embeddings.position_ids": "I64"}
+    assert tensor_name_problem(config, real_file) is None
+    del real_file["text_projection.weight"]
+    assert tensor_name_problem(config, real_file) == "lacks tensor 'text_projection.weight' of the model (1 missing)"

@@ -35,10 +35,20 @@ PAPER_SECTION = "## With the real Hub: the paper's 8-task ViT-B/32 experiment"
 
 def readme_blocks(heading: str, language: str) -> list[str]:
     """The ``language`` code blocks of the README section that starts with ``heading``."""
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    start = text.index(heading + "\n")
-    end = text.find("\n## ", start + len(heading))
-    section = text[start : end if end != -1 else len(text)]
+    lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines(keepends=True)
+    level = len(heading) - len(heading.lstrip("#"))
+    section, inside, fenced = [], False, False
+    for line in lines:
+        if line.startswith("```"):
+            fenced = not fenced
+        is_heading = not fenced and re.match(rf"#{{1,{level}}} ", line)
+        if inside and is_heading:
+            break
+        inside = inside or line.rstrip("\n") == heading
+        if inside:
+            section.append(line)
+    assert section, heading
+    section = "".join(section)
     return re.findall(rf"```{language}\n(.*?)```", section, flags=re.S)
 
 
