@@ -125,12 +125,25 @@ def test_truncated_local_expert_fails_before_any_step(tiny_base, tiny_experts, t
     assert not (tmp_path / "out").exists()
 
 
-def test_another_width_is_one_line(tiny_base, tmp_path):
+@pytest.mark.parametrize("shape, message", [
+    ({"hidden_size": 48}, "vision_config.hidden_size is 48 instead of 32"),
+    ({"patch_size": 4}, "vision_config.patch_size is 4 instead of 8"),
+])
+def test_another_width_or_patch_size_is_one_line(tiny_base, tmp_path, shape, message):
     from hf_merge.testing.tiny_clip import build_tiny_clip
 
-    wide = tower_only(build_tiny_clip(tmp_path / "wide-full", seed=3, hidden_size=48), tmp_path / "wide")
-    with pytest.raises(IncompatibleExpertError, match="vision_config.hidden_size is 48 instead of 32"):
-        api.merge(base=str(tiny_base), experts=[str(wide)], output=str(tmp_path / "out"))
+    other = tower_only(build_tiny_clip(tmp_path / "other-full", seed=3, **shape), tmp_path / "other")
+    with pytest.raises(IncompatibleExpertError, match=message) as caught:
+        api.merge(base=str(tiny_base), experts=[str(other)], output=str(tmp_path / "out"))
+    assert "\n" not in str(caught.value)
+
+
+def test_later_expert_must_cover_the_tensors_the_first_decided(tiny_base, tiny_experts, tmp_path):
+    with_projection = tower_only(tiny_experts[0], tmp_path / "wp", projection=True)
+    without = tower_only(tiny_experts[1], tmp_path / "np")
+    with pytest.raises(IncompatibleExpertError, match="has no tensor 'visual_projection.weight', which the merge needs"):
+        api.merge(base=str(tiny_base), experts=[str(with_projection), str(without)], output=str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------------------- precision and shards
