@@ -30,6 +30,7 @@ from hf_merge.testing.replicas import PLACEHOLDER, publish_replicas
 ROOT = Path(__file__).resolve().parents[2]
 USER = "paper-user"
 TOKEN = "hf_paper_user_8d0c55e1a7b94e2f"
+pytestmark = pytest.mark.slow  # about 20 subprocess runs, most of them evaluating 8 tasks every step
 PAPER_SECTION = "## With the real Hub: the paper's 8-task ViT-B/32 experiment"
 
 
