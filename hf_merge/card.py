@@ -242,11 +242,10 @@ def _tensor_context(output_dir: Path, state: Mapping[str, Any], scope: str) -> d
 
 def _groups(names: Sequence[str]) -> str:
     """``vision_model.*`` (199), ``logit_scale``: names summarised by their first component."""
-    counts: dict[str, int] = {}
+    by_head: dict[str, list[str]] = {}
     for name in names:
-        head = name.split(".", 1)[0]
-        counts[head] = counts.get(head, 0) + 1
-    return ", ".join(f"`{head}.*` ({n})" if n > 1 or head not in names else f"`{head}`" for head, n in counts.items())
+        by_head.setdefault(name.split(".", 1)[0], []).append(name)
+    return ", ".join(f"`{head}.*` ({len(group)})" if len(group) > 1 else f"`{group[0]}`" for head, group in by_head.items())
 
 
 def _dataset_id(dataset: str | None, task: str) -> str:

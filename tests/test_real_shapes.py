@@ -63,6 +63,12 @@ def test_vision_only_experts_merge_into_a_full_clip(tiny_base, tiny_experts, tmp
     state = json.loads((out / "merge_state.json").read_text())
     assert state["from_base"] == {"visual_projection.weight": "the expert does not have it: it is a CLIPVisionModel"}
     assert all(n.startswith("vision_model.") for n in state["merged_names"])
+    from hf_merge.card import build_card
+
+    card = build_card(out, plot=False).text
+    assert f"{len(state['merged_names'])} tensors were merged: `vision_model.*` ({len(state['merged_names'])})" in card
+    assert "- `visual_projection.weight`: the expert does not have it: it is a CLIPVisionModel;" in card
+    assert "`text_projection.weight`: outside the merged scope (`vision`)" in card
     from transformers import CLIPModel
 
     CLIPModel.from_pretrained(out)
