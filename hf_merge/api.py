@@ -82,7 +82,7 @@ def merge(recipe: MergeRecipe | str | Path | None = None, *, token: str | None =
     experts = recipe.ordered_experts()
     check_output_folder(output_dir)
     hook = evaluation_hook(recipe.eval, recipe.ordered_eval_tasks(), experts, done=0, base=recipe.base, token=token)
-    check_models(recipe.base, experts, token=token, allow_pickle=recipe.allow_pickle)
+    check_models(recipe.base, experts, token=token, allow_pickle=recipe.allow_pickle, scope=recipe.scope)
     check_output_folder(output_dir, weights_bytes=weights_bytes(recipe.base, token=token))
 
     from .engine import ContinualMerger
@@ -182,7 +182,8 @@ def add(
     recipe.validate()
     hook = evaluation_hook(recipe.eval, tasks, recipe.experts, done=len(done), output_dir=output_dir,
                             base=_pinned_base(base_entry, recipe.base), token=token)
-    check_models(recipe.base, experts, token=token, allow_pickle=recipe.allow_pickle)
+    check_models(_pinned_base(base_entry, recipe.base), experts, token=token, allow_pickle=recipe.allow_pickle,
+                 scope=recipe.scope, merged_names=load_state(output_dir).get("merged_names"))
 
     from .engine import ContinualMerger
 

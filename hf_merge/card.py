@@ -174,6 +174,7 @@ def build_card(
         "method_summary": summary,
         "hyperparameters": hyperparameters,
         "scope": SCOPE_DESCRIPTIONS.get(scope, scope),
+        "tensors": _tensor_context(output_dir, state, scope),
         "license_note": license_note,
         "accuracy": _accuracy_context(accuracy, output_dir, plot) if accuracy else None,
         "recipe_yaml": recipe_yaml or "# no recipe.yaml in this folder\n",
@@ -212,6 +213,47 @@ def _decorate(source: dict[str, Any], hub: str) -> None:
     else:
         source["url"] = "#"
     source["commit_display"] = f"`{sha}`" if sha else "local folder"
+    pr = source.get("conversion_pr")
+    if pr:
+        source["commit_display"] += (
+            f" (safetensors from the Hub's conversion pull request [{pr['ref']}]({hub}/{repo_id}/discussions/{pr['num']}),"
+            f" on top of `{pr['revision_commit']}`, which has only pickle weights)"
+        )
+
+
+def _tensor_context(output_dir: Path, state: Mapping[str, Any], scope: str) -> dict[str, Any] | None:
+    """Which tensors were merged and which came from the base, and why (None for old states)."""
+    merged = state.get("merged_names")
+    if not merged:
+        return None
+    from .checkpoint import Checkpoint
+
+    try:
+        with Checkpoint.open(output_dir) as checkpoint:
+            floating = {n: checkpoint.dtype(n).is_floating_point for n in checkpoint.names()}
+    except Exception:  # a folder without weights (card regenerated elsewhere): no outside-scope list
+        floating = dict.fromkeys(merged, True)
+    from_base = dict(state.get("from_base") or {})
+    rest = [n for n in floating if n not in set(merged) and n not in from_base]
+    outside = [n for n in rest if floating[n]]
+    buffers = [n for n in rest if not floating[n]]
+    return {
+        "merged_count": len(merged),
+        "merged_groups": _groups(merged),
+        "from_base": [{"names": f"`{name}`", "why": why} for name, why in sorted(from_base.items())],
+        "outside_count": len(outside),
+        "outside_groups": _groups(outside),
+        "buffers": ", ".join(f"`{n}`" for n in buffers),
+        "scope": scope,
+    }
+
+
+def _groups(names: Sequence[str]) -> str:
+    """``vision_model.*`` (199), ``logit_scale``: names summarised by their first component."""
+    by_head: dict[str, list[str]] = {}
+    for name in names:
+        by_head.setdefault(name.split(".", 1)[0], []).append(name)
+    return ", ".join(f"`{head}.*` ({len(group)})" if len(group) > 1 else f"`{group[0]}`" for head, group in by_head.items())
 
 
 def _dataset_id(dataset: str | None, task: str) -> str:

@@ -26,7 +26,7 @@ from .log import get_logger
 from .methods import MergeContext, MergeMethod, get_method
 from .sources import ModelSource, resolve
 from .state import STATE_NAME, STATE_TENSORS_NAME, MergeState, OutputTransaction, discard_spare, recover
-from .validation import check_compatible, linear_weight_names, merged_names
+from .validation import MergePlan, check_compatible, linear_weight_names, merged_names, plan_merge
 
 logger = get_logger(__name__)
 
@@ -110,6 +110,7 @@ class ContinualMerger:
             raise UsageError(f"compute_dtype must be float32 or float64, got {compute_dtype!r}")
         self.output_dir = Path(output_dir).expanduser().resolve()
         self.executor = Executor.from_accelerate(device)
+        self._compute_dtype = _COMPUTE_DTYPES[compute_dtype]
         self.on_step = on_step
         self.max_shard_size = max_shard_size
         self.token = token
@@ -122,20 +123,18 @@ class ContinualMerger:
         self.executor.wait_for_everyone()  # no process may write before every process has checked
         self.base_source = resolve(base, token=token, allow_pickle=allow_pickle)
         self.base = Checkpoint.open(self.base_source.path, allow_pickle=allow_pickle)
-        self.names = merged_names(self.base, scope)
-        self.method: MergeMethod = get_method(method)(**(hyperparameters or {}))
-        self.context = MergeContext(
-            base=self.base,
-            names=self.names,
-            linear_names=linear_weight_names(self.base.config, self.names),
-            executor=self.executor,
-            compute_dtype=_COMPUTE_DTYPES[compute_dtype],
-        )
-        self.method.init(self.context)
+        self.scope = scope
+        self.method_name = method
+        self.hyperparameters = hyperparameters or {}
+        merged_names(self.base, scope)  # a scope that selects nothing fails before any expert is read
+        self.method: MergeMethod = get_method(method)(**self.hyperparameters)  # bad hyperparameters fail here
         self.checkpoint_every = checkpoint_every or self.method.checkpoint_every
         base_info = self.base_source.to_dict()
         if self.base_source.repo_id is None:  # a local base can only be found again by its path
             base_info["local_path"] = str(self.base_source.path)
+        # Which tensors are merged is decided by the first expert (a CLIPVisionModel has no
+        # visual_projection); a saved merge recorded it, older saves merged the whole scope.
+        self.names: list[str] = []
         self.state = _saved or MergeState(
             method=method,
             hyperparameters=dict(self.method.hyperparameters),
@@ -143,12 +142,31 @@ class ContinualMerger:
             base=base_info,
             state_tensors=None if self.method.buffer_is_output else STATE_TENSORS_NAME,
         )
+        if _saved is not None:
+            self._plan(MergePlan(_saved.merged_names or merged_names(self.base, scope), dict(_saved.from_base or {})))
         self.steps: list[StepResult] = []
         self.setup_seconds = time.perf_counter() - started
         self._broken = False
         self._written_step = self.state.step  # the step the output folder holds
         if _saved is not None:
             self._restore(_saved)
+
+    def _plan(self, plan: MergePlan) -> None:
+        """Fix the merged tensor names for the run and initialise the method on them."""
+        self.names = plan.names
+        self.method: MergeMethod = get_method(self.method_name)(**self.hyperparameters)
+        self.context = MergeContext(
+            base=self.base,
+            names=self.names,
+            linear_names=linear_weight_names(self.base.config, self.names),
+            executor=self.executor,
+            compute_dtype=self._compute_dtype,
+        )
+        self.method.init(self.context)
+        self.state.hyperparameters = dict(self.method.hyperparameters)
+        self.state.state_tensors = None if self.method.buffer_is_output else STATE_TENSORS_NAME
+        self.state.merged_names = list(plan.names)
+        self.state.from_base = dict(plan.from_base)
 
     @classmethod
     def resume(cls, output_dir: str | Path, base: ModelRef | None = None, **options: Any) -> "ContinualMerger":
@@ -174,10 +192,14 @@ class ContinualMerger:
             self.state = MergeState.load(self.output_dir) if self._written_step else _fresh(self.state)
             self.steps = [s for s in self.steps if s.step <= self._written_step]
         self.method.buffer = {}
+        if self.state.step == 0:  # the first expert decided the names; the next one decides again
+            self.names = []
+            self.state.merged_names, self.state.from_base = None, None
+            self._broken = False
+            return
         self.method = get_method(self.state.method)(**self.state.hyperparameters)
         self.method.init(self.context)
-        if self.state.step > 0:
-            self._restore(self.state)
+        self._restore(self.state)
         self._broken = False
 
     def _restore(self, state: MergeState) -> None:
@@ -194,7 +216,7 @@ class ContinualMerger:
             stored.close()
         else:
             with Checkpoint.open(self.output_dir) as merged:
-                check_compatible(self.base, merged, f"saved merge {self.output_dir}")
+                check_compatible(self.base, merged, f"saved merge {self.output_dir}", self.names, self.scope)
                 buffer = {name: merged.get(name) for name in self.names}
         try:
             self.method.load_state_dict(state.method_state, buffer)
@@ -219,9 +241,12 @@ class ContinualMerger:
             )
         source = resolve(expert, token=self.token, allow_pickle=self.allow_pickle)
         with Checkpoint.open(source.path, allow_pickle=self.allow_pickle) as checkpoint:
-            check_compatible(self.base, checkpoint, source.name, only=source.tensor_prefixes)
-            if source.tensor_prefixes is not None:
-                _require_downloaded(self.names, source)
+            if source.tensor_prefixes is not None:  # a partial download must hold what is merged
+                _require_downloaded(self.names or merged_names(self.base, self.scope), source)
+            if not self.names:
+                self._plan(plan_merge(self.base, checkpoint, self.scope, source.name))
+            else:
+                check_compatible(self.base, checkpoint, source.name, self.names, self.scope)
             checkpoint.require_finite(self.names, source.name)
             started = time.perf_counter()
             self._broken = True  # until the step is both merged and saved

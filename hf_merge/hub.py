@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shlex
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 from urllib.parse import urlparse
@@ -25,6 +26,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
+from .conversion_pr import ConversionPR, find_conversion_pr, tensor_name_problem
 from .errors import AuthenticationError, CheckpointError, HfMergeError, ModelNotFoundError, PushError
 from .log import get_logger
 
@@ -98,12 +100,13 @@ def check_weights(repo_id: str, files: Sequence[str], allow_pickle: bool) -> Non
         raise CheckpointError(f"{repo_id} has no model weights (no .safetensors file)")
 
 
-def fetch_config(repo_id: str, revision: str | None = None, token: str | None = None) -> dict:
-    """Read a repo's ``config.json`` without downloading its weights (checks before a long merge)."""
+def fetch_config(repo_id: str, revision: str | None = None, token: str | None = None, *, reference: str | None = None) -> dict:
+    """Read a repo's ``config.json`` without downloading its weights (checks before a long merge).
+    ``reference`` is how errors name the repo (default ``repo_id@revision``)."""
     import json
 
     token = resolve_token(token)
-    reference = repo_id if revision is None else f"{repo_id}@{revision}"
+    reference = reference or (repo_id if revision is None else f"{repo_id}@{revision}")
     with hub_errors(reference, token=token):
         path = huggingface_hub.hf_hub_download(
             repo_id, "config.json", revision=revision, token=token if token else False, endpoint=endpoint()
@@ -111,14 +114,95 @@ def fetch_config(repo_id: str, revision: str | None = None, token: str | None = 
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
-def check_model(repo_id: str, revision: str | None = None, token: str | None = None, allow_pickle: bool = False) -> str:
-    """Check that a repo exists, is readable with ``token`` and has usable weights; return its sha."""
+def check_model(repo_id: str, revision: str | None = None, token: str | None = None, allow_pickle: bool = False) -> "WeightsRevision":
+    """Check that a repo exists, is readable with ``token`` and has usable weights; return where
+    they are (see :func:`resolve_weights`)."""
     token = resolve_token(token)
     reference = repo_id if revision is None else f"{repo_id}@{revision}"
     with hub_errors(reference, token=token):
-        info = api_client(token).model_info(repo_id, revision=revision)
-        check_weights(repo_id, [s.rfilename for s in info.siblings or []], allow_pickle)
-    return info.sha or ""
+        return resolve_weights(repo_id, revision, token=token, allow_pickle=allow_pickle)
+
+
+@dataclass(frozen=True)
+class WeightsRevision:
+    """The commit whose weights a merge reads, and its file list.
+
+    Attributes:
+        commit_sha: The commit to download: the revision's own, or the head of its conversion
+            pull request when the revision has only pickle weights.
+        files: The files of that commit.
+        conversion_pr: The conversion pull request used, if any.
+    """
+
+    commit_sha: str
+    files: list[str]
+    conversion_pr: ConversionPR | None = None
+
+    @property
+    def has_safetensors(self) -> bool:
+        return any(f.endswith(".safetensors") for f in self.files)
+
+
+def resolve_weights(repo_id: str, revision: str | None, *, token: str | None, allow_pickle: bool) -> WeightsRevision:
+    """Where a repo's weights are: the revision itself when it has safetensors; else the Hub's
+    open safetensors conversion pull request on top of it (checked tensor by tensor); else its
+    pickle weights when ``allow_pickle``. Raises :class:`CheckpointError` otherwise.
+
+    Call inside :func:`hub_errors`."""
+    api = api_client(token)
+    info = api.model_info(repo_id, revision=revision)
+    files = [s.rfilename for s in info.siblings or []]
+    own = WeightsRevision(info.sha or "", files)
+    if own.has_safetensors or not any(f.endswith(_PICKLE_SUFFIXES) for f in files):
+        check_weights(repo_id, files, allow_pickle)
+        return own
+    pr = find_conversion_pr(api, repo_id, own.commit_sha)
+    problem = None
+    if pr is not None:
+        pr_files = [s.rfilename for s in api.model_info(repo_id, revision=pr.commit_sha).siblings or []]
+        converted = WeightsRevision(pr.commit_sha, pr_files, pr)
+        problem = _conversion_problem(repo_id, converted, token) if converted.has_safetensors else "adds no safetensors file"
+        if problem is None:
+            return converted
+        if not allow_pickle:
+            pickle = next(f for f in files if f.endswith(_PICKLE_SUFFIXES))
+            raise CheckpointError(
+                f"{repo_id} has only pickle weights ({pickle}) and its safetensors conversion pull request "
+                f"{pr.ref} {problem}, so it is refused; pass --allow-pickle to load {pickle} with torch.load(weights_only=True)"
+            )
+        logger.warning("%s: conversion pull request %s refused (%s); using the pickle weights", repo_id, pr.ref, problem)
+    check_weights(repo_id, files, allow_pickle)
+    return own
+
+
+_CHECKED_CONVERSIONS: dict[tuple[str, str], str | None] = {}
+
+
+def _conversion_problem(repo_id: str, weights: WeightsRevision, token: str | None) -> str | None:
+    """What is wrong with a conversion pull request's tensors (``None``: nothing), read from the
+    safetensors headers and config of its commit; remembered per commit for the process."""
+    key = (repo_id, weights.commit_sha)
+    if key not in _CHECKED_CONVERSIONS:
+        headers = tensor_headers(repo_id, weights.commit_sha, token=token)
+        config = fetch_config(repo_id, weights.commit_sha, token=token)
+        _CHECKED_CONVERSIONS[key] = tensor_name_problem(config, headers)
+    return _CHECKED_CONVERSIONS[key]
+
+
+def tensor_headers(repo_id: str, revision: str, *, token: str | None) -> dict[str, str]:
+    """Tensor name -> safetensors dtype string of a repo's safetensors weights, read from the
+    files' headers with range requests (no weights downloaded). Call inside :func:`hub_errors`."""
+    return {name: info[0] for name, info in tensor_table(repo_id, revision, token=token).items()}
+
+
+def tensor_table(repo_id: str, revision: str, *, token: str | None) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Tensor name -> (dtype string, shape) from a repo's safetensors headers (range requests only)."""
+    metadata = api_client(token).get_safetensors_metadata(repo_id, revision=revision)
+    table: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for file_metadata in metadata.files_metadata.values():
+        for name, info in file_metadata.tensors.items():
+            table[name] = (info.dtype, tuple(info.shape))
+    return table
 
 
 # ---------------------------------------------------------------------------------------- push

@@ -33,6 +33,9 @@ class ModelSource:
         commit_sha: The exact commit the snapshot was downloaded from, or ``None`` for a folder.
         tensor_prefixes: Set when only the tensors under these name prefixes were downloaded
             (a partial snapshot, see :mod:`hf_merge.ranged`); ``None`` for a complete one.
+        conversion_pr: When the revision had only pickle weights and the safetensors came from
+            the Hub's conversion pull request: its ``ref``, ``num``, ``commit_sha`` (= ``commit_sha``)
+            and ``revision_commit`` (the commit of the revision asked for).
     """
 
     path: Path
@@ -40,6 +43,7 @@ class ModelSource:
     revision: str | None = None
     commit_sha: str | None = None
     tensor_prefixes: tuple[str, ...] | None = None
+    conversion_pr: dict[str, Any] | None = None
 
     @classmethod
     def local(cls, path: str | Path) -> "ModelSource":
@@ -130,22 +134,29 @@ def download_model(
     token = hub.resolve_token(token)
     reference = repo_id if revision is None else f"{repo_id}@{revision}"
     with hub.hub_errors(reference, token=token):
-        info = hub.api_client(token).model_info(repo_id, revision=revision, files_metadata=False)
-        files = [sibling.rfilename for sibling in info.siblings or []]
-        hub.check_weights(repo_id, files, allow_pickle)
-        if tensor_prefixes is not None and local_dir is None and info.sha:
+        weights = hub.resolve_weights(repo_id, revision, token=token, allow_pickle=allow_pickle)
+        pickle = allow_pickle and not weights.has_safetensors  # never both: safetensors win
+        patterns = list(hub.MODEL_PATTERNS) + list(extra_patterns) + (list(hub.PICKLE_PATTERNS) if pickle else [])
+        pr = weights.conversion_pr
+        if pr is not None:
+            logger.info(
+                "%s has only pickle weights at %s; using the safetensors of the Hub's conversion pull request %s (%s)",
+                reference, pr.revision_commit[:10], pr.ref, pr.commit_sha[:10],
+            )
+        if tensor_prefixes is not None and local_dir is None and weights.commit_sha and not pickle:
             from .ranged import download_ranged
 
-            partial = download_ranged(repo_id, info.sha, files, tensor_prefixes, token=token, transfer=transfer)
+            partial = download_ranged(repo_id, weights.commit_sha, weights.files, tensor_prefixes, token=token, transfer=transfer)
             if partial is not None:
-                return ModelSource(path=partial.path, repo_id=repo_id, revision=revision, commit_sha=info.sha,
-                                   tensor_prefixes=tuple(tensor_prefixes))
-        patterns = list(hub.MODEL_PATTERNS) + list(extra_patterns) + (list(hub.PICKLE_PATTERNS) if allow_pickle else [])
-        logger.info("Downloading %s (%s)", reference, info.sha[:10] if info.sha else "?")
+                return ModelSource(path=partial.path, repo_id=repo_id, revision=revision, commit_sha=weights.commit_sha,
+                                   tensor_prefixes=tuple(tensor_prefixes),
+                                   conversion_pr=pr.to_dict() if pr is not None else None)
+        if pr is None:
+            logger.info("Downloading %s (%s)", reference, weights.commit_sha[:10] or "?")
         path = huggingface_hub.snapshot_download(
             repo_id,
-            # Pin the commit model_info saw, so the recorded sha is the one whose files we have.
-            revision=info.sha or revision,
+            # Pin the commit that was checked, so the recorded sha is the one whose files we have.
+            revision=weights.commit_sha or revision,
             token=token if token else False,
             allow_patterns=patterns,
             local_dir=local_dir,
@@ -153,7 +164,10 @@ def download_model(
             library_name="hf-merge",
             tqdm_class=transfer.progress_class() if transfer is not None else None,
         )
-    return ModelSource(path=Path(path), repo_id=repo_id, revision=revision, commit_sha=info.sha or Path(path).name)
+    return ModelSource(
+        path=Path(path), repo_id=repo_id, revision=revision, commit_sha=weights.commit_sha or Path(path).name,
+        conversion_pr=pr.to_dict() if pr is not None else None,
+    )
 
 
 def evict(source: ModelSource) -> bool:

@@ -51,6 +51,9 @@ class MergeState:
         lineage: One entry per merged expert, in order: provenance plus its ``step`` (1-based).
         method_state: The method's own scalars (OPCM: ``prev_lambda``, ``norms``).
         state_tensors: Name of the file holding tensors a method keeps besides the weights, if any.
+        merged_names: The tensors merged (decided by the first expert; ``None`` before it, and in
+            merges saved before this was recorded, where the whole scope was merged).
+        from_base: Tensors of the scope kept from the base, with the reason.
     """
 
     method: str
@@ -61,6 +64,8 @@ class MergeState:
     lineage: list[dict[str, Any]] = field(default_factory=list)
     method_state: dict[str, Any] = field(default_factory=dict)
     state_tensors: str | None = None
+    merged_names: list[str] | None = None
+    from_base: dict[str, str] | None = None
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:

@@ -263,7 +263,9 @@ class ContinualEvaluator:
         if isinstance(model, tuple):
             model, processor = model
         by_name = {t.name: t for t in self.tasks}
-        results = self.evaluator.evaluate(model, processor, tasks=[by_name[n] for n in names])
+        # A tower-only expert (CLIPVisionModel) is evaluated inside the base, as its card says to use it.
+        base = self.base if kind == "expert" else None
+        results = self.evaluator.evaluate(model, processor, tasks=[by_name[n] for n in names], base=base)
         for i in missing:
             values[i] = float(results[self.tasks[i].name]["accuracy"])
 

@@ -33,17 +33,23 @@ def default_device() -> torch.device:
 
 
 def load_clip(
-    model: str | Path, *, device: torch.device | str | None = None, token: str | bool | None = None
+    model: str | Path, *, device: torch.device | str | None = None, token: str | bool | None = None,
+    base: Any = None,
 ) -> tuple[Any, Any]:
     """Load ``(CLIPModel, CLIPProcessor)`` from a folder, ``repo_id`` or ``repo_id@revision``.
 
-    Weights are read from safetensors only; the processor comes from the same snapshot.
+    Weights are read from safetensors only; the processor comes from the same snapshot. A
+    tower-only checkpoint (``CLIPVisionModel``, ``CLIPTextModel``) is evaluated as its model card
+    says to use it: the ``base`` CLIP model with that tower's tensors replaced.
     """
     from transformers import CLIPModel, CLIPProcessor
 
     from ..sources import resolve
 
     source = resolve(model, token=token)
+    tower_only = _model_type(source.path) in ("clip_vision_model", "clip_text_model")
+    if tower_only:
+        return _with_tower(source, base, device=device, token=token)
     try:
         clip = CLIPModel.from_pretrained(source.path, use_safetensors=True, dtype=torch.float32)
     except (OSError, ValueError) as error:
@@ -54,6 +60,37 @@ def load_clip(
         raise EvaluationError(
             f"{source.name} has no usable CLIP processor/tokenizer files: {str(error).splitlines()[0]}"
         ) from error
+    clip.eval().to(device if device is not None else default_device())
+    return clip, processor
+
+
+def _model_type(folder: Path) -> str | None:
+    import json
+
+    try:
+        return json.loads((Path(folder) / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError):
+        return None
+
+
+def _with_tower(source: Any, base: Any, *, device: Any, token: Any) -> tuple[Any, Any]:
+    from ..checkpoint import Checkpoint
+
+    if base is None:
+        raise EvaluationError(f"{source.name} holds one CLIP tower only; evaluating it needs the base CLIP model")
+    if isinstance(base, tuple):
+        import copy
+
+        clip, processor = copy.deepcopy(base[0]), base[1]
+    else:
+        clip, processor = load_clip(base, device="cpu", token=token)
+    with Checkpoint.open(source.path) as checkpoint:
+        tensors = {name: checkpoint.get(name) for name in checkpoint.names()}
+    own = clip.state_dict()
+    unknown = [n for n in tensors if n not in own and not n.endswith("position_ids")]
+    if unknown:
+        raise EvaluationError(f"{source.name}: tensor '{unknown[0]}' is not a tensor of the base CLIP model")
+    clip.load_state_dict({n: t for n, t in tensors.items() if n in own}, strict=False)
     clip.eval().to(device if device is not None else default_device())
     return clip, processor
 
@@ -89,16 +126,16 @@ class Evaluator:
         self._data: dict[str, Any] = {}
 
     def evaluate(
-        self, model: Any, processor: Any = None, tasks: Sequence[str | Task] | None = None
+        self, model: Any, processor: Any = None, tasks: Sequence[str | Task] | None = None, *, base: Any = None
     ) -> dict[str, dict[str, Any]]:
         """Metrics of ``model`` per task name (all of this evaluator's tasks unless ``tasks`` is given).
 
         ``model`` is a folder, a ``repo_id[@revision]`` or a ``CLIPModel`` (moved to this
         evaluator's device). A ``CLIPModel`` needs ``processor`` unless it was loaded from a folder
-        that holds its processor files.
+        that holds its processor files. ``base`` completes a tower-only checkpoint (see :func:`load_clip`).
         """
         if not hasattr(model, "get_image_features"):
-            model, loaded = load_clip(model, device=self.device, token=self.token)
+            model, loaded = load_clip(model, device=self.device, token=self.token, base=base)
             processor = processor or loaded
         elif processor is None:
             processor = _processor_beside(model)

@@ -126,7 +126,7 @@ class RepoViews:
             "lastModified": commit.date,
             "createdAt": record.created_at,
             "private": record.private,
-            "gated": False,
+            "gated": record.gated,
             "disabled": False,
             "downloads": 0,
             "likes": 0,

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
+from . import discussions
 from .metadata import RepoViews, parse_front_matter, url_prefix
 from .git import HubError, should_use_lfs
 from .storage import REPO_TYPES, SPACE_SDKS, HubStorage, RepoRecord
@@ -217,7 +218,7 @@ class HubApi:
         self, user: str | None, repo_type: str, repo_id: str, revision: str, path: str
     ) -> tuple[BinaryIO, dict[str, str]]:
         """An open file and the Hub's download headers (ETag, X-Repo-Commit, X-Linked-*)."""
-        self._readable(user, repo_type, repo_id)
+        discussions.check_gated(self._readable(user, repo_type, repo_id), user)
         commit = self.storage.resolve_revision(repo_type, repo_id, revision)
         entry = commit.tree.get(path)
         if entry is None:
@@ -234,6 +235,15 @@ class HubApi:
             headers["X-Linked-Etag"] = f'"{entry.lfs_sha256}"'
             headers["X-Linked-Size"] = str(entry.size)
         return self.storage.open_content(entry), headers
+
+    def discussions(
+        self, user: str | None, repo_type: str, repo_id: str, num: str, page: int, base: str
+    ) -> dict[str, Any]:
+        """``GET …/discussions`` (``num`` empty) or ``GET …/discussions/{num}``."""
+        record = self._readable(user, repo_type, repo_id)
+        if num:
+            return discussions.discussion_details(self.storage, record, num, base)
+        return discussions.list_discussions(self.storage, record, page, base)
 
     # ---- writes -----------------------------------------------------------------------------------
     def preupload(

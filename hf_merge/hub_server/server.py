@@ -43,7 +43,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
     ``/api/whoami-v2``, ``/api/repos/{create,delete}``, ``/api/validate-yaml``, ``/api/{t}``,
     ``/api/{t}/{ns}/{name}[/revision/{rev}]``, ``…/preupload/{rev}``, ``…/commit/{rev}``,
     ``…/branch/{b}``, ``…/tag/{rev}``, ``…/tree/{rev}[/{path}]``, ``…/refs``, ``…/commits/{rev}``,
-    ``…/paths-info/{rev}``, ``…/settings``, ``/api/settings/webhooks[/{id}]``, ``/{p}{ns}/{name}.git/info/lfs/objects/batch``,
+    ``…/paths-info/{rev}``, ``…/discussions[/{num}]``, ``…/settings``, ``/api/settings/webhooks[/{id}]``, ``/{p}{ns}/{name}.git/info/lfs/objects/batch``,
     ``/lfs-upload/{ticket}`` and ``/{p}{ns}/{name}/resolve/{rev}/{path}``.
     """
 
@@ -195,6 +195,9 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             rev, path = (rest[1] if len(rest) > 1 else "main"), "/".join(rest[2:])
             data, commit_id = api.tree(user, repo_type, repo_id, rev, path, req.flag("recursive"))
             return self._send_json(200, data, {"X-Repo-Commit": commit_id})
+        if method == "GET" and action == "discussions":
+            page = int((req.query.get("p") or ["0"])[-1] or 0)
+            return self._send_json(200, api.discussions(user, repo_type, repo_id, arg, page, req.base))
         if method == "GET" and action == "refs":
             return self._send_json(200, api.refs(user, repo_type, repo_id))
         if method == "GET" and action == "commits":

@@ -87,6 +87,8 @@ class RepoRecord:
     private: bool = False
     sdk: str | None = None
     created_at: str = field(default_factory=now_iso)
+    gated: str | bool = False  # "auto" / "manual": files only for the namespace and gated_accepted
+    gated_accepted: list[str] = field(default_factory=list)
 
     @property
     def namespace(self) -> str:
