@@ -176,7 +176,7 @@ def render(rows: list[dict], args: argparse.Namespace, expert_bytes: int, identi
         f"{args.experts} experts merged with `{args.method}` (`--scope vision`, evicting each expert once merged) from the local",
         f"Hub server throttled to {args.bandwidth:g} MB/s. Models: ViT-B/32 layout at half width and half vocabulary,",
         f"float16, {expert_bytes / 2**20:.0f} MiB per expert (58.7 % of it in the vision tower; ViT-B/32: 58.1 %).",
-        f"Every run starts with an empty Hub cache; bytes are what the server sent for the experts.",
+        "Every run starts with an empty Hub cache; bytes are what the server sent for the experts.",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, shared with other",
         "engineers' work while it ran, so absolute times vary between runs; the ratios come from the same run.",
         "",

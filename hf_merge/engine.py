@@ -13,7 +13,6 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from .log import get_logger
 from .methods import MergeContext, MergeMethod, get_method
 from .sources import ModelSource, resolve
 from .state import STATE_NAME, STATE_TENSORS_NAME, MergeState, OutputTransaction, discard_spare, recover
+from .step_results import MergeResult, StepResult
 from .validation import MergePlan, check_compatible, linear_weight_names, merged_names, plan_merge
 
 logger = get_logger(__name__)
@@ -35,34 +35,6 @@ OnStep = Callable[[int, Path, MergeState], None]
 _COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # Files of the base that make the output loadable with from_pretrained (config, processor, tokenizer).
 _NOT_COPIED = {"model.safetensors.index.json", STATE_NAME, "eval_results.json"}
-
-
-@dataclass
-class StepResult:
-    """One merged expert.
-
-    Attributes:
-        step: 1-based position of the expert in the merge.
-        expert: Where it came from.
-        merge_seconds / save_seconds: Time spent merging and writing the output.
-        metrics: What the method reports (OPCM: ``lambda``, ``task_vector_norm``, ``merged_norm``).
-    """
-
-    step: int
-    expert: ModelSource
-    merge_seconds: float
-    save_seconds: float
-    metrics: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class MergeResult:
-    """The outcome of :func:`merge`: the output folder, its merge state and where the time went."""
-
-    output_dir: Path
-    state: MergeState
-    steps: list[StepResult]
-    timings: dict[str, float]
 
 
 class ContinualMerger:
