@@ -280,11 +280,16 @@ def _partial_prefixes(recipe: MergeRecipe) -> tuple[str, ...] | None:
 
 
 def _checkpoint_every(recipe: MergeRecipe) -> int | None:
-    """The recipe's ``checkpoint_every``; 1 when every step is evaluated (the evaluation reads the
-    written model)."""
+    """How often the run writes its output: 1 when every step is evaluated (the evaluation reads
+    the written model), else the recipe's ``checkpoint_every`` or the method's default."""
     if recipe.eval is not None and recipe.eval.every_step:
         return 1
-    return recipe.checkpoint_every
+    if recipe.checkpoint_every is not None:
+        return recipe.checkpoint_every
+    from .methods import get_method
+
+    # Named here: the engine would write every step for the final-only evaluation hook.
+    return get_method(recipe.method).checkpoint_every
 
 
 def _publish(output_dir: Path, recipe: MergeRecipe, *, token: str | None, licenses: dict, create_pr: bool,

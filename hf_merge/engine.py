@@ -50,8 +50,8 @@ class ContinualMerger:
         device: Device for the math (default: what ``accelerate`` picks for this process).
         compute_dtype: ``"float32"`` (default) or ``"float64"``.
         max_shard_size: Largest weight file written (``"5GB"``, bytes, ...).
-        checkpoint_every: Write the output after every N-th step (``None``: the method's
-            ``checkpoint_every``). The step passed ``final=True`` to :meth:`add`, the last of
+        checkpoint_every: Write the output after every N-th step (``None``: 1 with ``on_step``,
+            else the method's ``checkpoint_every``). The step passed ``final=True`` to :meth:`add`, the last of
             :meth:`add_all`, and :meth:`flush` always write; a crash loses at most the unwritten
             steps, and :meth:`resume` continues from the last written one with the same result.
             ``on_step`` is called only for written steps.
@@ -100,7 +100,8 @@ class ContinualMerger:
         self.hyperparameters = hyperparameters or {}
         merged_names(self.base, scope)  # a scope that selects nothing fails before any expert is read
         self.method: MergeMethod = get_method(method)(**self.hyperparameters)  # bad hyperparameters fail here
-        self.checkpoint_every = checkpoint_every or self.method.checkpoint_every
+        # A caller watching each step (on_step) sees each step written unless it asks otherwise.
+        self.checkpoint_every = checkpoint_every or (1 if on_step is not None else self.method.checkpoint_every)
         base_info = self.base_source.to_dict()
         if self.base_source.repo_id is None:  # a local base can only be found again by its path
             base_info["local_path"] = str(self.base_source.path)

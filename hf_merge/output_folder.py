@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import UsageError
+from .sizes import format_size
 
 # The output holds the merged weights and, while a merge runs, the spare copy of the last step's.
 _COPIES_WHILE_MERGING = 2
@@ -46,8 +47,8 @@ def check_output_folder(path: str | Path, *, weights_bytes: int | None = None) -
     free = shutil.disk_usage(existing).free
     if weights_bytes is not None and free < _COPIES_WHILE_MERGING * weights_bytes:
         raise UsageError(
-            f"--output {path}: {_size(free)} free on its disk, a merge of this base needs about "
-            f"{_size(_COPIES_WHILE_MERGING * weights_bytes)}: free some space or choose another folder"
+            f"--output {path}: {format_size(free)} free on its disk, a merge of this base needs about "
+            f"{format_size(_COPIES_WHILE_MERGING * weights_bytes)}: free some space or choose another folder"
         )
 
 
@@ -70,10 +71,3 @@ def weights_bytes(reference: str, *, token: str | None = None) -> int | None:
     ]
     return sum(chosen) if chosen else None
 
-
-def _size(num_bytes: int) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if num_bytes < 1024 or unit == "GiB":
-            return f"{num_bytes:.0f} {unit}" if unit == "bytes" else f"{num_bytes:.1f} {unit}"
-        num_bytes /= 1024
-    return f"{num_bytes:.1f} TiB"

@@ -34,6 +34,7 @@ from huggingface_hub import constants
 from . import hub
 from .errors import CheckpointError
 from .log import get_logger
+from .sizes import format_size
 from .transfer import Transfer
 
 logger = get_logger(__name__)
@@ -153,7 +154,7 @@ def download_ranged(
         shutil.rmtree(destination, ignore_errors=True)  # an older partial download for other prefixes
         os.rename(staging, destination)
         logger.info("Downloaded %s of %s (%.0f %%) of %s's weights for tensors under %s",
-                    _size(received), _size(full), 100 * received / max(full, 1), repo_id, ", ".join(prefixes))
+                    format_size(received), format_size(full), 100 * received / max(full, 1), repo_id, ", ".join(prefixes))
         return RangedSnapshot(destination, received, full)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -341,10 +342,3 @@ def _write_partial(out: Path, metadata: dict[str, Any], kept: list[_Entry], remo
         handle.flush()
         os.fsync(handle.fileno())
 
-
-def _size(count: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if count < 1024 or unit == "GiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    return f"{count:.1f} GiB"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 from .tiny_clip import build_tiny_clip, make_expert
@@ -131,3 +132,13 @@ def lineage_of(repo_id: str) -> list[tuple[str, str]]:
 
     state = json.loads(Path(hf_hub_download(repo_id, "merge_state.json", force_download=True)).read_text())
     return [(entry.get("repo_id"), entry.get("commit_sha")) for entry in state["lineage"]]
+
+
+def wait_until(condition, timeout: float = 180.0) -> bool:
+    """Poll ``condition`` every 0.3 s until it holds (True) or ``timeout`` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.3)
+    return False

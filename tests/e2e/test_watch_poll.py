@@ -8,21 +8,13 @@ import time
 import pytest
 from huggingface_hub import HfApi, ModelCard
 
-from hf_merge.testing.watch_models import fine_tune, lineage_of, merged_repo, publish
+from hf_merge.testing.watch_models import fine_tune, lineage_of, merged_repo, publish, wait_until
 from hf_merge.watch.publish import RetryPolicy
 from hf_merge.watch.runner import Watcher
 
 pytestmark = pytest.mark.slow
 TASK = "synthetic/colors"
 
-
-def _wait(condition, timeout=180.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.3)
-    return False
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +35,7 @@ def test_running_watcher_merges_each_commit_of_a_fine_tune_exactly_once(watched,
     try:
         folder = fine_tune(tiny_base, work / "bob-ft", base, seed=4242, extra=f"datasets:\n- {TASK}")
         first = publish(carol, "carol/watch-poll-ft", folder)
-        assert _wait(lambda: ("carol/watch-poll-ft", first) in lineage_of(repo))
+        assert wait_until(lambda: ("carol/watch-poll-ft", first) in lineage_of(repo))
         assert lineage_of(repo)[-1] == ("carol/watch-poll-ft", first)
 
         # The same files again: the client makes no commit, the sha stays, and nothing is merged twice.
@@ -56,7 +48,7 @@ def test_running_watcher_merges_each_commit_of_a_fine_tune_exactly_once(watched,
         folder = fine_tune(tiny_base, work / "bob-ft", base, seed=4343, extra=f"datasets:\n- {TASK}")
         second = publish(carol, "carol/watch-poll-ft", folder, message="Train longer")
         assert second != first
-        assert _wait(lambda: ("carol/watch-poll-ft", second) in lineage_of(repo))
+        assert wait_until(lambda: ("carol/watch-poll-ft", second) in lineage_of(repo))
     finally:
         stop.set()
         thread.join(timeout=60)

@@ -12,7 +12,7 @@ import pytest
 from huggingface_hub import HfApi
 
 from hf_merge.testing.net import free_port
-from hf_merge.testing.watch_models import fine_tune, lineage_of, merged_repo, publish
+from hf_merge.testing.watch_models import fine_tune, lineage_of, merged_repo, publish, wait_until
 from hf_merge.watch.publish import RetryPolicy
 from hf_merge.watch.runner import Watcher
 from hf_merge.watch.webhook import serve_webhooks
@@ -38,14 +38,6 @@ def _payload(repo_id: str, sha: str) -> dict:
             "updatedRefs": [{"ref": "refs/heads/main", "oldSha": None, "newSha": sha}],
             "webhook": {"id": "2" * 24, "version": 3}}
 
-
-def _wait(condition, timeout=180.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.3)
-    return False
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +71,7 @@ def test_the_hubs_delivery_of_a_push_merges_the_fine_tune(served, hub_url, alice
         assert [h.id for h in alice.list_webhooks()] == [hook.id] and hook.secret == SECRET
         sha = publish(HfApi(endpoint=hub_url, token=carol_token), "carol/watch-hook-ft",
                       fine_tune(tiny_base, work / "ft", base, seed=6002))
-        assert _wait(lambda: ("carol/watch-hook-ft", sha) in lineage_of(repo))
+        assert wait_until(lambda: ("carol/watch-hook-ft", sha) in lineage_of(repo))
     finally:
         alice.delete_webhook(hook.id)
     assert alice.list_webhooks() == []
@@ -107,7 +99,7 @@ def test_two_deliveries_at_once_merge_one_after_the_other_in_order(served, hub_u
         thread.join(timeout=60)
     assert {name: status for name, (status, _) in answers.items()} == {name: 202 for name in shas}
     order = sorted(shas, key=lambda name: answers[name][1]["position"])
-    assert _wait(lambda: len(lineage_of(repo)) == len(before) + 2)
+    assert wait_until(lambda: len(lineage_of(repo)) == len(before) + 2)
     deliveries.wait_idle()
     assert lineage_of(repo) == before + [(name, shas[name]) for name in order]
     titles = [c.title for c in HfApi(endpoint=hub_url).list_repo_commits(repo)][:2]
