@@ -235,3 +235,30 @@ def test_readme_command_line_and_python_api_against_replicas(replica_hub, tmp_pa
     done = run_block(hub_commands, env, folder)
     assert "sun397" in done[0].stdout
     assert storage.get_repo("space", f"{USER}/clip-opcm") is not None
+
+
+def test_readme_watch_commands_against_replicas(replica_hub, tmp_path_factory):
+    """"Keep a merged model up to date": the one-pass commands and the watcher Space, verbatim
+    (``--interval`` and ``--webhook`` aside: they serve until stopped). The replicas' experts carry
+    the real cards' ``base_model: openai/clip-vit-base-patch32``, so the Hub lists them as its fine-tunes."""
+    server, replicas, env, _ = replica_hub
+    storage = server.api.storage
+    repo = f"{USER}/clip-vit-b32-opcm"
+    (merge_block,) = readme_blocks("### Merge", "bash")
+    run_block(shell_commands(merge_block), env, fresh_folder(tmp_path_factory, "watch-merge"))
+    section = "## Keep a merged model up to date"
+    commands = [c for c in shell_commands(readme_blocks(section, "bash")[0]) if "--interval" not in c and "--webhook" not in c]
+    assert len(commands) == 3 and "--once" in commands[0] and "publish-space" in commands[2]
+    folder = fresh_folder(tmp_path_factory, "watch")
+    (folder / "policy.yaml").write_text(readme_blocks(section, "yaml")[0].replace("YOUR-USER", USER))
+    (folder / "finetunes.txt").write_text("tanganke/clip-vit-base-patch32_gtsrb\n")
+    done = run_block(commands, env, folder)
+
+    state_file = storage.resolve_revision("model", repo, "main").tree["merge_state.json"]
+    lineage = [e["repo_id"] for e in json.loads(storage.read_content(state_file))["lineage"]]
+    experts = [f"tanganke/clip-vit-base-patch32_{t}" for t in
+               ("sun397", "stanford-cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd")]
+    assert lineage[:2] == [experts[0], experts[7]]  # what the Merge block merged
+    assert sorted(lineage) == sorted(experts)  # the first pass merged the other six fine-tunes of the base
+    assert sum(line.startswith("merged ") for line in done[0].stdout.splitlines()) == 6
+    assert storage.get_repo("space", f"{USER}/clip-watcher") is not None
