@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 from safetensors.torch import load_file, save_file
@@ -20,6 +18,7 @@ from hf_merge.engine import ContinualMerger, merge
 from hf_merge.errors import CheckpointError, RecipeError, UsageError
 from hf_merge.recipe import EvalSpec, MergeRecipe
 from hf_merge.state import MergeState
+from hf_merge.testing.processes import sigkill_when
 
 
 def weight_bytes(folder) -> bytes:
@@ -158,17 +157,7 @@ def test_sigkill_between_checkpoints_then_resume_equals_clean_run(tiny_base, tin
         [sys.executable, "-c", _CHILD, str(marker), str(tiny_base), str(out), *map(str, tiny_experts[:5])],
         env=dict(os.environ, HF_HUB_OFFLINE="1"),
     )
-    try:
-        deadline = time.monotonic() + 240
-        while not marker.exists():
-            assert child.poll() is None, "the merge process ended before step 4"
-            assert time.monotonic() < deadline, "step 4 never started"
-            time.sleep(0.1)
-        child.send_signal(signal.SIGKILL)
-        child.wait(timeout=30)
-    finally:
-        if child.poll() is None:
-            child.kill()
+    sigkill_when(child, marker)
     resumed = ContinualMerger.resume(out)
     assert resumed.step == 3
     with resumed:

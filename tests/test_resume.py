@@ -7,13 +7,13 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 
 from hf_merge.engine import ContinualMerger, merge
 from hf_merge.errors import MergeStateError
 from hf_merge.state import MergeState
+from hf_merge.testing.processes import sigkill_when
 
 
 def files(folder) -> dict[str, bytes]:
@@ -94,17 +94,7 @@ def test_sigkill_during_step_four_then_resume_equals_clean_run(where, tiny_base,
         [sys.executable, "-c", _CHILD, where, str(marker), str(tiny_base), str(out), *map(str, tiny_experts[:5])],
         env=env,
     )
-    try:
-        deadline = time.monotonic() + 240
-        while not marker.exists():
-            assert child.poll() is None, "the merge process ended before step 4"
-            assert time.monotonic() < deadline, "step 4 never started"
-            time.sleep(0.1)
-        child.send_signal(signal.SIGKILL)
-        child.wait(timeout=30)
-    finally:
-        if child.poll() is None:
-            child.kill()
+    sigkill_when(child, marker)
     assert child.returncode == -signal.SIGKILL
 
     merger = ContinualMerger.resume(out)
