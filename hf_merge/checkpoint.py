@@ -21,6 +21,7 @@ from typing import Any, BinaryIO
 
 import torch
 
+from .durable_file import DurableFile
 from .errors import CheckpointError
 from .state import is_sole_link
 
@@ -323,12 +324,11 @@ def _write_safetensors(path: Path, specs: list[TensorSpec], fetch: Callable[[str
         offset += spec.nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # data aligned to 8 bytes, as the reference writer does
-    # An existing file of ours (a recycled spare) is overwritten in place: its cached pages are
-    # reused instead of allocated anew. Anything linked elsewhere is replaced, never written through.
-    reuse = is_sole_link(path)
-    if not reuse and os.path.lexists(path):
+    # An existing file of ours (a recycled spare) is overwritten in place: its blocks (and, without
+    # O_DIRECT, its cached pages) are reused. Anything linked elsewhere is replaced, never written through.
+    if not is_sole_link(path) and os.path.lexists(path):
         path.unlink()
-    with open(path, "r+b" if reuse else "wb") as handle:
+    with DurableFile(path) as handle:
         handle.write(struct.pack("<Q", len(encoded)))
         handle.write(encoded)
         for spec in specs:
@@ -337,7 +337,4 @@ def _write_safetensors(path: Path, specs: list[TensorSpec], fetch: Callable[[str
                 raise CheckpointError(f"tensor '{spec.name}' changed shape or dtype while being written")
             data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
             if data.numel():
-                handle.write(memoryview(data.numpy()))
-        handle.truncate()
-        handle.flush()
-        os.fsync(handle.fileno())
+                handle.write(data.numpy())

@@ -1,0 +1,113 @@
+"""A large file written once and made durable: O_DIRECT through one aligned buffer where allowed.
+
+Every weight file a merge writes is fsynced before the step is committed. Through the page cache
+that means copying every byte into newly allocated cache pages and then writing those pages out;
+with ``O_DIRECT`` the bytes go from one reused, page-aligned buffer straight to the disk and the
+fsync has almost nothing left to do (benchmarks/results/merge_speed.md measures both). Where the
+file system refuses ``O_DIRECT`` (tmpfs, some overlay file systems, macOS, Windows) the same calls
+write through the page cache instead; the bytes on disk are the same either way.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+from pathlib import Path
+
+_ALIGN = 4096  # O_DIRECT needs offsets, lengths and addresses aligned to the logical block size
+_CHUNK = 8 << 20  # one buffer, reused for the whole file
+
+#: Set ``HF_MERGE_DIRECT_IO=0`` to always write through the page cache.
+ENV_DIRECT_IO = "HF_MERGE_DIRECT_IO"
+
+
+class DurableFile:
+    """Write ``path`` from the start (an existing file is overwritten in place, then cut to size).
+
+    ``write`` takes any bytes-like object; :meth:`close` writes what is buffered, truncates the file
+    to the bytes written and fsyncs it. Use as a context manager; on an exception the file is closed
+    without being made durable (the caller discards it).
+    """
+
+    def __init__(self, path: str | Path, *, direct: bool | None = None):
+        self.path = Path(path)
+        if direct is None:
+            direct = os.environ.get(ENV_DIRECT_IO, "1") != "0"
+        self.direct = bool(direct) and hasattr(os, "O_DIRECT")
+        flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_BINARY", 0)
+        self._fd = -1
+        if self.direct:
+            try:
+                self._fd = os.open(self.path, flags | os.O_DIRECT, 0o644)
+            except OSError:
+                self.direct = False
+        if self._fd < 0:
+            self._fd = os.open(self.path, flags, 0o644)
+        self._buffer = mmap.mmap(-1, _CHUNK)  # anonymous maps are page-aligned
+        self._used = 0
+        self.size = 0
+
+    def write(self, data: object) -> None:
+        """Append ``data`` (bytes, bytearray, memoryview, a numpy array's memory)."""
+        source = memoryview(data).cast("B")
+        done = 0
+        while done < len(source):
+            take = min(len(source) - done, _CHUNK - self._used)
+            self._buffer[self._used : self._used + take] = source[done : done + take]
+            self._used += take
+            done += take
+            if self._used == _CHUNK:
+                self._drain(_CHUNK)
+        self.size += len(source)
+
+    def _drain(self, length: int) -> None:
+        """Write the first ``length`` buffered bytes (a multiple of the alignment when direct)."""
+        written = 0
+        with memoryview(self._buffer) as whole, whole[:length] as view:
+            while written < length:
+                try:
+                    written += os.write(self._fd, view[written:])
+                except OSError as err:
+                    if not (self.direct and err.errno == errno.EINVAL):
+                        raise
+                    self._stop_direct()  # the file system opened the file O_DIRECT but refuses the write
+        self._used = 0
+
+    def _stop_direct(self) -> None:
+        import fcntl
+
+        fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        self.direct = False
+
+    def close(self) -> None:
+        """Write the rest, cut the file to the bytes written, fsync it and close it."""
+        if self._fd < 0:
+            return
+        try:
+            tail = self._used
+            if tail:
+                # a direct write of the last block goes past the end; the truncate cuts it off
+                self._drain(-(-tail // _ALIGN) * _ALIGN if self.direct else tail)
+            os.ftruncate(self._fd, self.size)
+            os.fsync(self._fd)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        try:
+            self._buffer.close()
+        except BufferError:  # a failed write's traceback still holds a view of it; freed with that
+            pass
+
+    def __enter__(self) -> "DurableFile":
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._release()
