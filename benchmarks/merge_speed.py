@@ -3,7 +3,7 @@
 On ViT-B/32-shaped CLIP checkpoints (``CLIPConfig()`` defaults, 151M parameters; random weights,
 experts = base + low-rank and dense task vectors on the vision tower), merge 2, 4 and 8 experts with
 every method. Each run happens in a fresh subprocess, which reports its wall time and peak resident
-memory (``VmHWM``). OPCM runs once per decomposition (``svd``, ``gram64``, ``gram32``), with the time
+memory (``VmHWM``). OPCM runs once per decomposition (``svd``, ``gram_mixed``, ``gram64``, ``gram32``), with the time
 spent inside the SVD / eigh calls, and every result is compared with a float64 OPCM (exact SVDs,
 float64 arithmetic); average and task arithmetic run with their default ``checkpoint_every`` and
 with a write after every step.
@@ -154,14 +154,18 @@ def max_abs_diff(left: Path, right: Path) -> float:
 
 
 # -- the table -------------------------------------------------------------------------------------
-DECOMPOSITIONS = ["svd", "gram64", "gram32"]
+DECOMPOSITIONS = ["svd", "gram_mixed", "gram64", "gram32"]
 CHEAP = ("average", "task_arithmetic")  # methods whose step is cheaper than writing the model
 
 
 def variants(method: str, decompositions: list[str]) -> list[tuple[str, dict]]:
     """(label, options) of the streaming runs measured for ``method``; the first is the default."""
     if method == "opcm":
-        return [(f"decomposition={d}", {"decomposition": d}) for d in decompositions]
+        from hf_merge.methods import get_method
+
+        default = get_method(method).defaults["decomposition"]
+        return [(f"decomposition={d}" + (" (default)" if d == default else ""), {"decomposition": d})
+                for d in decompositions]
     if method in CHEAP:
         from hf_merge.methods import get_method
 
@@ -237,7 +241,7 @@ def main() -> None:
                 row = {"method": method, "variant": label, "n": n, "stream": report, "naive": naive,
                        "diff": max_abs_diff(out, naive_dir) if naive else None}
                 if method == "opcm" and f64.is_dir():
-                    row["diff64"] = accuracy.setdefault(n, {})[label.split("=")[1]] = max_abs_diff(out, f64)
+                    row["diff64"] = accuracy.setdefault(n, {})[options["decomposition"]] = max_abs_diff(out, f64)
                 rows.append(row)
                 print(format_row(row, model_bytes), flush=True)
                 args.results.parent.mkdir(parents=True, exist_ok=True)

@@ -95,7 +95,7 @@ def merge(recipe: MergeRecipe | str | Path | None = None, *, token: str | None =
         method=recipe.method,
         scope=recipe.scope,
         hyperparameters=recipe.hyperparameters(),
-        on_step=hook,
+        on_step=_step_hook(hook, recipe),
         token=token,
         allow_pickle=recipe.allow_pickle,
         checkpoint_every=_checkpoint_every(recipe),
@@ -104,6 +104,7 @@ def merge(recipe: MergeRecipe | str | Path | None = None, *, token: str | None =
         _merge_experts(merger, experts, recipe, token, licenses)
     if not merger.executor.is_main_process:  # under `accelerate launch`, the main process publishes
         return MergeResult(output_dir=output_dir, recipe=recipe, is_main_process=False)
+    _evaluate_final(hook, recipe, merger)
     return _publish(output_dir, recipe, token=token, licenses=licenses, create_pr=create_pr)
 
 
@@ -193,12 +194,13 @@ def add(
     base_name = base_entry.get("name") or base.name
     if licenses.get(base_name) is None:
         licenses[base_name] = read_license(base.path)
-    merger = ContinualMerger.resume(output_dir, base=base, on_step=hook, token=token, allow_pickle=recipe.allow_pickle,
-                                    checkpoint_every=_checkpoint_every(recipe))
+    merger = ContinualMerger.resume(output_dir, base=base, on_step=_step_hook(hook, recipe), token=token,
+                                    allow_pickle=recipe.allow_pickle, checkpoint_every=_checkpoint_every(recipe))
     with merger:
         _merge_experts(merger, experts, recipe, token, licenses)
     if not merger.executor.is_main_process:
         return MergeResult(output_dir=output_dir, recipe=recipe, is_main_process=False)
+    _evaluate_final(hook, recipe, merger)
     message = f"hf-merge: add {len(experts)} expert{'s' if len(experts) > 1 else ''} ({', '.join(experts)})"
     return _publish(output_dir, recipe, token=token, licenses=licenses, create_pr=create_pr, commit_message=message)
 
@@ -281,15 +283,26 @@ def _partial_prefixes(recipe: MergeRecipe) -> tuple[str, ...] | None:
 
 def _checkpoint_every(recipe: MergeRecipe) -> int | None:
     """How often the run writes its output: 1 when every step is evaluated (the evaluation reads
-    the written model), else the recipe's ``checkpoint_every`` or the method's default."""
-    if recipe.eval is not None and recipe.eval.every_step:
+    the written model), else the recipe's ``checkpoint_every``, else ``None``: the method's policy."""
+    if _evaluates_every_step(recipe):
         return 1
-    if recipe.checkpoint_every is not None:
-        return recipe.checkpoint_every
-    from .methods import get_method
+    return recipe.checkpoint_every
 
-    # Named here: the engine would write every step for the final-only evaluation hook.
-    return get_method(recipe.method).checkpoint_every
+
+def _evaluates_every_step(recipe: MergeRecipe) -> bool:
+    return recipe.eval is not None and recipe.eval.every_step
+
+
+def _step_hook(hook: Any, recipe: MergeRecipe) -> Any:
+    """The engine's ``on_step``: the evaluation hook when it evaluates every step. A final-only
+    evaluation runs after the merge instead, so the engine keeps the method's checkpoint policy."""
+    return hook if _evaluates_every_step(recipe) else None
+
+
+def _evaluate_final(hook: Any, recipe: MergeRecipe, merger: Any) -> None:
+    """Evaluate the final model (written: the last step always is) when only it is evaluated."""
+    if hook is not None and not _evaluates_every_step(recipe):
+        hook(merger.step, merger.output_dir, merger.state)
 
 
 def _publish(output_dir: Path, recipe: MergeRecipe, *, token: str | None, licenses: dict, create_pr: bool,

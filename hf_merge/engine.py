@@ -50,8 +50,10 @@ class ContinualMerger:
         device: Device for the math (default: what ``accelerate`` picks for this process).
         compute_dtype: ``"float32"`` (default) or ``"float64"``.
         max_shard_size: Largest weight file written (``"5GB"``, bytes, ...).
-        checkpoint_every: Write the output after every N-th step (``None``: 1 with ``on_step``,
-            else the method's ``checkpoint_every``). The step passed ``final=True`` to :meth:`add`, the last of
+        checkpoint_every: Write the output after every N-th step. ``None``: 1 with ``on_step``, else
+            the method's policy: its ``checkpoint_every``, and the merge's first step written only if
+            it is the last (every method's first step copies or scales θ_1, which costs less to redo
+            after a crash than to write). The step passed ``final=True`` to :meth:`add`, the last of
             :meth:`add_all`, and :meth:`flush` always write; a crash loses at most the unwritten
             steps, and :meth:`resume` continues from the last written one with the same result.
             ``on_step`` is called only for written steps.
@@ -102,6 +104,7 @@ class ContinualMerger:
         self.method: MergeMethod = get_method(method)(**self.hyperparameters)  # bad hyperparameters fail here
         # A caller watching each step (on_step) sees each step written unless it asks otherwise.
         self.checkpoint_every = checkpoint_every or (1 if on_step is not None else self.method.checkpoint_every)
+        self._write_first_step = checkpoint_every is not None or on_step is not None
         base_info = self.base_source.to_dict()
         if self.base_source.repo_id is None:  # a local base can only be found again by its path
             base_info["local_path"] = str(self.base_source.path)
@@ -244,7 +247,8 @@ class ContinualMerger:
         result = StepResult(step, source, merge_seconds, 0.0, metrics)
         self.steps.append(result)
         logger.info("step %d: merged %s in %.2fs %s", step, source.name, merge_seconds, _format(metrics))
-        if final or step - self._written_step >= self.checkpoint_every:
+        due = step - self._written_step >= self.checkpoint_every and (step > 1 or self._write_first_step)
+        if final or due:
             self.flush()
         return result
 

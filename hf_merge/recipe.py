@@ -41,7 +41,7 @@ SCOPES = ("vision", "text", "all")
 # Used only until the methods registry can be imported: the parameters each method declares,
 # with their defaults (OPCM.md, "reference settings from the paper's experiments").
 _FALLBACK_METHOD_PARAMETERS: dict[str, dict[str, Any]] = {
-    "opcm": {"alpha": 0.5, "zero_diagonal": True, "svd_dtype": "float32", "decomposition": "gram64"},
+    "opcm": {"alpha": 0.5, "zero_diagonal": True, "svd_dtype": "float32", "decomposition": "gram_mixed"},
     "average": {},
     "task_arithmetic": {"scaling_factor": 0.3},
     "ties": {"scaling_factor": 0.3, "threshold": 0.2},

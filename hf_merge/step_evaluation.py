@@ -22,7 +22,8 @@ def evaluation_hook(
     spec: EvalSpec | None, tasks: Sequence[str], experts: Sequence[str], *, done: int, output_dir: Path | None = None,
     base: str | None = None, token: str | None = None,
 ) -> Callable | None:
-    """The engine's ``on_step`` callback that evaluates the merged model, or ``None`` without evaluation.
+    """The callback ``(step, output_dir, state)`` that evaluates the merged model, or ``None`` without
+    evaluation: with ``every_step`` the engine's ``on_step``, otherwise called once on the final model.
 
     ``every_step``: after step t, accuracy on the tasks of experts 1..t (one task per expert, in merge
     order), plus the references the paper reports beside it: the base's zero-shot accuracy on every

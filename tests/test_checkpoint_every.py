@@ -44,6 +44,43 @@ def test_only_due_steps_and_the_last_are_written_with_the_same_result(method, ti
     assert MergeState.load(out).step == 5
 
 
+@pytest.mark.parametrize("method", ["opcm", "ties", "magmax"])
+def test_the_method_policy_leaves_the_first_step_to_the_next_write(method, tiny_base, tiny_experts, tmp_path):
+    """Step 1 copies or scales θ_1: under the method's own policy it is written with step 2, or
+    alone when it is the last; an explicit ``checkpoint_every`` or an ``on_step`` writes it."""
+    with ContinualMerger(tiny_base, tmp_path / "policy", method) as merger:
+        results = merger.add_all(tiny_experts[:3])
+    assert [r.save_seconds > 0 for r in results] == [False, True, True]
+    explicit = merge(tiny_base, tiny_experts[:3], method, tmp_path / "explicit", checkpoint_every=1)
+    assert [r.save_seconds > 0 for r in explicit.steps] == [True, True, True]
+    assert weight_bytes(tmp_path / "policy") == weight_bytes(tmp_path / "explicit")
+    watched = []
+    merge(tiny_base, tiny_experts[:2], method, tmp_path / "watched", on_step=lambda step, *_: watched.append(step))
+    assert watched == [1, 2]
+    alone = merge(tiny_base, tiny_experts[:1], method, tmp_path / "alone")
+    assert alone.steps[0].save_seconds > 0 and MergeState.load(tmp_path / "alone").step == 1
+
+
+def test_a_crash_in_step_two_under_the_method_policy_leaves_no_merge_to_resume(tiny_base, tiny_experts, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    merger = ContinualMerger(tiny_base, out, "opcm")
+    real = type(merger.method)._step
+
+    def crashing(self, expert):
+        if self.step_count == 2:
+            raise RuntimeError("simulated crash")
+        return real(self, expert)
+
+    monkeypatch.setattr(type(merger.method), "_step", crashing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        with merger:
+            merger.add_all(tiny_experts[:3])
+    monkeypatch.setattr(type(merger.method), "_step", real)
+    # nothing was committed, so the same command starts over in the same folder
+    assert not (out / "merge_state.json").exists()
+    assert merge(tiny_base, tiny_experts[:3], "opcm", out).state.step == 3
+
+
 def test_method_defaults_and_explicit_values(tiny_base, tmp_path):
     assert ContinualMerger(tiny_base, tmp_path / "a", "opcm").checkpoint_every == 1
     assert ContinualMerger(tiny_base, tmp_path / "b", "average").checkpoint_every > 1

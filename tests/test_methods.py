@@ -276,7 +276,7 @@ def test_kth_smallest_magnitude_matches_kthvalue():
         assert kth_smallest_magnitude(lambda: iter(chunks), k) == float(everything.kthvalue(k).values)
 
 
-@pytest.mark.parametrize("decomposition", ["svd", "gram64", "gram32"])
+@pytest.mark.parametrize("decomposition", ["svd", "gram_mixed", "gram64", "gram32"])
 def test_opcm_decompositions_against_the_float64_dense_reference(decomposition, tiny_base, tiny_experts, models, tmp_path):
     reference, lambdas, _ = opcm_reference(*models)
     exact = merge(tiny_base, tiny_experts[:N_STEPS], "opcm", tmp_path / "f64", svd_dtype="float64", decomposition=decomposition)

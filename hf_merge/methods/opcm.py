@@ -20,9 +20,10 @@ hyperparameter whose default reproduces the reference:
 - ``svd_dtype`` ("float32"): "float64" makes SVDs reproducible across machines and precisions.
 - ``reduced_svd`` (True): the economical formula; False builds full U, V as the reference does
   (always with an SVD, whatever ``decomposition`` says).
-- ``decomposition`` ("gram64"): how D's singular pairs are found: "svd" (``torch.linalg.svd``, the
-  reference's), "gram64" (eigendecomposition of DᵀD in float64, several times faster on CPU and as
-  close to a float64 SVD as a float32 SVD is), "gram32" (the same in float32; faster, less
+- ``decomposition`` ("gram_mixed"): how D's singular pairs are found: "svd" (``torch.linalg.svd``,
+  the reference's), "gram_mixed" (eigendecomposition of DᵀD in float64, U = D V and the projection
+  in float32: the fastest path as close to a float64 SVD as a float32 SVD is), "gram64" (U in
+  float64 too: far closer, a little slower), "gram32" (everything in float32; faster, less
   accurate). See :mod:`hf_merge.methods.opcm_linalg` and the README's benchmark.
 - ``project_zero_delta`` (False): where D is exactly zero its singular basis is arbitrary, so by
   default τ passes unprojected.
@@ -58,7 +59,7 @@ class OPCM(MergeMethod):
         "svd_dtype": "float32",
         "reduced_svd": True,
         "project_zero_delta": False,
-        "decomposition": "gram64",
+        "decomposition": "gram_mixed",
     }
 
     def validate(self) -> None:

@@ -7,19 +7,26 @@ do:
 
 - ``"svd"``: ``torch.linalg.svd`` of D, as the reference does (reduced, or full matrices with
   ``reduced_svd=False``). The exact path; the slowest on CPU.
-- ``"gram64"``: the eigendecomposition of the small Gram matrix, DᵀD = V diag(s²) Vᵀ (or DDᵀ when
-  D is wide), built and decomposed in float64, and U = D V / s in float64 too; the projection's
-  products then run in τ's precision. The Gram matrix squares D's condition number, which float64
-  absorbs (s down to ~1e-7·s_max stays resolved), so it is as close to a float64 SVD as a float32
-  SVD is.
-- ``"gram32"``: the same with the Gram matrix and its eigendecomposition in float32. Faster still,
-  but singular values below ~3e-4·s_max drown in rounding (measured in benchmarks/results).
+- ``"gram_mixed"``: the eigendecomposition of the small Gram matrix, DᵀD = V diag(s²) Vᵀ (or DDᵀ
+  when D is wide), built and decomposed in float64; U = D V / s and the projection's products run in
+  D's precision. The Gram matrix squares D's condition number, which float64 absorbs (s down to
+  ~1e-7·s_max stays resolved). A float32 D V carries an error of eps·s_max into a column of norm
+  s_i, so u_i is good to eps·s_max/s_i; a float32 SVD does no better (its u_i is good to
+  eps·s_max/gap_i, and gaps in the bulk of the spectrum are smaller than the values), so this path
+  is as close to a float64 SVD as the reference's float32 SVD is (measured in benchmarks/results).
+- ``"gram64"``: the same with U = D V / s formed in float64: closer to a float64 SVD than the
+  float32 SVD by orders of magnitude, for one more float64 product per matrix.
+- ``"gram32"``: the Gram matrix and its eigendecomposition in float32. Faster still, but singular
+  values below ~3e-4·s_max drown in rounding (measured in benchmarks/results).
+
+The Gram matrix is built block by block, only its lower triangle (all ``eigh`` reads): 5/8 of the
+products of the whole DᵀD.
 
 U is never orthogonalised: u_i = D v_i / ‖D v_i‖ uses the norm of the computed column rather than
 √eigenvalue, because ‖D v_i‖ is accurate to the products' rounding while the eigenvalue of a small
-pair is not. Pairs with ‖D v_i‖ ≤ s_max · max(m, n) · eps (the usual numerical-rank cut, eps of the
-Gram matrix's precision) are not
-singular pairs of D at all: D has no direction there, an SVD fills that null space with an
+pair is not (a column too small for the products' precision is formed again in the Gram matrix's,
+see :func:`left_vectors`). Pairs with ‖D v_i‖ ≤ s_max · max(m, n) · eps (the usual numerical-rank
+cut, eps of the Gram matrix's precision) are not singular pairs of D at all: D has no direction there, an SVD fills that null space with an
 arbitrary orthonormal basis, and zeroing τ along arbitrary directions is not defined by the method,
 so the Gram paths leave τ alone there. For a full-rank D (every real merge) this changes nothing.
 """
@@ -28,7 +35,8 @@ from __future__ import annotations
 
 import torch
 
-DECOMPOSITIONS = ("svd", "gram64", "gram32")
+DECOMPOSITIONS = ("svd", "gram_mixed", "gram64", "gram32")
+_GRAM_BLOCKS = 4
 
 
 def split_rank(singular_values: torch.Tensor, alpha: float, index_base: int = 0) -> int:
@@ -85,12 +93,43 @@ def project_svd(
     return remove_pairs(tau, u, vh, r, zero_diagonal)
 
 
-def gram_pairs(delta: torch.Tensor, gram_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Singular values (descending), right singular vectors (columns of V, n × n) and D itself,
-    all in ``gram_dtype``, of a tall ``delta`` (m ≥ n), from the eigendecomposition of DᵀD."""
-    d = delta.to(gram_dtype)
-    evals, evecs = torch.linalg.eigh(d.T @ d)
-    return evals.flip(0).clamp_min_(0).sqrt_(), evecs.flip(1), d
+def lower_gram(d: torch.Tensor, blocks: int = _GRAM_BLOCKS) -> torch.Tensor:
+    """DᵀD with only its lower triangle filled (the upper one is zero), one block column at a time."""
+    n = d.shape[1]
+    gram = torch.zeros(n, n, dtype=d.dtype, device=d.device)
+    edges = [n * i // blocks for i in range(blocks + 1)]
+    for lo, hi in zip(edges, edges[1:]):
+        if hi > lo:
+            gram[lo:, lo:hi] = d[:, lo:].T @ d[:, lo:hi]
+    return gram
+
+
+def gram_pairs(delta: torch.Tensor, gram_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Singular values (descending) and right singular vectors (columns of V, n × n) of a tall
+    ``delta`` (m ≥ n), in ``gram_dtype``, from the eigendecomposition of DᵀD."""
+    evals, evecs = torch.linalg.eigh(lower_gram(delta.to(gram_dtype)), UPLO="L")
+    return evals.flip(0).clamp_min_(0).sqrt_(), evecs.flip(1)
+
+
+def left_vectors(
+    delta: torch.Tensor, v: torch.Tensor, s_max: float, vectors_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """U·S = D V, column by column, and its column norms (float64 where it was formed in float64).
+
+    Formed in ``vectors_dtype``; a column whose norm is within that precision's rounding of D V
+    (‖D v_i‖ ≤ s_max · max(m, n) · eps) says nothing about u_i, so where ``v`` is more precise
+    those few columns are formed again in its precision. Only a (nearly) rank-deficient D has any."""
+    m, n = delta.shape
+    u = delta.to(vectors_dtype) @ v.to(vectors_dtype)
+    # a column reduction of squares: vector_norm(dim=0) walks the columns with a stride, 10x slower
+    norms = u.square().sum(dim=0).sqrt_().to(v.dtype)
+    if vectors_dtype != v.dtype:
+        unresolved = norms <= s_max * max(m, n) * torch.finfo(vectors_dtype).eps
+        if bool(unresolved.any()):
+            exact = delta.to(v.dtype) @ v[:, unresolved]
+            norms[unresolved] = exact.square().sum(dim=0).sqrt_()
+            u[:, unresolved] = exact.to(vectors_dtype)
+    return u, norms
 
 
 def project_gram(
@@ -101,35 +140,31 @@ def project_gram(
     zero_diagonal: bool,
     split_index_base: int,
     gram_dtype: torch.dtype,
+    vectors_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """τ̃ from the eigendecomposition of D's Gram matrix (``tau`` is overwritten).
+    """τ̃ from the eigendecomposition of D's Gram matrix (``tau`` is overwritten); U = D V is
+    formed in ``vectors_dtype``.
 
     A wide D is handled through its transpose: Dᵀ = V S Uᵀ has the same pairs and P becomes Pᵀ,
     whose diagonal and leading block are the same entries."""
     if delta.shape[0] < delta.shape[1]:
-        project_gram(delta.T, tau.T, alpha=alpha, zero_diagonal=zero_diagonal,
-                     split_index_base=split_index_base, gram_dtype=gram_dtype)
+        project_gram(delta.T, tau.T, alpha=alpha, zero_diagonal=zero_diagonal, split_index_base=split_index_base,
+                     gram_dtype=gram_dtype, vectors_dtype=vectors_dtype)
         return tau
     m, n = delta.shape
-    s, v, d = gram_pairs(delta, gram_dtype)
+    s, v = gram_pairs(delta, gram_dtype)
     if not bool(s[:1].any()):  # D = 0: no singular pairs, nothing to remove
         return tau
     r = split_rank(s, alpha, split_index_base)
     rows = n if zero_diagonal else r  # without the diagonal only the leading r pairs are needed
     if rows == 0:
         return tau
-    v = v[:, :rows]
-    # U·S, column by column, in the Gram matrix's precision: a float32 product would carry an
-    # error of eps·s_max into columns of norm s_i, i.e. lose log10(s_max/s_i) digits of u_i
-    u = d @ v
-    del d
-    norms = torch.linalg.vector_norm(u, dim=0)
+    u, norms = left_vectors(delta, v[:, :rows], float(s[0]), vectors_dtype)
     # the numerical-rank cut of the precision the pairs were found in: a float64 SVD of the same
     # float32 D resolves pairs down there too, and the reference is that SVD
-    cut = float(s[0]) * max(m, n) * torch.finfo(gram_dtype).eps
-    kept = norms > cut
-    u = u.div_(norms.clamp_min_(torch.finfo(u.dtype).tiny)).to(delta.dtype)
-    vh = v.T.to(delta.dtype)
+    kept = norms > float(s[0]) * max(m, n) * torch.finfo(gram_dtype).eps
+    u = u.div_(norms.to(u.dtype).clamp_min_(torch.finfo(u.dtype).tiny)).to(delta.dtype)
+    vh = v[:, :rows].T.to(delta.dtype)
     if not bool(kept.all()):  # D is rank-deficient: drop the pairs it does not have
         r = int(kept[:r].sum())
         u, vh = u[:, kept], vh[kept]
@@ -163,6 +198,7 @@ def project_task_vector(
     options = {"alpha": alpha, "zero_diagonal": zero_diagonal, "split_index_base": split_index_base}
     if decomposition == "svd" or not reduced_svd or (project_zero_delta and not bool(delta.any())):
         return project_svd(delta, tau, reduced_svd=reduced_svd, project_zero_delta=project_zero_delta, **options)
-    # float64 inputs (svd_dtype float64) keep a float64 Gram matrix whatever was asked
-    gram_dtype = torch.float64 if decomposition == "gram64" or delta.dtype == torch.float64 else torch.float32
-    return project_gram(delta, tau, gram_dtype=gram_dtype, **options)
+    # float64 inputs (svd_dtype float64) keep float64 throughout whatever was asked
+    gram_dtype = torch.float32 if decomposition == "gram32" and delta.dtype != torch.float64 else torch.float64
+    vectors_dtype = torch.float64 if decomposition == "gram64" else delta.dtype
+    return project_gram(delta, tau, gram_dtype=gram_dtype, vectors_dtype=vectors_dtype, **options)
