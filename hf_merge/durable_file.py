@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 _ALIGN = 4096  # O_DIRECT needs offsets, lengths and addresses aligned to the logical block size
@@ -28,6 +29,10 @@ class DurableFile:
     ``write`` takes any bytes-like object; :meth:`close` writes what is buffered, truncates the file
     to the bytes written and fsyncs it. Use as a context manager; on an exception the file is closed
     without being made durable (the caller discards it).
+
+    Two buffers take turns: while one goes to the disk in a background thread, the caller fills the
+    other, so copying (and whatever the caller computes between writes) overlaps the disk's time. A
+    failed background write is raised by the next call.
     """
 
     def __init__(self, path: str | Path, *, direct: bool | None = None):
@@ -44,7 +49,10 @@ class DurableFile:
                 self.direct = False
         if self._fd < 0:
             self._fd = os.open(self.path, flags, 0o644)
-        self._buffer = mmap.mmap(-1, _CHUNK)  # anonymous maps are page-aligned
+        self._buffers = [mmap.mmap(-1, _CHUNK), mmap.mmap(-1, _CHUNK)]  # anonymous maps are page-aligned
+        self._buffer = self._buffers[0]
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="hf-merge-write")
+        self._in_flight: Future | None = None
         self._used = 0
         self.size = 0
 
@@ -58,13 +66,26 @@ class DurableFile:
             self._used += take
             done += take
             if self._used == _CHUNK:
-                self._drain(_CHUNK)
+                self._hand_over()
         self.size += len(source)
 
-    def _drain(self, length: int) -> None:
-        """Write the first ``length`` buffered bytes (a multiple of the alignment when direct)."""
+    def _hand_over(self) -> None:
+        """Send the full buffer to the disk in the background and go on filling the other one."""
+        self._wait()
+        self._in_flight = self._writer.submit(self._drain, self._buffer, _CHUNK)
+        self._buffer = self._buffers[1] if self._buffer is self._buffers[0] else self._buffers[0]
+        self._used = 0
+
+    def _wait(self) -> None:
+        """Wait for the write in flight, raising its error."""
+        pending, self._in_flight = self._in_flight, None
+        if pending is not None:
+            pending.result()
+
+    def _drain(self, buffer: mmap.mmap, length: int) -> None:
+        """Write the first ``length`` bytes of ``buffer`` (a multiple of the alignment when direct)."""
         written = 0
-        with memoryview(self._buffer) as whole, whole[:length] as view:
+        with memoryview(buffer) as whole, whole[:length] as view:
             while written < length:
                 try:
                     written += os.write(self._fd, view[written:])
@@ -72,7 +93,6 @@ class DurableFile:
                     if not (self.direct and err.errno == errno.EINVAL):
                         raise
                     self._stop_direct()  # the file system opened the file O_DIRECT but refuses the write
-        self._used = 0
 
     def _stop_direct(self) -> None:
         import fcntl
@@ -85,23 +105,31 @@ class DurableFile:
         if self._fd < 0:
             return
         try:
+            self._wait()
             tail = self._used
             if tail:
                 # a direct write of the last block goes past the end; the truncate cuts it off
-                self._drain(-(-tail // _ALIGN) * _ALIGN if self.direct else tail)
+                self._drain(self._buffer, -(-tail // _ALIGN) * _ALIGN if self.direct else tail)
             os.ftruncate(self._fd, self.size)
             os.fsync(self._fd)
         finally:
             self._release()
 
     def _release(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
         try:
-            self._buffer.close()
-        except BufferError:  # a failed write's traceback still holds a view of it; freed with that
+            self._wait()
+        except Exception:  # noqa: BLE001 - the file is being discarded, or close() already raised this
             pass
+        finally:
+            self._writer.shutdown()
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+            for buffer in self._buffers:
+                try:
+                    buffer.close()
+                except BufferError:  # a failed write's traceback still holds a view of it; freed with that
+                    pass
 
     def __enter__(self) -> "DurableFile":
         return self

@@ -117,3 +117,42 @@ def test_environment_turns_direct_io_off(tmp_path, monkeypatch):
         handle.write(b"abc")
         assert handle.direct is False
     assert (tmp_path / "f.bin").read_bytes() == b"abc"
+
+
+def test_a_failed_background_write_is_raised_by_the_next_write(tmp_path, monkeypatch):
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full)
+    handle = DurableFile(tmp_path / "f.bin", direct=False)
+    with pytest.raises(OSError, match="No space"):
+        with handle:
+            handle.write(b"x" * durable_file._CHUNK)  # handed to the background writer
+            handle.write(b"y" * durable_file._CHUNK)  # waits for it before the next hand-over: raises here
+            pytest.fail("the second write should have raised")  # pragma: no cover
+    assert handle._fd == -1
+
+
+def test_filling_overlaps_the_disk_write(tmp_path, monkeypatch):
+    """While one buffer is being written, the caller is already filling the other."""
+    import threading
+
+    real_write = os.write
+    started, release = threading.Event(), threading.Event()
+
+    def slow(fd, data):
+        started.set()
+        release.wait(5)
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", slow)
+    data = _payload(2 * durable_file._CHUNK + 10)
+    path = tmp_path / "f.bin"
+    with DurableFile(path, direct=False) as handle:
+        handle.write(data[: durable_file._CHUNK])
+        assert started.wait(5)
+        handle.write(data[durable_file._CHUNK : durable_file._CHUNK + 100])  # returns while the disk is busy
+        assert not release.is_set()
+        release.set()
+        handle.write(data[durable_file._CHUNK + 100 :])
+    assert path.read_bytes() == data

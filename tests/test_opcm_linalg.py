@@ -168,3 +168,19 @@ def test_unknown_decomposition_is_refused():
     delta, tau = sample((8, 8), seed=6)
     with pytest.raises(ValueError, match="decomposition must be one of svd, gram_mixed, gram64, gram32"):
         project_task_vector(delta, tau, decomposition="qr")
+
+
+@pytest.mark.parametrize("zero_diagonal", [True, False])
+def test_tall_delta_removes_the_same_through_delta_as_through_u(zero_diagonal):
+    """For a tall D, U = D V S⁻¹ is never formed; what τ loses is the same as with U formed."""
+    from hf_merge.methods.opcm_linalg import gram_pairs, remove_pairs, remove_pairs_through_delta, split_rank
+
+    delta, tau = sample((96, 24), seed=13, dtype=torch.float64)
+    s, v = gram_pairs(delta, torch.float64)
+    r = split_rank(s, 0.5)
+    rows = 24 if zero_diagonal else r
+    u = delta @ v / s
+    through_u = remove_pairs(tau.clone(), u, v.T, r, zero_diagonal)
+    through_delta = remove_pairs_through_delta(tau.clone(), delta, v[:, :rows], s[:rows], r)
+    assert err(through_delta, through_u) < 1e-14
+    assert err(through_delta, dense_reference(delta, tau, zero_diagonal=zero_diagonal)) < 1e-12

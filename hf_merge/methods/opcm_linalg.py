@@ -59,13 +59,31 @@ def remove_pairs(tau: torch.Tensor, u: torch.Tensor, vh: torch.Tensor, r: int, z
     if rows == 0:
         return tau
     u, vh = u[:, :rows], vh[:rows]
-    w = u.T @ tau
+    return tau.addmm_(u, removed_coefficients(u.T @ tau, vh, r), alpha=-1)
+
+
+def removed_coefficients(w: torch.Tensor, vh: torch.Tensor, r: int) -> torch.Tensor:
+    """C with U·C = what τ loses, from W = Uᵀτ (q × n) and the q rows of Vᵀ that count."""
     coeff = torch.empty_like(w)
     if r > 0:
         coeff[:r] = (w[:r] @ vh[:r].T) @ vh[:r]  # the r × r block Uᵣᵀ τ Vᵣ, mapped back to rows of Vᵀ
-    if rows > r:
+    if w.shape[0] > r:
         coeff[r:] = (w[r:] * vh[r:]).sum(dim=1, keepdim=True) * vh[r:]  # u_iᵀ τ v_i · v_iᵀ, i ≥ r
-    return tau.addmm_(u, coeff, alpha=-1)
+    return coeff
+
+
+def remove_pairs_through_delta(
+    tau: torch.Tensor, delta: torch.Tensor, v: torch.Tensor, s: torch.Tensor, r: int
+) -> torch.Tensor:
+    """:func:`remove_pairs` with U = D V S⁻¹ never formed, for a tall D (m > 2n): Uᵀτ = S⁻¹ Vᵀ (Dᵀτ)
+    and U·C = D (V S⁻¹ C), so the three products of τ's size (D V, Uᵀτ, U·C) become two (Dᵀτ, D·K)
+    and two n × n ones. ``v`` (n × q) and ``s`` hold the q pairs that count, all resolved in τ's
+    precision (the caller checks), so dividing by s loses no more than forming D V / s would."""
+    inverse = s.reciprocal().to(tau.dtype).unsqueeze(1)
+    vh = v.T.to(tau.dtype)
+    w = (vh @ (delta.T @ tau)).mul_(inverse)
+    coeff = removed_coefficients(w, vh, r).mul_(inverse)
+    return tau.addmm_(delta, vh.T @ coeff, alpha=-1)
 
 
 def project_svd(
@@ -159,6 +177,10 @@ def project_gram(
     rows = n if zero_diagonal else r  # without the diagonal only the leading r pairs are needed
     if rows == 0:
         return tau
+    resolved = float(s[rows - 1]) > float(s[0]) * max(m, n) * torch.finfo(vectors_dtype).eps
+    # s from a float64 Gram matrix is as good as ‖D v_i‖ to divide by; from a float32 one it is not
+    if m > 2 * n and gram_dtype == torch.float64 and vectors_dtype == delta.dtype and resolved:
+        return remove_pairs_through_delta(tau, delta, v[:, :rows], s[:rows], r)
     u, norms = left_vectors(delta, v[:, :rows], float(s[0]), vectors_dtype)
     # the numerical-rank cut of the precision the pairs were found in: a float64 SVD of the same
     # float32 D resolves pairs down there too, and the reference is that SVD
