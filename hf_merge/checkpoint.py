@@ -104,10 +104,17 @@ class SafetensorsFile:
             self._file = open(self.path, "rb", buffering=0)
         return self._file
 
-    def get(self, name: str) -> torch.Tensor:
-        """A private copy of one tensor, read straight into its memory."""
+    def get(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """A private copy of one tensor, read straight into its memory (into ``out``'s, a contiguous
+        tensor of its shape and dtype, when given)."""
         info = self.tensors[name]
-        tensor = torch.empty(info.shape, dtype=info.dtype)
+        if out is None:
+            tensor = torch.empty(info.shape, dtype=info.dtype)
+        elif tuple(out.shape) != info.shape or out.dtype != info.dtype or not out.is_contiguous():
+            raise ValueError(f"cannot read tensor '{name}' ({info.dtype}, {list(info.shape)}) into "
+                             f"a {out.dtype} tensor of shape {list(out.shape)}")
+        else:
+            tensor = out
         if info.end > info.start:
             out = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
             _read_exactly(self._handle(), out, info.start, self.path)
@@ -213,13 +220,17 @@ class Checkpoint:
         source = self._where[name]
         return source.tensors[name].dtype if isinstance(source, SafetensorsFile) else source.dtype
 
-    def get(self, name: str) -> torch.Tensor:
-        """Read one tensor (a fresh CPU copy in its stored dtype).
+    def get(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Read one tensor (a fresh CPU copy in its stored dtype, or into ``out``: a contiguous
+        tensor of its shape and dtype whose memory is reused, see :func:`scratch`).
 
         :class:`CheckpointError` if ``name`` is one of the tensors :meth:`require_finite` named and
         holds NaN or Inf."""
         source = self._where[name]
-        tensor = source.get(name) if isinstance(source, SafetensorsFile) else source.clone()
+        if isinstance(source, SafetensorsFile):
+            tensor = source.get(name, out)
+        else:
+            tensor = source.clone() if out is None else out.copy_(source)
         if name in self._finite and not all_finite(tensor):
             raise CheckpointError(f"expert {self._label}: tensor '{name}' contains NaN or Inf values")
         return tensor

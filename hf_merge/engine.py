@@ -22,7 +22,7 @@ from .checkpoint import Checkpoint, CheckpointWriter, SafetensorsFile, TensorSpe
 from .distributed import Executor
 from .errors import CheckpointError, MergeStateError, UsageError
 from .log import get_logger
-from .methods import MergeContext, MergeMethod, get_method
+from .methods import MergeContext, MergeMethod, get_method, release_scratch
 from .sources import ModelSource, resolve
 from .state import STATE_NAME, STATE_TENSORS_NAME, MergeState, OutputTransaction, discard_spare, recover
 from .step_results import MergeResult, StepResult
@@ -51,12 +51,11 @@ class ContinualMerger:
         compute_dtype: ``"float32"`` (default) or ``"float64"``.
         max_shard_size: Largest weight file written (``"5GB"``, bytes, ...).
         checkpoint_every: Write the output after every N-th step. ``None``: 1 with ``on_step``, else
-            the method's policy: its ``checkpoint_every``, and the merge's first step written only if
-            it is the last (every method's first step copies or scales θ_1, which costs less to redo
-            after a crash than to write). The step passed ``final=True`` to :meth:`add`, the last of
-            :meth:`add_all`, and :meth:`flush` always write; a crash loses at most the unwritten
-            steps, and :meth:`resume` continues from the last written one with the same result.
-            ``on_step`` is called only for written steps.
+            the method's ``checkpoint_every``, with step 1 written only if it is the last (it copies or
+            scales θ_1: cheaper to redo than to write). The step passed ``final=True`` to :meth:`add`,
+            the last of :meth:`add_all`, and :meth:`flush` always write; a crash loses at most the
+            unwritten steps, and :meth:`resume` continues from the last written one with the same
+            result. ``on_step`` is called only for written steps.
     """
 
     def __init__(
@@ -317,8 +316,9 @@ class ContinualMerger:
         return weight_files
 
     def close(self) -> None:
-        """Release the base checkpoint and the spare weight files kept for the next step."""
+        """Release the base checkpoint, the spare weight files and the steps' scratch memory."""
         self.base.close()
+        release_scratch()
         if self.executor.is_main_process:
             discard_spare(self.output_dir)
 

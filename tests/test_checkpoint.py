@@ -131,3 +131,24 @@ def test_parse_size():
     assert parse_size("500MB") == 500 * 10**6
     assert parse_size("1GiB") == 2**30
     assert parse_size(123) == 123
+
+
+def test_reads_into_given_memory_and_scratch_slots_reuse_it(tmp_path):
+    from safetensors.torch import save_file
+
+    from hf_merge.methods.base import read_scratch, release_scratch
+
+    tensors = {"a": torch.arange(12, dtype=torch.float32).reshape(3, 4), "b": torch.arange(6, dtype=torch.float16)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text("{}")
+    with Checkpoint.open(tmp_path) as ck:
+        out = torch.empty(3, 4)
+        assert ck.get("a", out=out) is out and torch.equal(out, tensors["a"])
+        with pytest.raises(ValueError, match="cannot read tensor 'a'"):
+            ck.get("a", out=torch.empty(4, 3))
+        first = read_scratch(ck, "a", 0)
+        assert torch.equal(first, tensors["a"])
+        second = read_scratch(ck, "b", 0)  # smaller: the same memory, read over
+        assert second.data_ptr() == first.data_ptr() and torch.equal(second, tensors["b"])
+        assert torch.equal(read_scratch(ck, "a", 1), tensors["a"])  # another slot, other memory
+        release_scratch()

@@ -1,9 +1,9 @@
 """Merge methods: one file each, one interface (:class:`MergeMethod`), one registry."""
 
-from .base import MergeContext, MergeMethod
+from .base import MergeContext, MergeMethod, release_scratch
 from .registry import METHODS, get_method, register_method
 
-__all__ = ["METHODS", "MergeContext", "MergeMethod", "get_method", "register_method", "available_methods"]
+__all__ = ["METHODS", "MergeContext", "MergeMethod", "get_method", "register_method", "available_methods", "release_scratch"]
 
 
 def available_methods() -> list[str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..checkpoint import Checkpoint
-from .base import MergeMethod
+from .base import MergeMethod, read_scratch
 
 
 class ContinualAverage(MergeMethod):
@@ -25,7 +25,7 @@ class ContinualAverage(MergeMethod):
     def _step(self, expert: Checkpoint) -> dict[str, float]:
         t = self.step_count
         for name in self.context.names:
-            theta = expert.get(name)
+            theta = read_scratch(expert, name, 0)
             previous = self.buffer[name]
             if t == 1:
                 self._assign(name, theta)

@@ -10,6 +10,7 @@ one at a time, so what stays resident is the buffer plus a few tensors.
 from __future__ import annotations
 
 import math
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -132,6 +133,33 @@ class MergeMethod(ABC):
         target = self.buffer[name]
         if value is not target:
             target.copy_(value)
+
+
+class _Scratch(threading.local):
+    def __init__(self) -> None:
+        self.slots: list[torch.Tensor] = []
+
+
+_SCRATCH = _Scratch()
+
+
+def read_scratch(checkpoint: Checkpoint, name: str, slot: int) -> torch.Tensor:
+    """``checkpoint.get(name)`` read into this thread's reusable memory ``slot``: valid until this
+    thread reads into the same slot again, so a step that only looks at a tensor before the next
+    read costs no page faults of fresh memory (a fresh 350 MB read took 2.5x as long as a reused one)."""
+    shape, dtype = checkpoint.shape(name), checkpoint.dtype(name)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    slots = _SCRATCH.slots
+    while len(slots) <= slot:
+        slots.append(torch.empty(0, dtype=torch.uint8))
+    if slots[slot].numel() < nbytes:
+        slots[slot] = torch.empty(nbytes, dtype=torch.uint8)
+    return checkpoint.get(name, out=slots[slot][:nbytes].view(dtype).view(shape))
+
+
+def release_scratch() -> None:
+    """Free this thread's scratch memory (a worker thread's goes with the thread)."""
+    _SCRATCH.slots = []
 
 
 _RUN = 1024  # elements per float32 partial sum in squared_norm

@@ -39,7 +39,7 @@ import torch
 
 from ..checkpoint import Checkpoint
 from ..errors import UsageError
-from .base import MergeMethod, squared_norm
+from .base import MergeMethod, read_scratch, squared_norm
 from .opcm_linalg import DECOMPOSITIONS, project_task_vector, split_rank
 
 __all__ = ["OPCM", "project_task_vector", "split_rank"]
@@ -99,9 +99,9 @@ class OPCM(MergeMethod):
         if self.step_count == 1:
             tau_sq = 0.0
             for name in self.context.names:
-                theta = expert.get(name)
+                theta = read_scratch(expert, name, 0)
                 self._assign(name, theta)
-                tau_sq += squared_norm(self._math(theta).sub_(self._math(base.get(name))))
+                tau_sq += squared_norm(self._math(theta).sub_(self._math(read_scratch(base, name, 1))))
             self.norms = [math.sqrt(tau_sq)]
             self.prev_lambda = 1.0
             return {"lambda": 1.0, "task_vector_norm": self.norms[0], "merged_norm": self.norms[0]}
@@ -127,18 +127,18 @@ class OPCM(MergeMethod):
         lam = math.sqrt(totals["s_sq"]) / average_norm
         for name in self.context.names:
             s = self._math(self.buffer[name])
-            self._assign(name, s.div_(lam).add_(self._math(base.get(name))))
+            self._assign(name, s.div_(lam).add_(self._math(read_scratch(base, name, 1))))
         self.prev_lambda = lam
         return {"lambda": lam, "task_vector_norm": self.norms[-1], "merged_norm": average_norm}
 
     def _partial_sum(self, name: str, expert: Checkpoint, *, project: bool) -> tuple[torch.Tensor, dict[str, float]]:
         """S for one tensor, with its share of ‖τ‖² and ‖S‖².
 
-        The arithmetic is in place: τ is a fresh read, and the buffer's M_{t−1} becomes D and then
+        The arithmetic is in place: τ is read into scratch memory, and the buffer's M_{t−1} becomes D and then
         S (pass 1 replaces it with S anyway; a failed step restores the buffer from disk)."""
         hp = self.hyperparameters
-        theta0 = self._math(self.context.base.get(name))
-        tau = self._math(expert.get(name)).sub_(theta0)
+        theta0 = self._math(read_scratch(self.context.base, name, 1))
+        tau = self._math(read_scratch(expert, name, 0)).sub_(theta0)
         delta = self._math(self.buffer[name]).sub_(theta0)
         del theta0
         tau_sq = squared_norm(tau)

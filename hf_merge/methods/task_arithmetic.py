@@ -11,7 +11,7 @@ import torch
 
 from ..checkpoint import Checkpoint
 from ..errors import UsageError
-from .base import MergeMethod
+from .base import MergeMethod, read_scratch
 
 
 class TaskArithmetic(MergeMethod):
@@ -32,7 +32,7 @@ class TaskArithmetic(MergeMethod):
         lam = float(self.hyperparameters["scaling_factor"])
         base = self.context.base
         for name in self.context.names:
-            theta, theta0 = expert.get(name), base.get(name)
+            theta, theta0 = read_scratch(expert, name, 0), read_scratch(base, name, 1)
             # an untouched tensor stays a bit-exact copy; torch.equal stops at the first difference,
             # where a float tensor's .any() costs more than the arithmetic itself
             if torch.equal(theta, theta0):
