@@ -25,6 +25,22 @@ def weight_bytes(folder) -> bytes:
     return (folder / "model.safetensors").read_bytes()
 
 
+def crash_merge_at_step(merger, step, experts, monkeypatch) -> None:
+    """Run ``merger`` over ``experts`` with its method raising in ``step``, as a crash would stop it."""
+    real = type(merger.method)._step
+
+    def crashing(self, expert):
+        if self.step_count == step:
+            raise RuntimeError("simulated crash")
+        return real(self, expert)
+
+    monkeypatch.setattr(type(merger.method), "_step", crashing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        with merger:
+            merger.add_all(experts)
+    monkeypatch.setattr(type(merger.method), "_step", real)
+
+
 @pytest.fixture(scope="module")
 def every_step(tiny_base, tiny_experts, tmp_path_factory):
     """Uninterrupted 5-expert merges that write every step."""
@@ -63,19 +79,7 @@ def test_the_method_policy_leaves_the_first_step_to_the_next_write(method, tiny_
 
 def test_a_crash_in_step_two_under_the_method_policy_leaves_no_merge_to_resume(tiny_base, tiny_experts, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    merger = ContinualMerger(tiny_base, out, "opcm")
-    real = type(merger.method)._step
-
-    def crashing(self, expert):
-        if self.step_count == 2:
-            raise RuntimeError("simulated crash")
-        return real(self, expert)
-
-    monkeypatch.setattr(type(merger.method), "_step", crashing)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        with merger:
-            merger.add_all(tiny_experts[:3])
-    monkeypatch.setattr(type(merger.method), "_step", real)
+    crash_merge_at_step(ContinualMerger(tiny_base, out, "opcm"), 2, tiny_experts[:3], monkeypatch)
     # nothing was committed, so the same command starts over in the same folder
     assert not (out / "merge_state.json").exists()
     assert merge(tiny_base, tiny_experts[:3], "opcm", out).state.step == 3
@@ -93,19 +97,7 @@ def test_method_defaults_and_explicit_values(tiny_base, tmp_path):
 @pytest.mark.parametrize("method", ["opcm", "average"])
 def test_crash_between_checkpoints_resumes_from_the_last_written_step(method, tiny_base, tiny_experts, every_step, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    merger = ContinualMerger(tiny_base, out, method, checkpoint_every=2)
-    real = type(merger.method)._step
-
-    def crashing(self, expert):
-        if self.step_count == 5:
-            raise RuntimeError("simulated crash")
-        return real(self, expert)
-
-    monkeypatch.setattr(type(merger.method), "_step", crashing)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        with merger:
-            merger.add_all(tiny_experts[:5])
-    monkeypatch.setattr(type(merger.method), "_step", real)
+    crash_merge_at_step(ContinualMerger(tiny_base, out, method, checkpoint_every=2), 5, tiny_experts[:5], monkeypatch)
     assert MergeState.load(out).step == 4  # steps 2 and 4 were written; 5 never finished
     resumed = ContinualMerger.resume(out)
     assert resumed.step == 4
