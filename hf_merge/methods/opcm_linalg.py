@@ -26,9 +26,11 @@ U is never orthogonalised: u_i = D v_i / ‖D v_i‖ uses the norm of the comput
 √eigenvalue, because ‖D v_i‖ is accurate to the products' rounding while the eigenvalue of a small
 pair is not (a column too small for the products' precision is formed again in the Gram matrix's,
 see :func:`left_vectors`). Pairs with ‖D v_i‖ ≤ s_max · max(m, n) · eps (the usual numerical-rank
-cut, eps of the Gram matrix's precision) are not singular pairs of D at all: D has no direction there, an SVD fills that null space with an
-arbitrary orthonormal basis, and zeroing τ along arbitrary directions is not defined by the method,
-so the Gram paths leave τ alone there. For a full-rank D (every real merge) this changes nothing.
+cut, eps of the Gram matrix's precision) are not singular pairs of D at all: D has no direction
+there, an SVD fills that null space with an arbitrary orthonormal basis, and zeroing τ along
+arbitrary directions is not defined by the method, so the Gram paths leave τ alone there. For a
+full-rank D (every real merge) this changes nothing. A tall D (fc1, fc2) whose pairs are all
+resolved skips U altogether (:func:`remove_pairs_through_delta`).
 """
 
 from __future__ import annotations
