@@ -105,16 +105,10 @@ class SafetensorsFile:
         return self._file
 
     def get(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
-        """A private copy of one tensor, read straight into its memory (into ``out``'s, a contiguous
-        tensor of its shape and dtype, when given)."""
+        """A private copy of one tensor, read straight into its memory (into ``out``'s when given:
+        :meth:`Checkpoint.get` checks that it is a contiguous tensor of the same shape and dtype)."""
         info = self.tensors[name]
-        if out is None:
-            tensor = torch.empty(info.shape, dtype=info.dtype)
-        elif tuple(out.shape) != info.shape or out.dtype != info.dtype or not out.is_contiguous():
-            raise ValueError(f"cannot read tensor '{name}' ({info.dtype}, {list(info.shape)}) into "
-                             f"a {out.dtype} tensor of shape {list(out.shape)}")
-        else:
-            tensor = out
+        tensor = torch.empty(info.shape, dtype=info.dtype) if out is None else out
         if info.end > info.start:
             out = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
             _read_exactly(self._handle(), out, info.start, self.path)
@@ -222,11 +216,16 @@ class Checkpoint:
 
     def get(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         """Read one tensor (a fresh CPU copy in its stored dtype, or into ``out``: a contiguous
-        tensor of its shape and dtype whose memory is reused, see :func:`scratch`).
+        tensor of its shape and dtype whose memory is reused, see
+        :func:`hf_merge.methods.base.read_scratch`).
 
         :class:`CheckpointError` if ``name`` is one of the tensors :meth:`require_finite` named and
         holds NaN or Inf."""
         source = self._where[name]
+        if out is not None and (tuple(out.shape) != self.shape(name) or out.dtype != self.dtype(name)
+                                or not out.is_contiguous()):
+            raise ValueError(f"cannot read tensor '{name}' ({self.dtype(name)}, {list(self.shape(name))}) "
+                             f"into a {out.dtype} tensor of shape {list(out.shape)}")
         if isinstance(source, SafetensorsFile):
             tensor = source.get(name, out)
         else:

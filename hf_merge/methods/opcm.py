@@ -134,8 +134,8 @@ class OPCM(MergeMethod):
     def _partial_sum(self, name: str, expert: Checkpoint, *, project: bool) -> tuple[torch.Tensor, dict[str, float]]:
         """S for one tensor, with its share of ‖τ‖² and ‖S‖².
 
-        The arithmetic is in place: τ is read into scratch memory, and the buffer's M_{t−1} becomes D and then
-        S (pass 1 replaces it with S anyway; a failed step restores the buffer from disk)."""
+        The arithmetic is in place: τ is read into scratch memory, and the buffer's M_{t−1} becomes
+        D and then S (pass 1 replaces it with S anyway; a failed step restores the buffer from disk)."""
         hp = self.hyperparameters
         theta0 = self._math(read_scratch(self.context.base, name, 1))
         tau = self._math(read_scratch(expert, name, 0)).sub_(theta0)
