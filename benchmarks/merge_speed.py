@@ -23,7 +23,6 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -137,13 +136,16 @@ def child_streaming(method: str, out: str, base: str, experts: list[str], option
 
 def run_child(args: list[str]) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_DISABLE_PROGRESS_BARS="1")
+    # Every run starts with no dirty pages: the naive code leaves its output in the page cache, and
+    # the kernel writing it back would otherwise slow down whichever run comes next.
+    os.sync()
     done = subprocess.run(args, env=env, check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def fastest(repeats: int, measure: Callable[[], dict]) -> dict:
-    """The fastest of ``repeats`` runs (the others only lost time to whatever else ran)."""
-    return min((measure() for _ in range(repeats)), key=lambda report: report["seconds"])
+def fastest(reports: list[dict]) -> dict:
+    """The fastest of repeated runs (the others only lost time to whatever else ran)."""
+    return min(reports, key=lambda report: report["seconds"])
 
 
 def max_abs_diff(left: Path, right: Path) -> float:
@@ -189,8 +191,9 @@ def main() -> None:
     parser.add_argument("--naive-opcm-max", type=int, default=None,
                         help="run the naive OPCM (full-matrix SVDs, the slowest part) only up to this many experts")
     parser.add_argument("--repeat", type=int, default=3,
-                        help="runs of each non-OPCM measurement; the fastest counts (a few seconds each, and "
-                             "noisy on a shared machine); OPCM runs once")
+                        help="runs of each non-OPCM measurement, naive and streaming interleaved; the fastest "
+                             "counts (a few seconds each, and noisy on a shared machine)")
+    parser.add_argument("--opcm-repeat", type=int, default=2, help="the same for OPCM (minutes per run)")
     parser.add_argument("--note", default="", help="a line about the machine's state, printed under the table")
     parser.add_argument("--cache", type=Path, default=HERE / ".cache")
     parser.add_argument("--results", type=Path, default=HERE / "results" / "merge_speed.md")
@@ -209,7 +212,8 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     rows: list[dict] = []
     accuracy: dict[int, dict[str, float]] = {}
-    context = {"model_bytes": model_bytes, "quick": args.quick, "note": args.note, "repeat": max(args.repeat, 1)}
+    context = {"model_bytes": model_bytes, "quick": args.quick, "note": args.note, "repeat": max(args.repeat, 1),
+               "opcm_repeat": max(args.opcm_repeat, 1)}
 
     def stream(method: str, n: int, options: dict, out: Path) -> dict:
         shutil.rmtree(out, ignore_errors=True)
@@ -224,28 +228,43 @@ def main() -> None:
     # cheap methods first, OPCM last: the table is written after every run, so it is useful even if
     # the long OPCM runs are cut short
     for method in sorted(args.methods, key=lambda m: m == "opcm"):
-        repeats = 1 if method == "opcm" else max(args.repeat, 1)
+        repeats = max(args.opcm_repeat if method == "opcm" else args.repeat, 1)
         for n in opcm_counts if method == "opcm" else counts:
-            naive, naive_dir = None, work / "naive"
+            naive_dir = work / "naive"
             skip_naive = method == "opcm" and args.naive_opcm_max is not None and n > args.naive_opcm_max
-            if not args.no_naive and not skip_naive:
-                shutil.rmtree(naive_dir, ignore_errors=True)
-                naive = fastest(repeats, lambda: run_child([sys.executable, str(HERE / "naive_reference.py"), method,
-                                                            str(naive_dir), str(base), *map(str, experts[:n])]))
-            f64 = work / f"float64-{n}"
-            if method == "opcm" and f64.is_dir() and naive is not None:
-                accuracy.setdefault(n, {})["naive (float32 full SVD)"] = max_abs_diff(naive_dir, f64)
+            naive_runs: list[dict] = []
+            runs: dict[str, list[dict]] = {}
+            diffs: dict[str, float] = {}
+            # Repeats interleaved (naive, every variant, naive, ...): a slow spell of the machine
+            # touches every contender, not the repeats of one.
+            for _ in range(repeats):
+                if not args.no_naive and not skip_naive:
+                    shutil.rmtree(naive_dir, ignore_errors=True)
+                    naive_runs.append(run_child([sys.executable, str(HERE / "naive_reference.py"), method,
+                                                 str(naive_dir), str(base), *map(str, experts[:n])]))
+                for label, options in variants(method, args.decompositions):
+                    out = work / f"stream-{len(runs.get(label, []))}-{label.split()[0]}"
+                    runs.setdefault(label, []).append(stream(method, n, options, out))
+                    f64 = work / f"float64-{n}"
+                    if label not in diffs:
+                        if naive_runs:
+                            diffs[label] = max_abs_diff(out, naive_dir)
+                        if method == "opcm" and f64.is_dir():
+                            accuracy.setdefault(n, {})[options["decomposition"]] = max_abs_diff(out, f64)
+                    shutil.rmtree(out, ignore_errors=True)
+                naive_label = "naive (float32 full SVD)"
+                if method == "opcm" and (work / f"float64-{n}").is_dir() and naive_runs and naive_label not in accuracy.setdefault(n, {}):
+                    accuracy[n][naive_label] = max_abs_diff(naive_dir, work / f"float64-{n}")
+            naive = fastest(naive_runs) if naive_runs else None
             for label, options in variants(method, args.decompositions):
-                out = work / "stream"
-                report = fastest(repeats, lambda: stream(method, n, options, out))
-                row = {"method": method, "variant": label, "n": n, "stream": report, "naive": naive,
-                       "diff": max_abs_diff(out, naive_dir) if naive else None}
-                if method == "opcm" and f64.is_dir():
-                    row["diff64"] = accuracy.setdefault(n, {})[options["decomposition"]] = max_abs_diff(out, f64)
+                row = {"method": method, "variant": label, "n": n, "stream": fastest(runs[label]), "naive": naive,
+                       "diff": diffs.get(label), "runs": len(runs[label])}
+                if method == "opcm":
+                    row["diff64"] = accuracy.get(n, {}).get(options["decomposition"])
                 rows.append(row)
                 print(format_row(row, model_bytes), flush=True)
-                args.results.parent.mkdir(parents=True, exist_ok=True)
-                args.results.write_text(render(rows, accuracy, context))
+            args.results.parent.mkdir(parents=True, exist_ok=True)
+            args.results.write_text(render(rows, accuracy, context))
     shutil.rmtree(work, ignore_errors=True)
     print(render(rows, accuracy, context))
 
@@ -279,9 +298,10 @@ def render(rows: list[dict], accuracy: dict[int, dict[str, float]], context: dic
         f"Model: {'small CLIP (--quick)' if context['quick'] else 'ViT-B/32-shaped CLIP (CLIPConfig defaults)'}, "
         f"{mb(model_bytes)} MiB of float32 weights; vision tower + visual_projection merged. "
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads). Each run in a fresh process (OPCM once, every other "
-        f"measurement the fastest of {context['repeat']}); times include reading inputs "
-        "and writing the merged model.",
+        f"({torch.get_num_threads()} threads). Each run in a fresh process, started after a `sync` so "
+        "that no run pays for the previous one's writes; each time is the fastest of "
+        f"{context['opcm_repeat']} (OPCM) or {context['repeat']} (others) runs, the naive and streaming "
+        "runs interleaved; times include reading inputs and writing the merged model.",
     ]
     if context["note"]:
         lines += ["", context["note"]]

@@ -1,11 +1,9 @@
-"""Lazy tensor access over safetensors checkpoints, and a streaming sharded writer.
+"""Lazy tensor access over safetensors checkpoints (the writer is :mod:`hf_merge.weights_writer`).
 
 A merge never loads a whole checkpoint: :class:`Checkpoint` parses the safetensors headers and
 reads one tensor at a time with positioned reads straight into the tensor's memory (one copy out of
 the page cache; a memory map would add a page fault per 4 KiB and, until released, the file's pages
-to the process's resident memory). :class:`CheckpointWriter` writes tensors one at a
-time into transformers-style shards (``model.safetensors`` or ``model-0000i-of-0000n.safetensors``
-plus ``model.safetensors.index.json``), without building the whole file in memory.
+to the process's resident memory).
 """
 
 from __future__ import annotations
@@ -14,16 +12,15 @@ import json
 import math
 import os
 import struct
-from collections.abc import Callable, Iterable, Mapping
+import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
 
-from .durable_file import DurableFile
 from .errors import CheckpointError
-from .state import is_sole_link
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -43,7 +40,8 @@ _DTYPES: dict[str, torch.dtype] = {
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
 }
-_DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+#: The safetensors name of each dtype.
+DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 
 
 def parse_size(size: int | str) -> int:
@@ -98,11 +96,13 @@ class SafetensorsFile:
                 )
             self.tensors[name] = TensorInfo(_DTYPES[entry["dtype"]], tuple(entry["shape"]), data_start + begin, data_start + end)
         self._file: BinaryIO | None = None
+        self._opening = threading.Lock()
 
     def _handle(self) -> BinaryIO:
-        if self._file is None:
-            self._file = open(self.path, "rb", buffering=0)
-        return self._file
+        with self._opening:  # positioned reads share the handle; a second thread must not open another
+            if self._file is None:
+                self._file = open(self.path, "rb", buffering=0)
+            return self._file
 
     def get(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
         """A private copy of one tensor, read straight into its memory (into ``out``'s when given:
@@ -113,6 +113,13 @@ class SafetensorsFile:
             out = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
             _read_exactly(self._handle(), out, info.start, self.path)
         return tensor
+
+    def read_raw(self, name: str, out: memoryview, start: int = 0) -> None:
+        """Bytes ``start..start + len(out)`` of tensor ``name`` as stored, into ``out``."""
+        info = self.tensors[name]
+        if start < 0 or info.start + start + len(out) > info.end:
+            raise ValueError(f"bytes {start}..{start + len(out)} are outside tensor '{name}'")
+        _read_exactly(self._handle(), out, info.start + start, self.path)
 
     def close(self) -> None:
         if self._file is not None:
@@ -234,6 +241,18 @@ class Checkpoint:
             raise CheckpointError(f"expert {self._label}: tensor '{name}' contains NaN or Inf values")
         return tensor
 
+    def read_raw(self, name: str, out: memoryview, start: int = 0) -> None:
+        """Bytes ``start..start + len(out)`` of tensor ``name`` as stored, into ``out``: a copy of a
+        tensor's bytes without a tensor in between (the NaN check of :meth:`get` does not apply)."""
+        source = self._where[name]
+        if isinstance(source, SafetensorsFile):
+            source.read_raw(name, out, start)
+            return
+        stored = memoryview(source.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+        if start < 0 or start + len(out) > len(stored):
+            raise ValueError(f"bytes {start}..{start + len(out)} are outside tensor '{name}'")
+        out[:] = stored[start : start + len(out)]
+
     def require_finite(self, names: Iterable[str], label: str) -> None:
         """Check ``names`` for NaN and Inf whenever they are read.
 
@@ -275,76 +294,3 @@ class TensorSpec:
         for dim in self.shape:
             count *= dim
         return count * torch.empty((), dtype=self.dtype).element_size()
-
-
-class CheckpointWriter:
-    """Write tensors into transformers-layout safetensors shards, one tensor resident at a time."""
-
-    def __init__(self, out_dir: str | Path, max_shard_size: int | str = "5GB"):
-        self.out_dir = Path(out_dir)
-        self.max_shard_size = parse_size(max_shard_size)
-
-    def save_dict(self, tensors: Mapping[str, torch.Tensor]) -> list[str]:
-        """Write a mapping of tensors; returns the file names written."""
-        specs = [TensorSpec(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
-        return self.save(specs, tensors.__getitem__)
-
-    def save(self, specs: Iterable[TensorSpec], fetch: Callable[[str], torch.Tensor]) -> list[str]:
-        """Write every tensor of ``specs``, asking ``fetch(name)`` for its data when it is its turn."""
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        shards: list[list[TensorSpec]] = [[]]
-        size = 0
-        for spec in sorted(specs, key=lambda s: s.name):
-            if shards[-1] and size + spec.nbytes > self.max_shard_size:
-                shards.append([])
-                size = 0
-            shards[-1].append(spec)
-            size += spec.nbytes
-        if len(shards) == 1:
-            names = [SAFE_WEIGHTS_NAME]
-        else:
-            names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-        for filename, shard in zip(names, shards):
-            _write_safetensors(self.out_dir / filename, shard, fetch)
-        if len(shards) > 1:
-            index = {
-                "metadata": {"total_size": sum(s.nbytes for shard in shards for s in shard)},
-                "weight_map": {s.name: f for f, shard in zip(names, shards) for s in shard},
-            }
-            (self.out_dir / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-            names.append(SAFE_WEIGHTS_INDEX_NAME)
-        return names
-
-
-def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor]) -> None:
-    """Write one safetensors file from a mapping (no sharding)."""
-    specs = [TensorSpec(n, tuple(t.shape), t.dtype) for n, t in sorted(tensors.items())]
-    _write_safetensors(Path(path), specs, tensors.__getitem__)
-
-
-def _write_safetensors(path: Path, specs: list[TensorSpec], fetch: Callable[[str], torch.Tensor]) -> None:
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for spec in specs:
-        header[spec.name] = {
-            "dtype": _DTYPE_NAMES[spec.dtype],
-            "shape": list(spec.shape),
-            "data_offsets": [offset, offset + spec.nbytes],
-        }
-        offset += spec.nbytes
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)  # data aligned to 8 bytes, as the reference writer does
-    # An existing file of ours (a recycled spare) is overwritten in place: its blocks (and, without
-    # O_DIRECT, its cached pages) are reused. Anything linked elsewhere is replaced, never written through.
-    if not is_sole_link(path) and os.path.lexists(path):
-        path.unlink()
-    with DurableFile(path) as handle:
-        handle.write(struct.pack("<Q", len(encoded)))
-        handle.write(encoded)
-        for spec in specs:
-            tensor = fetch(spec.name)
-            if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
-                raise CheckpointError(f"tensor '{spec.name}' changed shape or dtype while being written")
-            data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-            if data.numel():
-                handle.write(data.numpy())

@@ -1,11 +1,12 @@
-"""A large file written once and made durable: O_DIRECT through one aligned buffer where allowed.
+"""A large file written once and made durable: O_DIRECT through two aligned buffers where allowed.
 
 Every weight file a merge writes is fsynced before the step is committed. Through the page cache
 that means copying every byte into newly allocated cache pages and then writing those pages out;
-with ``O_DIRECT`` the bytes go from one reused, page-aligned buffer straight to the disk and the
+with ``O_DIRECT`` the bytes go from reused, page-aligned buffers straight to the disk and the
 fsync has almost nothing left to do (benchmarks/results/merge_speed.md measures both). Where the
 file system refuses ``O_DIRECT`` (tmpfs, some overlay file systems, macOS, Windows) the same calls
-write through the page cache instead; the bytes on disk are the same either way.
+write through the page cache instead; the bytes on disk are the same either way. A file being
+overwritten in place can be passed over where it already holds the right bytes (:meth:`DurableFile.skip`).
 """
 
 from __future__ import annotations
@@ -13,11 +14,15 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 _ALIGN = 4096  # O_DIRECT needs offsets, lengths and addresses aligned to the logical block size
 _CHUNK = 8 << 20  # one buffer, reused for the whole file
+
+#: ``fill(view, start)``: copy bytes ``start..start + len(view)`` of some source into ``view``.
+Fill = Callable[[memoryview, int], None]
 
 #: Set ``HF_MERGE_DIRECT_IO=0`` to always write through the page cache.
 ENV_DIRECT_IO = "HF_MERGE_DIRECT_IO"
@@ -53,27 +58,60 @@ class DurableFile:
         self._buffer = self._buffers[0]
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="hf-merge-write")
         self._in_flight: Future | None = None
+        self._start = 0  # file offset of the buffer's first byte (aligned)
         self._used = 0
-        self.size = 0
+        self.size = 0  # set by close()
+
+    @property
+    def position(self) -> int:
+        """Where the next byte goes: the file's size once closed."""
+        return self._start + self._used
 
     def write(self, data: object) -> None:
         """Append ``data`` (bytes, bytearray, memoryview, a numpy array's memory)."""
         source = memoryview(data).cast("B")
+
+        def copy(view: memoryview, start: int) -> None:
+            view[:] = source[start : start + len(view)]
+
+        self.write_from(len(source), copy)
+
+    def write_from(self, length: int, fill: Fill) -> None:
+        """Append ``length`` bytes that ``fill(view, start)`` copies into the buffer, ``view`` taking
+        bytes ``start..start + len(view)`` of them: a reader fills the buffer straight from its file."""
         done = 0
-        while done < len(source):
-            take = min(len(source) - done, _CHUNK - self._used)
-            self._buffer[self._used : self._used + take] = source[done : done + take]
+        while done < length:
+            take = min(length - done, _CHUNK - self._used)
+            with memoryview(self._buffer) as whole, whole[self._used : self._used + take] as view:
+                fill(view, done)
             self._used += take
             done += take
             if self._used == _CHUNK:
-                self._hand_over()
-        self.size += len(source)
+                self._hand_over(_CHUNK)
 
-    def _hand_over(self) -> None:
-        """Send the full buffer to the disk in the background and go on filling the other one."""
+    def skip(self, length: int, fill: Fill) -> None:
+        """Pass over ``length`` bytes the file already holds at this position, writing none of them
+        but the few that share a disk block with written bytes (``O_DIRECT`` writes whole blocks):
+        ``fill`` gives those, as in :meth:`write_from`."""
+        end = self.position + length
+        if end <= self._start + _CHUNK:  # ends inside this buffer: copying is cheaper than a split write
+            self.write_from(length, fill)
+            return
+        head = -self._used % _ALIGN  # completes the buffer's last block
+        self.write_from(head, fill)
+        if self._used:
+            self._hand_over(self._used)
+        self._start, self._used = end - end % _ALIGN, 0
+        tail = end % _ALIGN  # starts the block the next write goes into
+        self.write_from(tail, lambda view, start: fill(view, length - tail + start))
+
+    def _hand_over(self, length: int) -> None:
+        """Send the buffer's first ``length`` bytes to the disk in the background and go on filling
+        the other buffer."""
         self._wait()
-        self._in_flight = self._writer.submit(self._drain, self._buffer, _CHUNK)
+        self._in_flight = self._writer.submit(self._drain, self._buffer, length, self._start)
         self._buffer = self._buffers[1] if self._buffer is self._buffers[0] else self._buffers[0]
+        self._start += length
         self._used = 0
 
     def _wait(self) -> None:
@@ -82,13 +120,14 @@ class DurableFile:
         if pending is not None:
             pending.result()
 
-    def _drain(self, buffer: mmap.mmap, length: int) -> None:
-        """Write the first ``length`` bytes of ``buffer`` (a multiple of the alignment when direct)."""
+    def _drain(self, buffer: mmap.mmap, length: int, offset: int) -> None:
+        """Write the first ``length`` bytes of ``buffer`` at ``offset`` (multiples of the alignment
+        when direct)."""
         written = 0
         with memoryview(buffer) as whole, whole[:length] as view:
             while written < length:
                 try:
-                    written += os.write(self._fd, view[written:])
+                    written += os.pwrite(self._fd, view[written:], offset + written)
                 except OSError as err:
                     if not (self.direct and err.errno == errno.EINVAL):
                         raise
@@ -109,7 +148,8 @@ class DurableFile:
             tail = self._used
             if tail:
                 # a direct write of the last block goes past the end; the truncate cuts it off
-                self._drain(self._buffer, -(-tail // _ALIGN) * _ALIGN if self.direct else tail)
+                self._drain(self._buffer, -(-tail // _ALIGN) * _ALIGN if self.direct else tail, self._start)
+            self.size = self.position
             os.ftruncate(self._fd, self.size)
             os.fsync(self._fd)
         finally:

@@ -9,7 +9,6 @@ one-call form.
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -18,13 +17,14 @@ from typing import Any
 
 import torch
 
-from .checkpoint import Checkpoint, CheckpointWriter, SafetensorsFile, TensorSpec, save_tensors
+from .checkpoint import Checkpoint, SafetensorsFile
 from .distributed import Executor
 from .errors import CheckpointError, MergeStateError, UsageError
 from .log import get_logger
 from .methods import MergeContext, MergeMethod, get_method, release_scratch
 from .sources import ModelSource, resolve
-from .state import STATE_NAME, STATE_TENSORS_NAME, MergeState, OutputTransaction, discard_spare, recover
+from .state import STATE_NAME, STATE_TENSORS_NAME, MergeState, recover
+from .step_writer import StepWriter
 from .step_results import MergeResult, StepResult
 from .validation import MergePlan, check_compatible, linear_weight_names, merged_names, plan_merge
 
@@ -33,8 +33,6 @@ logger = get_logger(__name__)
 ModelRef = str | Path | ModelSource
 OnStep = Callable[[int, Path, MergeState], None]
 _COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-# Files of the base that make the output loadable with from_pretrained (config, processor, tokenizer).
-_NOT_COPIED = {"model.safetensors.index.json", STATE_NAME, "eval_results.json"}
 
 
 class ContinualMerger:
@@ -99,7 +97,7 @@ class ContinualMerger:
         self.scope = scope
         self.method_name = method
         self.hyperparameters = hyperparameters or {}
-        merged_names(self.base, scope)  # a scope that selects nothing fails before any expert is read
+        in_scope = merged_names(self.base, scope)  # a scope that selects nothing fails before any expert is read
         self.method: MergeMethod = get_method(method)(**self.hyperparameters)  # bad hyperparameters fail here
         # A caller watching each step (on_step) sees each step written unless it asks otherwise.
         self.checkpoint_every = checkpoint_every or (1 if on_step is not None else self.method.checkpoint_every)
@@ -123,8 +121,16 @@ class ContinualMerger:
         self.setup_seconds = time.perf_counter() - started
         self._broken = False
         self._written_step = self.state.step  # the step the output folder holds
+        # started before the saved weights are read: its spare file is written meanwhile
+        self.writer = StepWriter(self.output_dir, self.base, self.base_source.path, max_shard_size,
+                                 mergeable=frozenset((_saved and _saved.merged_names) or in_scope),
+                                 writes=self.executor.is_main_process)
         if _saved is not None:
-            self._restore(_saved)
+            try:
+                self._restore(_saved)
+            except BaseException:
+                self.writer.close()
+                raise
 
     def _plan(self, plan: MergePlan) -> None:
         """Fix the merged tensor names for the run and initialise the method on them."""
@@ -248,7 +254,7 @@ class ContinualMerger:
         logger.info("step %d: merged %s in %.2fs %s", step, source.name, merge_seconds, _format(metrics))
         due = step - self._written_step >= self.checkpoint_every and (step > 1 or self._write_first_step)
         if final or due:
-            self.flush()
+            self._flush(last=final)
         return result
 
     def add_all(self, experts: Iterable[ModelRef]) -> list[StepResult]:
@@ -263,6 +269,9 @@ class ContinualMerger:
 
     def flush(self) -> None:
         """Write the merged steps the output folder does not hold yet (nothing if none)."""
+        self._flush()
+
+    def _flush(self, *, last: bool = False) -> None:
         if self._broken:
             raise MergeStateError(
                 f"an earlier step failed midway; continue with ContinualMerger.resume({str(self.output_dir)!r})"
@@ -270,7 +279,7 @@ class ContinualMerger:
         if not self.unwritten_steps:
             return
         started = time.perf_counter()
-        self._save()
+        self._save(last=last)
         self._written_step = self.state.step
         if self.steps and self.steps[-1].step == self.state.step:
             self.steps[-1].save_seconds = time.perf_counter() - started
@@ -290,37 +299,18 @@ class ContinualMerger:
         }
         return MergeResult(self.output_dir, self.state, list(self.steps), timings)
 
-    def _save(self) -> None:
+    def _save(self, *, last: bool = False) -> None:
         if self.executor.is_main_process:
-            transaction = OutputTransaction(self.output_dir)
-            try:
-                weight_files = self._write(transaction.staging)
-                transaction.commit(weight_files, [self.state.state_tensors] if self.state.state_tensors else [])
-            except BaseException:
-                transaction.abort()
-                raise
+            buffer = self.method.buffer
+            state_tensors = {n: buffer[n] for n in self.names} if self.state.state_tensors else None
+            self.writer.save(self.state, self.names, self.method.output, state_tensors, last=last)
         self.executor.wait_for_everyone()
-
-    def _write(self, staging: Path) -> list[str]:
-        """Write the step's files into ``staging``; returns the weight file names."""
-        merged = set(self.names)
-        specs = [TensorSpec(n, self.base.shape(n), self.base.dtype(n)) for n in self.base.names()]
-        fetch = lambda name: self.method.output(name) if name in merged else self.base.get(name)  # noqa: E731
-        weight_files = CheckpointWriter(staging, self.max_shard_size).save(specs, fetch)
-        if self.state.state_tensors:
-            save_tensors(staging / self.state.state_tensors, {n: self.method.buffer[n] for n in self.names})
-        for item in self.base_source.path.iterdir():
-            if item.is_file() and item.suffix in {".json", ".txt", ".model"} and item.name not in _NOT_COPIED:
-                shutil.copy2(item, staging / item.name)
-        self.state.save(staging)
-        return weight_files
 
     def close(self) -> None:
         """Release the base checkpoint, the spare weight files and the steps' scratch memory."""
+        self.writer.close()
         self.base.close()
         release_scratch()
-        if self.executor.is_main_process:
-            discard_spare(self.output_dir)
 
     def __enter__(self) -> "ContinualMerger":
         return self

@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from hf_merge.checkpoint import Checkpoint, CheckpointWriter, TensorSpec, all_finite, parse_size
+from hf_merge.checkpoint import Checkpoint, TensorSpec, all_finite, parse_size
+from hf_merge.weights_writer import CheckpointWriter
 from hf_merge.errors import CheckpointError
 
 

@@ -81,16 +81,16 @@ def test_open_refused_falls_back_to_the_page_cache(tmp_path, monkeypatch):
 
 
 def test_write_refused_midway_switches_to_the_page_cache(tmp_path, monkeypatch):
-    real_write = os.write
+    real_write = os.pwrite
     calls = {"n": 0}
 
-    def refuse_second(fd, data):
+    def refuse_second(fd, data, offset):
         calls["n"] += 1
         if calls["n"] == 2:
             raise OSError(errno.EINVAL, "Invalid argument")
-        return real_write(fd, data)
+        return real_write(fd, data, offset)
 
-    monkeypatch.setattr(os, "write", refuse_second)
+    monkeypatch.setattr(os, "pwrite", refuse_second)
     data = _payload(3 * durable_file._CHUNK + 999)
     path = tmp_path / "f.bin"
     handle = DurableFile(path, direct=True)
@@ -102,10 +102,10 @@ def test_write_refused_midway_switches_to_the_page_cache(tmp_path, monkeypatch):
 
 
 def test_other_write_errors_propagate(tmp_path, monkeypatch):
-    def full(fd, data):
+    def full(fd, data, offset):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(os, "write", full)
+    monkeypatch.setattr(os, "pwrite", full)
     with pytest.raises(OSError, match="No space"):
         with DurableFile(tmp_path / "f.bin", direct=False) as handle:
             handle.write(b"x" * (durable_file._CHUNK + 1))
@@ -120,10 +120,10 @@ def test_environment_turns_direct_io_off(tmp_path, monkeypatch):
 
 
 def test_a_failed_background_write_is_raised_by_the_next_write(tmp_path, monkeypatch):
-    def full(fd, data):
+    def full(fd, data, offset):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(os, "write", full)
+    monkeypatch.setattr(os, "pwrite", full)
     handle = DurableFile(tmp_path / "f.bin", direct=False)
     with pytest.raises(OSError, match="No space"):
         with handle:
@@ -137,15 +137,15 @@ def test_filling_overlaps_the_disk_write(tmp_path, monkeypatch):
     """While one buffer is being written, the caller is already filling the other."""
     import threading
 
-    real_write = os.write
+    real_write = os.pwrite
     started, release = threading.Event(), threading.Event()
 
-    def slow(fd, data):
+    def slow(fd, data, offset):
         started.set()
         release.wait(5)
-        return real_write(fd, data)
+        return real_write(fd, data, offset)
 
-    monkeypatch.setattr(os, "write", slow)
+    monkeypatch.setattr(os, "pwrite", slow)
     data = _payload(2 * durable_file._CHUNK + 10)
     path = tmp_path / "f.bin"
     with DurableFile(path, direct=False) as handle:
@@ -156,3 +156,73 @@ def test_filling_overlaps_the_disk_write(tmp_path, monkeypatch):
         release.set()
         handle.write(data[durable_file._CHUNK + 100 :])
     assert path.read_bytes() == data
+
+
+def _record_writes(monkeypatch) -> list[tuple[int, int]]:
+    """(offset, length) of every write that reaches the file."""
+    real_write, writes = os.pwrite, []
+
+    def recording(fd, data, offset):
+        writes.append((offset, len(data)))
+        return real_write(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", recording)
+    return writes
+
+
+# (kind, length): "w" writes new bytes, "s" skips bytes the file holds
+LAYOUTS = [
+    [("w", 100), ("s", 5 * 4096 + 17), ("w", 3000)],  # a skip longer than the buffer, unaligned ends
+    [("s", 9000), ("w", 1)],  # the file's start skipped
+    [("w", 4096), ("s", 8 * 4096), ("s", 12345), ("w", 7)],  # aligned start, two skips in a row
+    [("w", 10), ("s", 30), ("w", 10)],  # a skip inside the buffer: copied, not split
+    [("w", 5000), ("s", 50_000)],  # the file ends in a skip
+]
+
+
+@pytest.mark.parametrize("direct", [True, False])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_skipped_bytes_are_kept_and_not_written(tmp_path, monkeypatch, layout, direct):
+    monkeypatch.setattr(durable_file, "_CHUNK", 4 * 4096)  # small buffers: the skips span several
+    size = sum(length for _, length in layout)
+    old, new = _payload(size, seed=1), _payload(size, seed=2)
+    path = tmp_path / "f.bin"
+    path.write_bytes(old + b"\xee" * 999)  # a longer file: cut to size at the end
+    expected, position, skipped = bytearray(), 0, []
+    writes = _record_writes(monkeypatch)
+    with DurableFile(path, direct=direct) as handle:
+        for kind, length in layout:
+            piece = slice(position, position + length)
+            if kind == "w":
+                handle.write(new[piece])
+                expected += new[piece]
+            else:
+                handle.skip(length, lambda view, start, at=position: view.__setitem__(slice(None), old[at + start : at + start + len(view)]))
+                expected += old[piece]
+                skipped.append((position, position + length))
+            position += length
+    assert path.read_bytes() == bytes(expected)
+    assert handle.size == size
+    for begin, end in skipped:
+        if end - begin > durable_file._CHUNK:
+            # only the blocks shared with written bytes are rewritten: whole blocks inside are not
+            inner = (-(-begin // 4096) * 4096, end // 4096 * 4096)
+            rewritten = sum(max(0, min(o + n, inner[1]) - max(o, inner[0])) for o, n in writes)
+            assert rewritten == 0, (begin, end, writes)
+
+
+def test_write_from_fills_the_buffer_in_place(tmp_path):
+    data = _payload(3 * durable_file._CHUNK + 5)
+    asked = []
+
+    def fill(view, start):
+        asked.append((start, len(view)))
+        view[:] = data[start : start + len(view)]
+
+    with DurableFile(tmp_path / "f.bin") as handle:
+        handle.write(b"head")
+        handle.write_from(len(data), fill)
+    assert (tmp_path / "f.bin").read_bytes() == b"head" + data
+    # contiguous pieces, none larger than a buffer
+    assert [s for s, _ in asked] == [sum(n for _, n in asked[:i]) for i in range(len(asked))]
+    assert max(n for _, n in asked) <= durable_file._CHUNK

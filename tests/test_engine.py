@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from hf_merge.checkpoint import CheckpointWriter
+from hf_merge.weights_writer import CheckpointWriter
 from hf_merge.engine import ContinualMerger, MergeResult, merge
 from hf_merge.errors import CheckpointError, IncompatibleExpertError, MergeStateError, UsageError
 from hf_merge.sources import ModelSource

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from hf_merge import ranged, sources
-from hf_merge.checkpoint import Checkpoint, CheckpointWriter
+from hf_merge.checkpoint import Checkpoint
+from hf_merge.weights_writer import CheckpointWriter
 from hf_merge.errors import UsageError
 from hf_merge.hub_server.server import HubRequestHandler
 from hf_merge.transfer import Transfer

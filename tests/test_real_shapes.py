@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hf_merge import api
-from hf_merge.checkpoint import CheckpointWriter
+from hf_merge.weights_writer import CheckpointWriter
 from hf_merge.conversion_pr import CONVERSION_BOT, PR_TITLE
 from hf_merge.engine import merge as engine_merge
 from hf_merge.errors import AuthenticationError, CheckpointError, IncompatibleExpertError

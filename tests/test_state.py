@@ -11,7 +11,7 @@ from hf_merge.errors import MergeStateError
 import torch
 from safetensors.torch import load_file
 
-from hf_merge.checkpoint import CheckpointWriter
+from hf_merge.weights_writer import CheckpointWriter
 from hf_merge.state import STATE_NAME, MergeState, OutputTransaction, discard_spare, recover
 
 

@@ -22,13 +22,16 @@ class ContinualAverage(MergeMethod):
     checkpoint_every = 8
     defaults: dict = {}
 
+    _initial_buffer = MergeMethod._unfilled_buffer
+
     def _step(self, expert: Checkpoint) -> dict[str, float]:
         t = self.step_count
         for name in self.context.names:
+            if t == 1:
+                self._set_from(expert, name)
+                continue
             theta = read_scratch(expert, name, 0)
             previous = self.buffer[name]
-            if t == 1:
-                self._assign(name, theta)
-            elif not torch.equal(previous, theta):  # equal tensors stay bit-exact copies
+            if not torch.equal(previous, theta):  # equal tensors stay bit-exact copies
                 self._assign(name, self._math(previous).mul_(t - 1).add_(self._math(theta)).div_(t))
         return {}

@@ -118,6 +118,21 @@ class MergeMethod(ABC):
     def _initial_buffer(self, name: str) -> torch.Tensor:
         return self.context.base.get(name)
 
+    def _unfilled_buffer(self, name: str) -> torch.Tensor:
+        """An ``_initial_buffer`` for methods whose step 1 overwrites every tensor (M_1 = θ_1):
+        reading θ0 into it would be wasted."""
+        base = self.context.base
+        return torch.empty(base.shape(name), dtype=base.dtype(name))
+
+    def _set_from(self, checkpoint: Checkpoint, name: str) -> None:
+        """Set buffer tensor ``name`` to ``checkpoint``'s, read straight into it when the dtypes
+        match (else through scratch memory)."""
+        target = self.buffer[name]
+        if checkpoint.dtype(name) == target.dtype and target.is_contiguous():
+            checkpoint.get(name, out=target)
+        else:
+            self._assign(name, read_scratch(checkpoint, name, 0))
+
     def _math(self, tensor: torch.Tensor) -> torch.Tensor:
         """A tensor moved to the compute device and precision."""
         return tensor.to(self.context.executor.device, self.context.compute_dtype)

@@ -85,10 +85,7 @@ class OPCM(MergeMethod):
         self.prev_lambda = float(state["prev_lambda"])
         self.norms = [float(n) for n in state["norms"]]
 
-    def _initial_buffer(self, name: str) -> torch.Tensor:
-        # step 1 overwrites every tensor with θ_1 (M_1 = θ_1): reading θ0 into it would be wasted
-        base = self.context.base
-        return torch.empty(base.shape(name), dtype=base.dtype(name))
+    _initial_buffer = MergeMethod._unfilled_buffer
 
     def svd_names(self) -> list[str]:
         """The tensors whose update needs an SVD."""

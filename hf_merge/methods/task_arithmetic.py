@@ -32,7 +32,9 @@ class TaskArithmetic(MergeMethod):
         lam = float(self.hyperparameters["scaling_factor"])
         base = self.context.base
         for name in self.context.names:
-            theta, theta0 = read_scratch(expert, name, 0), read_scratch(base, name, 1)
+            theta = read_scratch(expert, name, 0)
+            # before step 1 the buffer is θ0 itself (init read it): no second read
+            theta0 = self.buffer[name] if self.step_count == 1 else read_scratch(base, name, 1)
             # an untouched tensor stays a bit-exact copy; torch.equal stops at the first difference,
             # where a float tensor's .any() costs more than the arithmetic itself
             if torch.equal(theta, theta0):
