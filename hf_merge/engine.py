@@ -97,7 +97,7 @@ class ContinualMerger:
         self.scope = scope
         self.method_name = method
         self.hyperparameters = hyperparameters or {}
-        in_scope = merged_names(self.base, scope)  # a scope that selects nothing fails before any expert is read
+        merged_names(self.base, scope)  # a scope that selects nothing fails before any expert is read
         self.method: MergeMethod = get_method(method)(**self.hyperparameters)  # bad hyperparameters fail here
         # A caller watching each step (on_step) sees each step written unless it asks otherwise.
         self.checkpoint_every = checkpoint_every or (1 if on_step is not None else self.method.checkpoint_every)
@@ -121,16 +121,10 @@ class ContinualMerger:
         self.setup_seconds = time.perf_counter() - started
         self._broken = False
         self._written_step = self.state.step  # the step the output folder holds
-        # started before the saved weights are read: its spare file is written meanwhile
         self.writer = StepWriter(self.output_dir, self.base, self.base_source.path, max_shard_size,
-                                 mergeable=frozenset((_saved and _saved.merged_names) or in_scope),
                                  writes=self.executor.is_main_process)
         if _saved is not None:
-            try:
-                self._restore(_saved)
-            except BaseException:
-                self.writer.close()
-                raise
+            self._restore(_saved)
 
     def _plan(self, plan: MergePlan) -> None:
         """Fix the merged tensor names for the run and initialise the method on them."""
@@ -254,7 +248,7 @@ class ContinualMerger:
         logger.info("step %d: merged %s in %.2fs %s", step, source.name, merge_seconds, _format(metrics))
         due = step - self._written_step >= self.checkpoint_every and (step > 1 or self._write_first_step)
         if final or due:
-            self._flush(last=final)
+            self.flush()
         return result
 
     def add_all(self, experts: Iterable[ModelRef]) -> list[StepResult]:
@@ -269,9 +263,6 @@ class ContinualMerger:
 
     def flush(self) -> None:
         """Write the merged steps the output folder does not hold yet (nothing if none)."""
-        self._flush()
-
-    def _flush(self, *, last: bool = False) -> None:
         if self._broken:
             raise MergeStateError(
                 f"an earlier step failed midway; continue with ContinualMerger.resume({str(self.output_dir)!r})"
@@ -279,7 +270,7 @@ class ContinualMerger:
         if not self.unwritten_steps:
             return
         started = time.perf_counter()
-        self._save(last=last)
+        self._save()
         self._written_step = self.state.step
         if self.steps and self.steps[-1].step == self.state.step:
             self.steps[-1].save_seconds = time.perf_counter() - started
@@ -299,11 +290,11 @@ class ContinualMerger:
         }
         return MergeResult(self.output_dir, self.state, list(self.steps), timings)
 
-    def _save(self, *, last: bool = False) -> None:
+    def _save(self) -> None:
         if self.executor.is_main_process:
             buffer = self.method.buffer
             state_tensors = {n: buffer[n] for n in self.names} if self.state.state_tensors else None
-            self.writer.save(self.state, self.names, self.method.output, state_tensors, last=last)
+            self.writer.save(self.state, self.names, self.method.output, state_tensors)
         self.executor.wait_for_everyone()
 
     def close(self) -> None:

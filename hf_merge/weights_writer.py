@@ -15,26 +15,21 @@ vision tower of a CLIP model that is 60 % of the file.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import struct
-import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 
 from .checkpoint import DTYPE_NAMES, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, TensorSpec, parse_size
 from .durable_file import DurableFile, Fill
 from .errors import CheckpointError
 from .state import is_sole_link
-
-
-class WriteStopped(Exception):
-    """:func:`write_safetensors` was stopped (its ``stop`` event was set); the file is incomplete."""
 
 
 class StoredBytes(Protocol):
@@ -162,21 +157,19 @@ class _Piece:
     length: int
     fill: Fill | None  # None: a computed tensor, fetched when its turn comes
     held: bool  # the file already holds these bytes
+    spec: TensorSpec | None = None
 
 
 def write_safetensors(
     path: Path,
     specs: list[TensorSpec],
-    fetch: Callable[[str], torch.Tensor] | None,
+    fetch: Callable[[str], torch.Tensor],
     *,
     source: StoredBytes | None = None,
     copied: frozenset[str] = frozenset(),
     written: WrittenFiles | None = None,
-    stop: threading.Event | None = None,
 ) -> None:
-    """Write one safetensors file of ``specs`` (see :meth:`CheckpointWriter.save`); without
-    ``fetch``, the tensors not copied are zero bytes, a placeholder for a later write. ``stop``, when
-    set, ends the write with :class:`WriteStopped` before the next tensor."""
+    """Write one safetensors file of ``specs`` (see :meth:`CheckpointWriter.save`)."""
     header = safetensors_header(specs)
     held = written.held(path, header) if written is not None else frozenset()
     # An existing file of ours (a recycled spare) is overwritten in place: its blocks are reused.
@@ -193,39 +186,29 @@ def write_safetensors(
 
     pieces = [_Piece(len(header), copy_header, bool(held))]
     for spec in specs:
-        if spec.name in copied:
-            pieces.append(_Piece(spec.nbytes, copy_stored(spec.name), spec.name in held))
-        else:
-            pieces.append(_Piece(spec.nbytes, None if fetch is not None else _zeros, False))
+        fill = copy_stored(spec.name) if spec.name in copied else None
+        pieces.append(_Piece(spec.nbytes, fill, fill is not None and spec.name in held, spec))
     with DurableFile(path) as handle:
-        i = 0
-        while i < len(pieces):
-            if stop is not None and stop.is_set():
-                raise WriteStopped(path)
-            if pieces[i].held:  # a run of held pieces is skipped as one
-                run = [pieces[i]]
-                while i + len(run) < len(pieces) and pieces[i + len(run)].held:
-                    run.append(pieces[i + len(run)])
-                handle.skip(sum(p.length for p in run), _joined(run))
-                i += len(run)
+        for skipped, group in itertools.groupby(pieces, key=lambda piece: piece.held):
+            run = list(group)
+            if skipped:  # consecutive held pieces pass as one
+                handle.skip(sum(piece.length for piece in run), _joined(run))
                 continue
-            piece, spec = pieces[i], specs[i - 1] if i else None
-            if piece.fill is not None:
-                handle.write_from(piece.length, piece.fill)
-            else:
-                tensor = fetch(spec.name)
-                if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
-                    raise CheckpointError(f"tensor '{spec.name}' changed shape or dtype while being written")
-                data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-                if data.numel():
-                    handle.write(data.numpy())
-            i += 1
+            for piece in run:
+                if piece.fill is not None:
+                    handle.write_from(piece.length, piece.fill)
+                else:
+                    _write_tensor(handle, piece.spec, fetch(piece.spec.name))
     if written is not None:
         written.remember(path, header, frozenset(copied) & {s.name for s in specs})
 
 
-def _zeros(view: memoryview, start: int) -> None:
-    np.frombuffer(view, dtype=np.uint8)[:] = 0
+def _write_tensor(handle: DurableFile, spec: TensorSpec, tensor: torch.Tensor) -> None:
+    if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+        raise CheckpointError(f"tensor '{spec.name}' changed shape or dtype while being written")
+    data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+    if data.numel():
+        handle.write(data.numpy())
 
 
 def _joined(pieces: list[_Piece]) -> Fill:

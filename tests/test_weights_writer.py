@@ -114,19 +114,6 @@ def test_a_file_not_known_to_hold_the_bytes_is_written_in_full(tmp_path, source,
         assert torch.equal(load_file(str(tmp_path / "elsewhere.safetensors"))["c.weight"], torch.ones(40, 1001))
 
 
-def test_without_fetch_computed_tensors_are_zero_placeholders(tmp_path, source, small_buffers):
-    checkpoint, tensors = source
-    written, path = WrittenFiles(), tmp_path / "spare.safetensors"
-    copied = frozenset(tensors) - {"c.weight", "e.weight"}
-    write_safetensors(path, specs_of(tensors), None, source=checkpoint, copied=copied, written=written)
-    placeholder = load_file(str(path))
-    assert not placeholder["c.weight"].any() and not placeholder["e.weight"].any()
-    computed = {"c.weight": torch.full((40, 1001), 7.0), "e.weight": torch.arange(9000.0)}
-    write_safetensors(path, specs_of(tensors), computed.__getitem__, source=checkpoint, copied=copied, written=written)
-    for name, value in load_file(str(path)).items():
-        assert torch.equal(value, computed.get(name, tensors[name])), name
-
-
 def test_a_failed_write_is_forgotten(tmp_path, source, small_buffers):
     checkpoint, tensors = source
     written, path = WrittenFiles(), tmp_path / "out.safetensors"
@@ -140,21 +127,3 @@ def test_a_failed_write_is_forgotten(tmp_path, source, small_buffers):
     with pytest.raises(RuntimeError):
         write_safetensors(path, specs_of(tensors), broken, source=checkpoint, copied=copied, written=written)
     assert written.held(path, safetensors_header(specs_of(tensors))) == frozenset()
-
-
-def test_a_stopped_write_raises_before_the_next_tensor(tmp_path, source, small_buffers):
-    import threading
-
-    from hf_merge.weights_writer import WriteStopped
-
-    checkpoint, tensors = source
-    stop, fetched = threading.Event(), []
-
-    def fetch(name):
-        fetched.append(name)
-        stop.set()  # the run ended while this tensor was being written
-        return torch.zeros(tensors[name].shape, dtype=tensors[name].dtype)
-
-    with pytest.raises(WriteStopped):
-        write_safetensors(tmp_path / "f.safetensors", specs_of(tensors), fetch, stop=stop)
-    assert fetched == ["a.weight"]

@@ -33,5 +33,7 @@ class ContinualAverage(MergeMethod):
             theta = read_scratch(expert, name, 0)
             previous = self.buffer[name]
             if not torch.equal(previous, theta):  # equal tensors stay bit-exact copies
-                self._assign(name, self._math(previous).mul_(t - 1).add_(self._math(theta)).div_(t))
+                mean = self._math(previous)
+                # ((t − 1)·M + θ) / t in two passes over M, not three
+                self._assign(name, torch.add(self._math(theta), mean, alpha=t - 1, out=mean).div_(t))
         return {}

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..checkpoint import Checkpoint, TensorSpec
+from ..checkpoint import Checkpoint, TensorSpec, faulted_empty
 from ..distributed import Executor
 from ..errors import UsageError
 
@@ -122,7 +122,7 @@ class MergeMethod(ABC):
         """An ``_initial_buffer`` for methods whose step 1 overwrites every tensor (M_1 = θ_1):
         reading θ0 into it would be wasted."""
         base = self.context.base
-        return torch.empty(base.shape(name), dtype=base.dtype(name))
+        return faulted_empty(base.shape(name), base.dtype(name))
 
     def _set_from(self, checkpoint: Checkpoint, name: str) -> None:
         """Set buffer tensor ``name`` to ``checkpoint``'s, read straight into it when the dtypes
