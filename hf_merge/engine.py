@@ -24,7 +24,7 @@ from .log import get_logger
 from .methods import MergeContext, MergeMethod, get_method, release_scratch
 from .sources import ModelSource, resolve
 from .state import STATE_NAME, STATE_TENSORS_NAME, MergeState, recover
-from .step_writer import StepWriter
+from .step_writer import PendingWrite, StepWriter
 from .step_results import MergeResult, StepResult
 from .validation import MergePlan, check_compatible, linear_weight_names, merged_names, plan_merge
 
@@ -214,6 +214,8 @@ class ContinualMerger:
             raise MergeStateError(
                 f"an earlier step failed midway; continue with ContinualMerger.resume({str(self.output_dir)!r})"
             )
+        step = self.state.step + 1
+        writes = final or (step - self._written_step >= self.checkpoint_every and (step > 1 or self._write_first_step))
         source = resolve(expert, token=self.token, allow_pickle=self.allow_pickle)
         with Checkpoint.open(source.path, allow_pickle=self.allow_pickle) as checkpoint:
             if source.tensor_prefixes is not None:  # a partial download must hold what is merged
@@ -225,9 +227,18 @@ class ContinualMerger:
             checkpoint.require_finite(self.names, source.name)
             started = time.perf_counter()
             self._broken = True  # until the step is both merged and saved
+            # a step that is written is written while it is merged (see StepWriter.start)
+            pending = self.writer.start(self.names, self.method.output) if writes and self.writer.writes else None
+            self.method.ready = pending.ready if pending else None
             try:
                 metrics = self.method.step(checkpoint)
-            except CheckpointError as err:  # a NaN found midway: the buffer is half updated
+                self.method.finalize()
+            except BaseException as err:
+                if pending is not None:
+                    pending.cancel()
+                if not isinstance(err, CheckpointError):
+                    raise
+                # a NaN found midway: the buffer is half updated
                 lost = self.unwritten_steps
                 self._roll_back()
                 if lost:
@@ -236,9 +247,9 @@ class ContinualMerger:
                         f"so the {lost} expert(s) merged after it must be added again"
                     ) from err
                 raise
-            self.method.finalize()
+            finally:
+                self.method.ready = None
             merge_seconds = time.perf_counter() - started
-        step = self.state.step + 1
         self.state.step = step
         self.state.lineage.append({**source.to_dict(), "step": step})
         self.state.method_state = self.method.state_dict()
@@ -246,9 +257,8 @@ class ContinualMerger:
         result = StepResult(step, source, merge_seconds, 0.0, metrics)
         self.steps.append(result)
         logger.info("step %d: merged %s in %.2fs %s", step, source.name, merge_seconds, _format(metrics))
-        due = step - self._written_step >= self.checkpoint_every and (step > 1 or self._write_first_step)
-        if final or due:
-            self.flush()
+        if writes:
+            self._flush(pending)
         return result
 
     def add_all(self, experts: Iterable[ModelRef]) -> list[StepResult]:
@@ -263,6 +273,11 @@ class ContinualMerger:
 
     def flush(self) -> None:
         """Write the merged steps the output folder does not hold yet (nothing if none)."""
+        self._flush(None)
+
+    def _flush(self, pending: PendingWrite | None) -> None:
+        if pending is not None and (self._broken or not self.unwritten_steps):
+            pending.cancel()  # cannot happen after a merged step; never leave its thread waiting
         if self._broken:
             raise MergeStateError(
                 f"an earlier step failed midway; continue with ContinualMerger.resume({str(self.output_dir)!r})"
@@ -270,7 +285,7 @@ class ContinualMerger:
         if not self.unwritten_steps:
             return
         started = time.perf_counter()
-        self._save()
+        self._save(pending)
         self._written_step = self.state.step
         if self.steps and self.steps[-1].step == self.state.step:
             self.steps[-1].save_seconds = time.perf_counter() - started
@@ -290,11 +305,11 @@ class ContinualMerger:
         }
         return MergeResult(self.output_dir, self.state, list(self.steps), timings)
 
-    def _save(self) -> None:
+    def _save(self, pending: PendingWrite | None = None) -> None:
         if self.executor.is_main_process:
             buffer = self.method.buffer
             state_tensors = {n: buffer[n] for n in self.names} if self.state.state_tensors else None
-            self.writer.save(self.state, self.names, self.method.output, state_tensors)
+            (pending or self.writer.start(self.names, self.method.output)).finish(self.state, state_tensors)
         self.executor.wait_for_everyone()
 
     def close(self) -> None:

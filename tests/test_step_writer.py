@@ -88,3 +88,60 @@ def test_a_spare_left_by_another_process_is_rewritten_in_full(tiny_base, tiny_ex
         merger.add(tiny_experts[1])
     reference = merge(tiny_base, tiny_experts[:2], "task_arithmetic", tmp_path / "reference")
     assert (out / "model.safetensors").read_bytes() == (reference.output_dir / "model.safetensors").read_bytes()
+
+
+def test_a_written_step_is_written_while_it_is_merged(tiny_base, tiny_experts, tmp_path, monkeypatch, small_buffers):
+    """The first merged tensor reaches the file before the step has finished its last one."""
+    import threading
+
+    from hf_merge.methods.base import MergeMethod
+    from hf_merge.step_writer import PendingWrite
+
+    first_written, merged_names = threading.Event(), []
+    real_when_ready, real_done = PendingWrite._when_ready, MergeMethod._done
+
+    def when_ready(self, name):
+        tensor = real_when_ready(self, name)
+        first_written.set()
+        return tensor
+
+    def done(self, name):
+        merged_names.append((name, self.ready is not None))
+        if name == self.context.names[-1] and self.step_count == 2:
+            # the step's last tensor waits until the writer has taken an earlier one
+            assert first_written.wait(10), "nothing was written while the step ran"
+        real_done(self, name)
+
+    monkeypatch.setattr(PendingWrite, "_when_ready", when_ready)
+    monkeypatch.setattr(MergeMethod, "_done", done)
+    result = merge(tiny_base, tiny_experts[:2], "task_arithmetic", tmp_path / "out")
+    monkeypatch.undo()
+    expected = merge(tiny_base, tiny_experts[:2], "task_arithmetic", tmp_path / "expected")
+    # step 2 is written, so the method told the writer which tensors were final; step 1 is not
+    assert {watched for _, watched in merged_names[len(merged_names) // 2 :]} == {True}
+    assert {watched for _, watched in merged_names[: len(merged_names) // 2]} == {False}
+    assert (result.output_dir / "model.safetensors").read_bytes() == (expected.output_dir / "model.safetensors").read_bytes()
+
+
+def test_a_failed_background_write_leaves_the_last_written_step(tiny_base, tiny_experts, tmp_path, monkeypatch):
+    import errno
+
+    out = tmp_path / "out"
+    with ContinualMerger(tiny_base, out, "opcm", checkpoint_every=1) as merger:
+        merger.add(tiny_experts[0])
+        before = (out / "model.safetensors").read_bytes()
+        real_pwrite = os.pwrite
+
+        def full(fd, data, offset):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(os, "pwrite", full)
+        with pytest.raises(OSError, match="No space"):
+            merger.add(tiny_experts[1])
+        assert (out / "model.safetensors").read_bytes() == before
+        assert not (out / ".hf-merge-staging").exists()
+        assert merger.step == 2 and merger.unwritten_steps == 1  # merged, not written
+        monkeypatch.setattr(os, "pwrite", real_pwrite)
+        merger.flush()  # room again: the step is written
+    expected = merge(tiny_base, tiny_experts[:2], "opcm", tmp_path / "expected")
+    assert (out / "model.safetensors").read_bytes() == (expected.output_dir / "model.safetensors").read_bytes()

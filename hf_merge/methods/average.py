@@ -29,11 +29,12 @@ class ContinualAverage(MergeMethod):
         for name in self.context.names:
             if t == 1:
                 self._set_from(expert, name)
-                continue
-            theta = read_scratch(expert, name, 0)
-            previous = self.buffer[name]
-            if not torch.equal(previous, theta):  # equal tensors stay bit-exact copies
-                mean = self._math(previous)
-                # ((t − 1)·M + θ) / t in two passes over M, not three
-                self._assign(name, torch.add(self._math(theta), mean, alpha=t - 1, out=mean).div_(t))
+            else:
+                theta = read_scratch(expert, name, 0)
+                previous = self.buffer[name]
+                if not torch.equal(previous, theta):  # equal tensors stay bit-exact copies
+                    mean = self._math(previous)
+                    # ((t − 1)·M + θ) / t in two passes over M, not three
+                    self._assign(name, torch.add(self._math(theta), mean, alpha=t - 1, out=mean).div_(t))
+            self._done(name)
         return {}

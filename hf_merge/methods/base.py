@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -70,6 +70,9 @@ class MergeMethod(ABC):
         self.step_count = 0
         self.buffer: dict[str, torch.Tensor] = {}
         self.context: MergeContext | None = None
+        #: Set by the engine while a step that will be written runs: called with each merged name
+        #: whose output is final for the step, so it can be written while the step goes on.
+        self.ready: Callable[[str], None] | None = None
 
     def validate(self) -> None:
         """Check hyperparameter values; raise :class:`UsageError` on a bad one."""
@@ -140,6 +143,11 @@ class MergeMethod(ABC):
     def _stored(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """A computed tensor back on CPU in the base checkpoint's dtype."""
         return tensor.to("cpu", self.context.base.dtype(name))
+
+    def _done(self, name: str) -> None:
+        """``name``'s output is final for this step (nothing in the step changes it any more)."""
+        if self.ready is not None:
+            self.ready(name)
 
     def _assign(self, name: str, value: torch.Tensor) -> None:
         """Set buffer tensor ``name`` to ``value`` inside the buffer's own storage (converting dtype

@@ -34,6 +34,7 @@ class MagMax(MergeMethod):
             tau = self._math(expert.get(name)).sub_(self._math(base.get(name)))
             best = self._math(self.buffer[name])
             self._assign(name, torch.where(tau.abs() >= best.abs(), tau, best))
+            self._done(name)
         return {}
 
     def output(self, name: str) -> torch.Tensor:

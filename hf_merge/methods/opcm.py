@@ -125,6 +125,7 @@ class OPCM(MergeMethod):
         for name in self.context.names:
             s = self._math(self.buffer[name])
             self._assign(name, s.div_(lam).add_(self._math(read_scratch(base, name, 1))))
+            self._done(name)
         self.prev_lambda = lam
         return {"lambda": lam, "task_vector_norm": self.norms[-1], "merged_norm": average_norm}
 

@@ -37,8 +37,8 @@ class TaskArithmetic(MergeMethod):
             theta0 = self.buffer[name] if self.step_count == 1 else read_scratch(base, name, 1)
             # an untouched tensor stays a bit-exact copy; torch.equal stops at the first difference,
             # where a float tensor's .any() costs more than the arithmetic itself
-            if torch.equal(theta, theta0):
-                continue
-            tau = self._math(theta).sub_(self._math(theta0))
-            self._assign(name, self._math(self.buffer[name]).add_(tau, alpha=lam))
+            if not torch.equal(theta, theta0):
+                tau = self._math(theta).sub_(self._math(theta0))
+                self._assign(name, self._math(self.buffer[name]).add_(tau, alpha=lam))
+            self._done(name)
         return {}

@@ -106,6 +106,7 @@ class ContinualTies(MergeMethod):
                 _, tau = self._deltas(expert, name)
                 if tau.any():
                     self._assign(name, self._math(self.buffer[name]).add_(tau.mul_(lam)))
+                self._done(name)
             return {}
 
         count = sum(self.buffer[n].numel() for n in names)
@@ -130,4 +131,5 @@ class ContinualTies(MergeMethod):
             agreed.add_(tau.mul_(torch.where(sign > 0, tau > 0, tau < 0)))
             if agreed.any():
                 self._assign(name, self._math(self.buffer[name]).add_(agreed.mul_(lam)))
+            self._done(name)
         return {"cut_merged": cut_merged, "cut_task": cut_task}
