@@ -123,6 +123,7 @@ class ContinualMerger:
         self._written_step = self.state.step  # the step the output folder holds
         self.writer = StepWriter(self.output_dir, self.base, self.base_source.path, max_shard_size,
                                  writes=self.executor.is_main_process)
+        self._pending: PendingWrite | None = None  # the next written step's files, begun early
         if _saved is not None:
             self._restore(_saved)
 
@@ -227,15 +228,16 @@ class ContinualMerger:
             checkpoint.require_finite(self.names, source.name)
             started = time.perf_counter()
             self._broken = True  # until the step is both merged and saved
-            # a step that is written is written while it is merged (see StepWriter.start)
-            pending = self.writer.start(self.names, self.method.output) if writes and self.writer.writes else None
-            self.method.ready = pending.ready if pending else None
+            # The next written step is written while it is merged (StepWriter.start), its file begun
+            # with the first step after the last write: the tensors outside the merge go at once.
+            if self._pending is None and self.writer.writes:
+                self._pending = self.writer.start(self.names, self.method.output)
+            self.method.ready = self._pending.ready if writes and self._pending else None
             try:
                 metrics = self.method.step(checkpoint)
                 self.method.finalize()
             except BaseException as err:
-                if pending is not None:
-                    pending.cancel()
+                self._cancel_pending()
                 if not isinstance(err, CheckpointError):
                     raise
                 # a NaN found midway: the buffer is half updated
@@ -258,7 +260,7 @@ class ContinualMerger:
         self.steps.append(result)
         logger.info("step %d: merged %s in %.2fs %s", step, source.name, merge_seconds, _format(metrics))
         if writes:
-            self._flush(pending)
+            self.flush()
         return result
 
     def add_all(self, experts: Iterable[ModelRef]) -> list[StepResult]:
@@ -273,11 +275,6 @@ class ContinualMerger:
 
     def flush(self) -> None:
         """Write the merged steps the output folder does not hold yet (nothing if none)."""
-        self._flush(None)
-
-    def _flush(self, pending: PendingWrite | None) -> None:
-        if pending is not None and (self._broken or not self.unwritten_steps):
-            pending.cancel()  # cannot happen after a merged step; never leave its thread waiting
         if self._broken:
             raise MergeStateError(
                 f"an earlier step failed midway; continue with ContinualMerger.resume({str(self.output_dir)!r})"
@@ -285,7 +282,7 @@ class ContinualMerger:
         if not self.unwritten_steps:
             return
         started = time.perf_counter()
-        self._save(pending)
+        self._save()
         self._written_step = self.state.step
         if self.steps and self.steps[-1].step == self.state.step:
             self.steps[-1].save_seconds = time.perf_counter() - started
@@ -305,15 +302,22 @@ class ContinualMerger:
         }
         return MergeResult(self.output_dir, self.state, list(self.steps), timings)
 
-    def _save(self, pending: PendingWrite | None = None) -> None:
+    def _save(self) -> None:
         if self.executor.is_main_process:
             buffer = self.method.buffer
             state_tensors = {n: buffer[n] for n in self.names} if self.state.state_tensors else None
-            (pending or self.writer.start(self.names, self.method.output)).finish(self.state, state_tensors)
+            pending, self._pending = self._pending or self.writer.start(self.names, self.method.output), None
+            pending.finish(self.state, state_tensors)
         self.executor.wait_for_everyone()
+
+    def _cancel_pending(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.cancel()
 
     def close(self) -> None:
         """Release the base checkpoint, the spare weight files and the steps' scratch memory."""
+        self._cancel_pending()
         self.writer.close()
         self.base.close()
         release_scratch()

@@ -145,3 +145,22 @@ def test_a_failed_background_write_leaves_the_last_written_step(tiny_base, tiny_
         merger.flush()  # room again: the step is written
     expected = merge(tiny_base, tiny_experts[:2], "opcm", tmp_path / "expected")
     assert (out / "model.safetensors").read_bytes() == (expected.output_dir / "model.safetensors").read_bytes()
+
+
+def test_a_file_begun_for_a_step_never_written_is_discarded(tiny_base, tiny_experts, tmp_path):
+    import threading
+
+    out = tmp_path / "out"
+    merger = ContinualMerger(tiny_base, out, "task_arithmetic")  # writes every 8th step
+    merger.add(tiny_experts[0])
+    merger.add(tiny_experts[1])
+    assert (out / ".hf-merge-staging").is_dir()  # the next write's file, begun with the first step
+    assert merger.unwritten_steps == 2
+    merger.close()  # the run ends without writing
+    assert not (out / ".hf-merge-staging").exists()
+    assert not (out / "merge_state.json").exists()
+    assert not [t for t in threading.enumerate() if t.name == "hf-merge-write-step" and t.is_alive()]
+    with ContinualMerger(tiny_base, out, "task_arithmetic") as merger:  # the folder is as good as new
+        merger.add_all(tiny_experts[:2])
+    expected = merge(tiny_base, tiny_experts[:2], "task_arithmetic", tmp_path / "expected")
+    assert (out / "model.safetensors").read_bytes() == (expected.output_dir / "model.safetensors").read_bytes()
