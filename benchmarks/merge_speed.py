@@ -269,6 +269,17 @@ def main() -> None:
     print(render(rows, accuracy, context))
 
 
+def cpu_model() -> str:
+    """The processor's name: LAPACK's speed differs by vendor (MKL's eigh on AMD, for one)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
 def mb(n: float) -> str:
     return f"{n / 2**20:,.0f}"
 
@@ -297,7 +308,7 @@ def render(rows: list[dict], accuracy: dict[int, dict[str, float]], context: dic
         "",
         f"Model: {'small CLIP (--quick)' if context['quick'] else 'ViT-B/32-shaped CLIP (CLIPConfig defaults)'}, "
         f"{mb(model_bytes)} MiB of float32 weights; vision tower + visual_projection merged. "
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
+        f"Machine: {platform.machine()} ({cpu_model()}), {os.cpu_count()} CPUs, torch {torch.__version__} "
         f"({torch.get_num_threads()} threads). Each run in a fresh process, started after a `sync` so "
         "that no run pays for the previous one's writes; each time is the fastest of "
         f"{context['opcm_repeat']} (OPCM) or {context['repeat']} (others) runs, the naive and streaming "

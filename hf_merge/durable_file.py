@@ -19,7 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 _ALIGN = 4096  # O_DIRECT needs offsets, lengths and addresses aligned to the logical block size
-_CHUNK = 8 << 20  # one buffer, reused for the whole file
+_CHUNK = 8 << 20  # each of the two buffers, reused for the whole file
 
 #: ``fill(view, start)``: copy bytes ``start..start + len(view)`` of some source into ``view``.
 Fill = Callable[[memoryview, int], None]

@@ -22,20 +22,14 @@ import struct
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
-from .checkpoint import DTYPE_NAMES, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, TensorSpec, parse_size
+from .checkpoint import DTYPE_NAMES, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, Checkpoint, TensorSpec, parse_size
 from .durable_file import DurableFile, Fill
 from .errors import CheckpointError
 from .state import is_sole_link
-
-
-class StoredBytes(Protocol):
-    """Where copied tensors come from: a :class:`~hf_merge.checkpoint.Checkpoint`, or a wrapper."""
-
-    def read_raw(self, name: str, out: memoryview, start: int = 0) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -50,8 +44,9 @@ class WrittenFiles:
     """The weight files this process wrote, and which of their tensors are copies of the source's bytes.
 
     A file is known by its device and inode, and trusted only while its size and modification time
-    are those it had when written and it has no other name: any write to it since, by anyone, changes
-    the modification time. What a process did not write itself (a file of an earlier run) is never
+    are those it had when written and it has no other name: a write to it since, by anyone, moves
+    the modification time on (to the file system clock's resolution; the files are spares in the
+    merge's own folder). What a process did not write itself (a file of an earlier run) is never
     trusted, so a restart writes in full.
     """
 
@@ -105,7 +100,7 @@ class CheckpointWriter:
         specs: Iterable[TensorSpec],
         fetch: Callable[[str], torch.Tensor],
         *,
-        source: StoredBytes | None = None,
+        source: Checkpoint | None = None,
         copied: frozenset[str] = frozenset(),
         written: WrittenFiles | None = None,
     ) -> list[str]:
@@ -165,7 +160,7 @@ def write_safetensors(
     specs: list[TensorSpec],
     fetch: Callable[[str], torch.Tensor],
     *,
-    source: StoredBytes | None = None,
+    source: Checkpoint | None = None,
     copied: frozenset[str] = frozenset(),
     written: WrittenFiles | None = None,
 ) -> None:
