@@ -230,7 +230,7 @@ def main() -> None:
     for method in sorted(args.methods, key=lambda m: m == "opcm"):
         repeats = max(args.opcm_repeat if method == "opcm" else args.repeat, 1)
         for n in opcm_counts if method == "opcm" else counts:
-            naive_dir = work / "naive"
+            naive_dir, f64 = work / "naive", work / f"float64-{n}"
             skip_naive = method == "opcm" and args.naive_opcm_max is not None and n > args.naive_opcm_max
             naive_runs: list[dict] = []
             runs: dict[str, list[dict]] = {}
@@ -243,22 +243,19 @@ def main() -> None:
                     naive_runs.append(run_child([sys.executable, str(HERE / "naive_reference.py"), method,
                                                  str(naive_dir), str(base), *map(str, experts[:n])]))
                 for label, options in variants(method, args.decompositions):
-                    out = work / f"stream-{len(runs.get(label, []))}-{label.split()[0]}"
+                    out, first = work / "stream", label not in runs
                     runs.setdefault(label, []).append(stream(method, n, options, out))
-                    f64 = work / f"float64-{n}"
-                    if label not in diffs:
+                    if first:  # every repeat merges the same weights
                         if naive_runs:
                             diffs[label] = max_abs_diff(out, naive_dir)
                         if method == "opcm" and f64.is_dir():
                             accuracy.setdefault(n, {})[options["decomposition"]] = max_abs_diff(out, f64)
-                    shutil.rmtree(out, ignore_errors=True)
-                naive_label = "naive (float32 full SVD)"
-                if method == "opcm" and (work / f"float64-{n}").is_dir() and naive_runs and naive_label not in accuracy.setdefault(n, {}):
-                    accuracy[n][naive_label] = max_abs_diff(naive_dir, work / f"float64-{n}")
+            if method == "opcm" and f64.is_dir() and naive_runs:
+                accuracy.setdefault(n, {})["naive (float32 full SVD)"] = max_abs_diff(naive_dir, f64)
             naive = fastest(naive_runs) if naive_runs else None
             for label, options in variants(method, args.decompositions):
                 row = {"method": method, "variant": label, "n": n, "stream": fastest(runs[label]), "naive": naive,
-                       "diff": diffs.get(label), "runs": len(runs[label])}
+                       "diff": diffs.get(label)}
                 if method == "opcm":
                     row["diff64"] = accuracy.get(n, {}).get(options["decomposition"])
                 rows.append(row)

@@ -112,16 +112,13 @@ class SafetensorsFile:
         info = self.tensors[name]
         tensor = faulted_empty(info.shape, info.dtype) if out is None else out
         if info.end > info.start:
-            out = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
-            _read_exactly(self._handle(), out, info.start, self.path)
+            self.read_raw(name, memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
         return tensor
 
     def read_raw(self, name: str, out: memoryview, start: int = 0) -> None:
-        """Bytes ``start..start + len(out)`` of tensor ``name`` as stored, into ``out``."""
-        info = self.tensors[name]
-        if start < 0 or info.start + start + len(out) > info.end:
-            raise ValueError(f"bytes {start}..{start + len(out)} are outside tensor '{name}'")
-        _read_exactly(self._handle(), out, info.start + start, self.path)
+        """Bytes ``start..start + len(out)`` of tensor ``name`` as stored, into ``out`` (the caller
+        keeps them inside the tensor)."""
+        _read_exactly(self._handle(), out, self.tensors[name].start + start, self.path)
 
     def close(self) -> None:
         if self._file is not None:
@@ -246,14 +243,14 @@ class Checkpoint:
     def read_raw(self, name: str, out: memoryview, start: int = 0) -> None:
         """Bytes ``start..start + len(out)`` of tensor ``name`` as stored, into ``out``: a copy of a
         tensor's bytes without a tensor in between (the NaN check of :meth:`get` does not apply)."""
+        if start < 0 or start + len(out) > TensorSpec(name, self.shape(name), self.dtype(name)).nbytes:
+            raise ValueError(f"bytes {start}..{start + len(out)} are outside tensor '{name}'")
         source = self._where[name]
         if isinstance(source, SafetensorsFile):
             source.read_raw(name, out, start)
-            return
-        stored = memoryview(source.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
-        if start < 0 or start + len(out) > len(stored):
-            raise ValueError(f"bytes {start}..{start + len(out)} are outside tensor '{name}'")
-        out[:] = stored[start : start + len(out)]
+        else:
+            stored = memoryview(source.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+            out[:] = stored[start : start + len(out)]
 
     def require_finite(self, names: Iterable[str], label: str) -> None:
         """Check ``names`` for NaN and Inf whenever they are read.

@@ -185,14 +185,9 @@ def recyclable(path: Path) -> bool:
     return path.suffix == ".safetensors" and is_sole_link(path)
 
 
-def spare_folder(output_dir: str | Path) -> Path:
-    """Where an output folder keeps the weight files the next step overwrites in place."""
-    return Path(output_dir) / _SPARE
-
-
 def discard_spare(output_dir: str | Path) -> None:
     """Delete the weight files kept for the next step to overwrite (a run is over)."""
-    shutil.rmtree(spare_folder(output_dir), ignore_errors=True)
+    shutil.rmtree(Path(output_dir) / _SPARE, ignore_errors=True)
 
 
 def _is_weight_file(name: str) -> bool:

@@ -195,7 +195,7 @@ def write_safetensors(
                 else:
                     _write_tensor(handle, piece.spec, fetch(piece.spec.name))
     if written is not None:
-        written.remember(path, header, frozenset(copied) & {s.name for s in specs})
+        written.remember(path, header, copied & {s.name for s in specs})
 
 
 def _write_tensor(handle: DurableFile, spec: TensorSpec, tensor: torch.Tensor) -> None:
