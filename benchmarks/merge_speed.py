@@ -94,6 +94,8 @@ def child_streaming(method: str, out: str, base: str, experts: list[str], option
     from hf_merge.engine import merge
 
     options = dict(options or {})
+    if "linalg" in options:  # read when the method is made, inside merge()
+        os.environ["HF_MERGE_LINALG"] = options.pop("linalg")
     engine = {k: options.pop(k) for k in ("checkpoint_every", "compute_dtype") if k in options}
     snapshots = set(options.pop("snapshot_steps", []))
     decomposition_seconds = [0.0]
@@ -108,8 +110,10 @@ def child_streaming(method: str, out: str, base: str, experts: list[str], option
         return call
 
     # only timed, so the decompositions' share of a run is known under any load
+    from hf_merge.methods.linalg_backend import Linalg
+
     torch.linalg.svd = timed(torch.linalg.svd)
-    torch.linalg.eigh = timed(torch.linalg.eigh)
+    Linalg.eigh_lower = timed(Linalg.eigh_lower)  # torch's eigh or numpy's, whichever runs
 
     def on_step(step, output_dir, state):
         if step in snapshots:
@@ -160,14 +164,26 @@ DECOMPOSITIONS = ["svd", "gram_mixed", "gram64", "gram32"]
 CHEAP = ("average", "task_arithmetic")  # methods whose step is cheaper than writing the model
 
 
-def variants(method: str, decompositions: list[str]) -> list[tuple[str, dict]]:
-    """(label, options) of the streaming runs measured for ``method``; the first is the default."""
+def variants(method: str, decompositions: list[str], backends: list[str]) -> list[tuple[str, dict]]:
+    """(label, options) of the streaming runs measured for ``method``; the first is the default.
+
+    OPCM runs each decomposition on the backend ``auto`` picks, and each Gram decomposition on the
+    other ``backends`` too (the SVD path is torch's on every backend)."""
     if method == "opcm":
         from hf_merge.methods import get_method
+        from hf_merge.methods.linalg_backend import resolve
 
-        default = get_method(method).defaults["decomposition"]
-        return [(f"decomposition={d}" + (" (default)" if d == default else ""), {"decomposition": d})
-                for d in decompositions]
+        default, auto = get_method(method).defaults["decomposition"], resolve("auto").name
+        found = []
+        for d in decompositions:
+            label = f"decomposition={d}" + (" (default)" if d == default else "")
+            if d == "svd":
+                found.append((label, {"decomposition": d}))
+                continue
+            for backend in [auto] + [b for b in backends if b != auto]:
+                found.append((label + f", linalg={backend}" + (" (auto)" if backend == auto else ""),
+                              {"decomposition": d, "linalg": backend}))
+        return found
     if method in CHEAP:
         from hf_merge.methods import get_method
 
@@ -186,6 +202,8 @@ def main() -> None:
                         help="expert counts for OPCM (its decompositions dominate the run time); default: --experts")
     parser.add_argument("--decompositions", nargs="+", default=DECOMPOSITIONS, choices=DECOMPOSITIONS,
                         help="OPCM decompositions to measure (the first default run is the method's default)")
+    parser.add_argument("--linalg", nargs="+", default=["torch", "openblas"], choices=["torch", "openblas"],
+                        help="backends to run OPCM's Gram decompositions on, besides the one auto picks")
     parser.add_argument("--no-naive", action="store_true", help="skip the naive implementation")
     parser.add_argument("--no-float64", action="store_true", help="skip the float64 OPCM reference")
     parser.add_argument("--naive-opcm-max", type=int, default=None,
@@ -242,28 +260,51 @@ def main() -> None:
                     shutil.rmtree(naive_dir, ignore_errors=True)
                     naive_runs.append(run_child([sys.executable, str(HERE / "naive_reference.py"), method,
                                                  str(naive_dir), str(base), *map(str, experts[:n])]))
-                for label, options in variants(method, args.decompositions):
+                for label, options in variants(method, args.decompositions, args.linalg):
                     out, first = work / "stream", label not in runs
                     runs.setdefault(label, []).append(stream(method, n, options, out))
                     if first:  # every repeat merges the same weights
                         if naive_runs:
                             diffs[label] = max_abs_diff(out, naive_dir)
                         if method == "opcm" and f64.is_dir():
-                            accuracy.setdefault(n, {})[options["decomposition"]] = max_abs_diff(out, f64)
+                            accuracy.setdefault(n, {})[accuracy_label(options)] = max_abs_diff(out, f64)
             if method == "opcm" and f64.is_dir() and naive_runs:
                 accuracy.setdefault(n, {})["naive (float32 full SVD)"] = max_abs_diff(naive_dir, f64)
             naive = fastest(naive_runs) if naive_runs else None
-            for label, options in variants(method, args.decompositions):
+            for label, options in variants(method, args.decompositions, args.linalg):
                 row = {"method": method, "variant": label, "n": n, "stream": fastest(runs[label]), "naive": naive,
                        "diff": diffs.get(label)}
                 if method == "opcm":
-                    row["diff64"] = accuracy.get(n, {}).get(options["decomposition"])
+                    row["diff64"] = accuracy.get(n, {}).get(accuracy_label(options))
                 rows.append(row)
                 print(format_row(row, model_bytes), flush=True)
             args.results.parent.mkdir(parents=True, exist_ok=True)
             args.results.write_text(render(rows, accuracy, context))
     shutil.rmtree(work, ignore_errors=True)
     print(render(rows, accuracy, context))
+
+
+def accuracy_label(options: dict) -> str:
+    return options["decomposition"] + (f" ({options['linalg']})" if "linalg" in options else "")
+
+
+def openblas_core() -> str:
+    """The kernel numpy's OpenBLAS runs here (``OPENBLAS_CORETYPE`` can pin it), or why none."""
+    import ctypes
+
+    from hf_merge.methods import linalg_backend
+
+    lib = linalg_backend._openblas()
+    if lib is None:
+        return "no OpenBLAS with per-thread control in numpy"
+    for symbol in ("scipy_openblas_get_corename64_", "scipy_openblas_get_corename", "openblas_get_corename"):
+        getter = getattr(lib, symbol, None)
+        if getter is not None:
+            getter.restype = ctypes.c_char_p
+            core = getter().decode()
+            pinned = os.environ.get("OPENBLAS_CORETYPE")
+            return f"{core} kernels" + (f" (pinned by OPENBLAS_CORETYPE={pinned})" if pinned else " (detected)")
+    return "kernel unknown"
 
 
 def cpu_model() -> str:
@@ -297,7 +338,10 @@ def format_row(row: dict, model_bytes: int) -> str:
 
 
 def render(rows: list[dict], accuracy: dict[int, dict[str, float]], context: dict) -> str:
+    import numpy
     import torch
+
+    from hf_merge.methods import linalg_backend
 
     model_bytes = context["model_bytes"]
     lines = [
@@ -306,7 +350,9 @@ def render(rows: list[dict], accuracy: dict[int, dict[str, float]], context: dic
         f"Model: {'small CLIP (--quick)' if context['quick'] else 'ViT-B/32-shaped CLIP (CLIPConfig defaults)'}, "
         f"{mb(model_bytes)} MiB of float32 weights; vision tower + visual_projection merged. "
         f"Machine: {platform.machine()} ({cpu_model()}), {os.cpu_count()} CPUs, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads). Each run in a fresh process, started after a `sync` so "
+        f"({torch.get_num_threads()} threads, BLAS {'MKL' if linalg_backend.torch_blas_is_mkl() else 'not MKL'}), "
+        f"numpy {numpy.__version__} (OpenBLAS: {openblas_core()}); `linalg=auto` is "
+        f"{linalg_backend.resolve('auto').name} here. Each run in a fresh process, started after a `sync` so "
         "that no run pays for the previous one's writes; each time is the fastest of "
         f"{context['opcm_repeat']} (OPCM) or {context['repeat']} (others) runs, the naive and streaming "
         "runs interleaved; times include reading inputs and writing the merged model.",
@@ -332,11 +378,14 @@ def render(rows: list[dict], accuracy: dict[int, dict[str, float]], context: dic
         "",
         "Streaming s/expert = the whole `merge()` call (opening and checking the checkpoints, merging, "
         f"writing the steps that are written) / experts; its set-up alone took {setup:.2f} s on average. Naive s/expert = (loading + merging + writing once) / experts. svd+eigh s/step: time inside "
-        "`torch.linalg.svd` / `torch.linalg.eigh` per OPCM step (steps 2..n), timed in the same run. "
+        "`torch.linalg.svd` / the backend's `eigh` per OPCM step (steps 2..n), summed over the worker threads, "
+        "timed in the same run. linalg: where the Gram paths' products and `eigh` ran (torch's MKL or numpy's "
+        "OpenBLAS; see hf_merge/methods/linalg_backend.py). "
         "writes: how many complete models the run wrote (checkpoint_every; the last step always).",
     ]
     if accuracy:
-        labels = ["naive (float32 full SVD)"] + [d for d in DECOMPOSITIONS if any(d in a for a in accuracy.values())]
+        found = [label for diffs in accuracy.values() for label in diffs]
+        labels = ["naive (float32 full SVD)"] + [l for l in dict.fromkeys(found) if not l.startswith("naive")]
         lines += [
             "",
             "OPCM, max |merged − float64 OPCM| over all weights, side by side:",

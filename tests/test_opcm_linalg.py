@@ -8,9 +8,22 @@ import itertools
 import pytest
 import torch
 
-from hf_merge.methods.opcm_linalg import DECOMPOSITIONS, project_task_vector
+from hf_merge.methods.linalg_backend import Linalg
+from hf_merge.methods.opcm_linalg import DECOMPOSITIONS
+from hf_merge.methods.opcm_linalg import project_task_vector as project_on
 
 SHAPES = ((40, 40), (64, 24), (24, 64))
+
+
+@pytest.fixture(params=["torch", "openblas"], autouse=True)
+def linalg(request):
+    """Every test runs on both backends: they must agree with the float64 reference alike."""
+    return Linalg(request.param)
+
+
+@pytest.fixture
+def project_task_vector(linalg):
+    return lambda *args, **kwargs: project_on(*args, linalg=linalg, **kwargs)
 
 
 def dense_reference(delta, tau, *, alpha=0.5, zero_diagonal=True, split_index_base=0, rank=None):
@@ -59,7 +72,7 @@ def err(out, ref) -> float:
     ("alpha", "zero_diagonal", "split_index_base"),
     list(itertools.product((0.0, 0.5, 0.9), (True, False), (0, 1))),
 )
-def test_every_decomposition_matches_the_float64_dense_projection(shape, alpha, zero_diagonal, split_index_base):
+def test_every_decomposition_matches_the_float64_dense_projection(shape, alpha, zero_diagonal, split_index_base, project_task_vector):
     options = {"alpha": alpha, "zero_diagonal": zero_diagonal, "split_index_base": split_index_base}
     delta, tau = sample(shape, seed=sum(shape))
     ref = dense_reference(delta, tau, **options)
@@ -77,7 +90,7 @@ def test_every_decomposition_matches_the_float64_dense_projection(shape, alpha, 
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("decomposition", ["gram_mixed", "gram64"])
-def test_float64_gram_paths_are_as_close_to_float64_as_the_float32_svd(shape, decomposition):
+def test_float64_gram_paths_are_as_close_to_float64_as_the_float32_svd(shape, decomposition, project_task_vector):
     delta, tau = sample(shape, seed=7)
     ref = dense_reference(delta, tau)
     svd32 = err(project_task_vector(delta, tau, decomposition="svd"), ref)
@@ -87,7 +100,7 @@ def test_float64_gram_paths_are_as_close_to_float64_as_the_float32_svd(shape, de
     assert gram <= 4 * svd32 + 1e-8
 
 
-def test_gram_mixed_keeps_float32_svd_accuracy_on_a_graded_spectrum():
+def test_gram_mixed_keeps_float32_svd_accuracy_on_a_graded_spectrum(project_task_vector):
     """Singular values over four decades, as in a merged task vector's tail: U = D V in float32 loses
     digits of u_i in proportion to s_max/s_i, no more than the float32 SVD loses to small gaps."""
     g = torch.Generator().manual_seed(11)
@@ -106,7 +119,7 @@ def test_gram_mixed_keeps_float32_svd_accuracy_on_a_graded_spectrum():
     assert gram32 > 10 * mixed  # the float32 Gram matrix is what loses the small pairs
 
 
-def test_left_vectors_forms_unresolved_columns_again_in_float64():
+def test_left_vectors_forms_unresolved_columns_again_in_float64(linalg):
     """A pair too small for a float32 D V (here s = 1e-9 · s_max) gets its u from a float64 product."""
     from hf_merge.methods.opcm_linalg import gram_pairs, left_vectors
 
@@ -116,9 +129,9 @@ def test_left_vectors_forms_unresolved_columns_again_in_float64():
     s = torch.ones(20, dtype=torch.float64)
     s[-1] = 1e-9
     delta = ((q1 * s) @ q2.T).float()
-    values, v = gram_pairs(delta, torch.float64)
-    u32, norms32 = left_vectors(delta, v, float(values[0]), torch.float32)
-    u64, norms64 = left_vectors(delta, v, float(values[0]), torch.float64)
+    values, v = gram_pairs(delta, torch.float64, linalg)
+    u32, norms32 = left_vectors(delta, v, float(values[0]), torch.float32, linalg)
+    u64, norms64 = left_vectors(delta, v, float(values[0]), torch.float64, linalg)
     assert norms32.dtype == torch.float64
     assert torch.allclose(norms32, norms64, rtol=1e-5, atol=0)
     assert torch.allclose(u32[:, -1].double(), u64[:, -1], rtol=1e-5, atol=1e-15)
@@ -127,7 +140,7 @@ def test_left_vectors_forms_unresolved_columns_again_in_float64():
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("zero_diagonal", [True, False])
 @pytest.mark.parametrize("decomposition", ["gram_mixed", "gram64", "gram32"])
-def test_rank_deficient_delta_projects_only_along_its_singular_pairs(shape, zero_diagonal, decomposition):
+def test_rank_deficient_delta_projects_only_along_its_singular_pairs(shape, zero_diagonal, decomposition, project_task_vector):
     delta, tau = sample(shape, seed=3, rank=5)
     ref = dense_reference(delta, tau, zero_diagonal=zero_diagonal, rank=5)
     out = project_task_vector(delta, tau, decomposition=decomposition, zero_diagonal=zero_diagonal)
@@ -140,7 +153,7 @@ def test_rank_deficient_delta_projects_only_along_its_singular_pairs(shape, zero
 
 
 @pytest.mark.parametrize("decomposition", DECOMPOSITIONS)
-def test_zero_delta(decomposition):
+def test_zero_delta(decomposition, project_task_vector):
     tau = sample((30, 20), seed=4)[1]
     zero = torch.zeros(30, 20)
     assert torch.equal(project_task_vector(zero, tau, project_zero_delta=False, decomposition=decomposition), tau)
@@ -152,7 +165,7 @@ def test_zero_delta(decomposition):
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("decomposition", ["gram_mixed", "gram64", "gram32"])
-def test_in_place_and_full_matrix_options(shape, decomposition):
+def test_in_place_and_full_matrix_options(shape, decomposition, project_task_vector):
     delta, tau = sample(shape, seed=5)
     original = tau.clone()
     copied = project_task_vector(delta, tau, decomposition=decomposition)
@@ -164,23 +177,23 @@ def test_in_place_and_full_matrix_options(shape, decomposition):
     assert torch.equal(full, project_task_vector(delta, original, decomposition="svd", reduced_svd=False))
 
 
-def test_unknown_decomposition_is_refused():
+def test_unknown_decomposition_is_refused(project_task_vector):
     delta, tau = sample((8, 8), seed=6)
     with pytest.raises(ValueError, match="decomposition must be one of svd, gram_mixed, gram64, gram32"):
         project_task_vector(delta, tau, decomposition="qr")
 
 
 @pytest.mark.parametrize("zero_diagonal", [True, False])
-def test_tall_delta_removes_the_same_through_delta_as_through_u(zero_diagonal):
+def test_tall_delta_removes_the_same_through_delta_as_through_u(zero_diagonal, linalg):
     """For a tall D, U = D V S⁻¹ is never formed; what τ loses is the same as with U formed."""
     from hf_merge.methods.opcm_linalg import gram_pairs, remove_pairs, remove_pairs_through_delta, split_rank
 
     delta, tau = sample((96, 24), seed=13, dtype=torch.float64)
-    s, v = gram_pairs(delta, torch.float64)
+    s, v = gram_pairs(delta, torch.float64, linalg)
     r = split_rank(s, 0.5)
     rows = 24 if zero_diagonal else r
     u = delta @ v / s
-    through_u = remove_pairs(tau.clone(), u, v.T, r, zero_diagonal)
-    through_delta = remove_pairs_through_delta(tau.clone(), delta, v[:, :rows], s[:rows], r)
+    through_u = remove_pairs(tau.clone(), u, v.T, r, zero_diagonal, linalg)
+    through_delta = remove_pairs_through_delta(tau.clone(), delta, v[:, :rows], s[:rows], r, linalg)
     assert err(through_delta, through_u) < 1e-14
     assert err(through_delta, dense_reference(delta, tau, zero_diagonal=zero_diagonal)) < 1e-12

@@ -27,6 +27,10 @@ hyperparameter whose default reproduces the reference:
   accurate). See :mod:`hf_merge.methods.opcm_linalg` and the README's benchmark.
 - ``project_zero_delta`` (False): where D is exactly zero its singular basis is arbitrary, so by
   default τ passes unprojected.
+
+Where the Gram paths' products and ``eigh`` run (torch, or numpy's OpenBLAS where torch's MKL is slow)
+changes only rounding, so it is no hyperparameter: ``HF_MERGE_LINALG``, see
+:mod:`hf_merge.methods.linalg_backend`.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import torch
 from ..checkpoint import Checkpoint
 from ..errors import UsageError
 from .base import MergeMethod, read_scratch, squared_norm
+from .linalg_backend import resolve as resolve_linalg
 from .opcm_linalg import DECOMPOSITIONS, project_task_vector, split_rank
 
 __all__ = ["OPCM", "project_task_vector", "split_rank"]
@@ -77,6 +82,7 @@ class OPCM(MergeMethod):
         super().__init__(**hyperparameters)
         self.prev_lambda = 1.0
         self.norms: list[float] = []
+        self.linalg = resolve_linalg()  # how, not what: HF_MERGE_LINALG, never part of the recipe
 
     def _extra_state(self) -> dict[str, Any]:
         return {"prev_lambda": self.prev_lambda, "norms": list(self.norms)}
@@ -155,6 +161,7 @@ class OPCM(MergeMethod):
                     inplace=True,
                     project_zero_delta=bool(hp["project_zero_delta"]),
                     decomposition=str(hp["decomposition"]),
+                    linalg=self.linalg,
                 ).to(delta.dtype)
             s = delta.mul_(self.prev_lambda).add_(tau)
         return s.cpu(), {"tau_sq": tau_sq, "s_sq": squared_norm(s)}

@@ -19,8 +19,8 @@ do:
 - ``"gram32"``: the Gram matrix and its eigendecomposition in float32. Faster still, but singular
   values below ~3e-4·s_max drown in rounding (measured in benchmarks/results).
 
-The Gram matrix is built block by block, only its lower triangle (all ``eigh`` reads): 5/8 of the
-products of the whole DᵀD.
+Only the Gram matrix's lower triangle is built (all ``eigh`` reads): half the products of the whole
+DᵀD, see :meth:`~hf_merge.methods.linalg_backend.Linalg.lower_gram`.
 
 U is never orthogonalised: u_i = D v_i / ‖D v_i‖ uses the norm of the computed column rather than
 √eigenvalue, because ‖D v_i‖ is accurate to the products' rounding while the eigenvalue of a small
@@ -37,8 +37,10 @@ from __future__ import annotations
 
 import torch
 
+from .linalg_backend import Linalg
+
 DECOMPOSITIONS = ("svd", "gram_mixed", "gram64", "gram32")
-_GRAM_BLOCKS = 4
+_TORCH = Linalg("torch")
 
 
 def split_rank(singular_values: torch.Tensor, alpha: float, index_base: int = 0) -> int:
@@ -50,7 +52,9 @@ def split_rank(singular_values: torch.Tensor, alpha: float, index_base: int = 0)
     return min(r + index_base, singular_values.numel())
 
 
-def remove_pairs(tau: torch.Tensor, u: torch.Tensor, vh: torch.Tensor, r: int, zero_diagonal: bool) -> torch.Tensor:
+def remove_pairs(
+    tau: torch.Tensor, u: torch.Tensor, vh: torch.Tensor, r: int, zero_diagonal: bool, linalg: Linalg = _TORCH
+) -> torch.Tensor:
     """τ −= U E Vᵀ in place, for E = the block (Uᵀ τ V)[:r, :r] and, with ``zero_diagonal``, the
     diagonal entries u_iᵀ τ v_i beyond it. ``u`` (m × q) and ``vh`` (q × n) hold q ≥ r pairs.
 
@@ -61,21 +65,21 @@ def remove_pairs(tau: torch.Tensor, u: torch.Tensor, vh: torch.Tensor, r: int, z
     if rows == 0:
         return tau
     u, vh = u[:, :rows], vh[:rows]
-    return tau.addmm_(u, removed_coefficients(u.T @ tau, vh, r), alpha=-1)
+    return linalg.sub_mm_(tau, u, removed_coefficients(linalg.mm(u.T, tau), vh, r, linalg))
 
 
-def removed_coefficients(w: torch.Tensor, vh: torch.Tensor, r: int) -> torch.Tensor:
+def removed_coefficients(w: torch.Tensor, vh: torch.Tensor, r: int, linalg: Linalg = _TORCH) -> torch.Tensor:
     """C with U·C = what τ loses, from W = Uᵀτ (q × n) and the q rows of Vᵀ that count."""
     coeff = torch.empty_like(w)
     if r > 0:
-        coeff[:r] = (w[:r] @ vh[:r].T) @ vh[:r]  # the r × r block Uᵣᵀ τ Vᵣ, mapped back to rows of Vᵀ
+        coeff[:r] = linalg.mm(linalg.mm(w[:r], vh[:r].T), vh[:r])  # the r × r block Uᵣᵀ τ Vᵣ, mapped back to rows of Vᵀ
     if w.shape[0] > r:
         coeff[r:] = (w[r:] * vh[r:]).sum(dim=1, keepdim=True) * vh[r:]  # u_iᵀ τ v_i · v_iᵀ, i ≥ r
     return coeff
 
 
 def remove_pairs_through_delta(
-    tau: torch.Tensor, delta: torch.Tensor, v: torch.Tensor, s: torch.Tensor, r: int
+    tau: torch.Tensor, delta: torch.Tensor, v: torch.Tensor, s: torch.Tensor, r: int, linalg: Linalg = _TORCH
 ) -> torch.Tensor:
     """:func:`remove_pairs` with U = D V S⁻¹ never formed, for a tall D (m > 2n): Uᵀτ = S⁻¹ Vᵀ (Dᵀτ)
     and U·C = D (V S⁻¹ C), so the three products of τ's size (D V, Uᵀτ, U·C) become two (Dᵀτ, D·K)
@@ -83,9 +87,9 @@ def remove_pairs_through_delta(
     precision (the caller checks), so dividing by s loses no more than forming D V / s would."""
     inverse = s.reciprocal().to(tau.dtype).unsqueeze(1)
     vh = v.T.to(tau.dtype)
-    w = (vh @ (delta.T @ tau)).mul_(inverse)
-    coeff = removed_coefficients(w, vh, r).mul_(inverse)
-    return tau.addmm_(delta, vh.T @ coeff, alpha=-1)
+    w = linalg.mm(vh, linalg.mm(delta.T, tau)).mul_(inverse)
+    coeff = removed_coefficients(w, vh, r, linalg).mul_(inverse)
+    return linalg.sub_mm_(tau, delta, linalg.mm(vh.T, coeff))
 
 
 def project_svd(
@@ -113,26 +117,17 @@ def project_svd(
     return remove_pairs(tau, u, vh, r, zero_diagonal)
 
 
-def lower_gram(d: torch.Tensor, blocks: int = _GRAM_BLOCKS) -> torch.Tensor:
-    """DᵀD with only its lower triangle filled (the upper one is zero), one block column at a time."""
-    n = d.shape[1]
-    gram = torch.zeros(n, n, dtype=d.dtype, device=d.device)
-    edges = [n * i // blocks for i in range(blocks + 1)]
-    for lo, hi in zip(edges, edges[1:]):
-        if hi > lo:
-            gram[lo:, lo:hi] = d[:, lo:].T @ d[:, lo:hi]
-    return gram
-
-
-def gram_pairs(delta: torch.Tensor, gram_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def gram_pairs(
+    delta: torch.Tensor, gram_dtype: torch.dtype, linalg: Linalg = _TORCH
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Singular values (descending) and right singular vectors (columns of V, n × n) of a tall
     ``delta`` (m ≥ n), in ``gram_dtype``, from the eigendecomposition of DᵀD."""
-    evals, evecs = torch.linalg.eigh(lower_gram(delta.to(gram_dtype)), UPLO="L")
+    evals, evecs = linalg.eigh_lower(linalg.lower_gram(delta.to(gram_dtype)))
     return evals.flip(0).clamp_min_(0).sqrt_(), evecs.flip(1)
 
 
 def left_vectors(
-    delta: torch.Tensor, v: torch.Tensor, s_max: float, vectors_dtype: torch.dtype
+    delta: torch.Tensor, v: torch.Tensor, s_max: float, vectors_dtype: torch.dtype, linalg: Linalg = _TORCH
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """U·S = D V, column by column, and its column norms (float64 where it was formed in float64).
 
@@ -140,13 +135,13 @@ def left_vectors(
     (‖D v_i‖ ≤ s_max · max(m, n) · eps) says nothing about u_i, so where ``v`` is more precise
     those few columns are formed again in its precision. Only a (nearly) rank-deficient D has any."""
     m, n = delta.shape
-    u = delta.to(vectors_dtype) @ v.to(vectors_dtype)
+    u = linalg.mm(delta.to(vectors_dtype), v.to(vectors_dtype))
     # a column reduction of squares: vector_norm(dim=0) walks the columns with a stride, 10x slower
     norms = u.square().sum(dim=0).sqrt_().to(v.dtype)
     if vectors_dtype != v.dtype:
         unresolved = norms <= s_max * max(m, n) * torch.finfo(vectors_dtype).eps
         if bool(unresolved.any()):
-            exact = delta.to(v.dtype) @ v[:, unresolved]
+            exact = linalg.mm(delta.to(v.dtype), v[:, unresolved])
             norms[unresolved] = exact.square().sum(dim=0).sqrt_()
             u[:, unresolved] = exact.to(vectors_dtype)
     return u, norms
@@ -161,6 +156,7 @@ def project_gram(
     split_index_base: int,
     gram_dtype: torch.dtype,
     vectors_dtype: torch.dtype,
+    linalg: Linalg = _TORCH,
 ) -> torch.Tensor:
     """τ̃ from the eigendecomposition of D's Gram matrix (``tau`` is overwritten); U = D V is
     formed in ``vectors_dtype``.
@@ -169,10 +165,10 @@ def project_gram(
     whose diagonal and leading block are the same entries."""
     if delta.shape[0] < delta.shape[1]:
         project_gram(delta.T, tau.T, alpha=alpha, zero_diagonal=zero_diagonal, split_index_base=split_index_base,
-                     gram_dtype=gram_dtype, vectors_dtype=vectors_dtype)
+                     gram_dtype=gram_dtype, vectors_dtype=vectors_dtype, linalg=linalg)
         return tau
     m, n = delta.shape
-    s, v = gram_pairs(delta, gram_dtype)
+    s, v = gram_pairs(delta, gram_dtype, linalg)
     if not bool(s[:1].any()):  # D = 0: no singular pairs, nothing to remove
         return tau
     r = split_rank(s, alpha, split_index_base)
@@ -182,8 +178,8 @@ def project_gram(
     resolved = float(s[rows - 1]) > float(s[0]) * max(m, n) * torch.finfo(vectors_dtype).eps
     # s from a float64 Gram matrix is as good as ‖D v_i‖ to divide by; from a float32 one it is not
     if m > 2 * n and gram_dtype == torch.float64 and vectors_dtype == delta.dtype and resolved:
-        return remove_pairs_through_delta(tau, delta, v[:, :rows], s[:rows], r)
-    u, norms = left_vectors(delta, v[:, :rows], float(s[0]), vectors_dtype)
+        return remove_pairs_through_delta(tau, delta, v[:, :rows], s[:rows], r, linalg)
+    u, norms = left_vectors(delta, v[:, :rows], float(s[0]), vectors_dtype, linalg)
     # the numerical-rank cut of the precision the pairs were found in: a float64 SVD of the same
     # float32 D resolves pairs down there too, and the reference is that SVD
     kept = norms > float(s[0]) * max(m, n) * torch.finfo(gram_dtype).eps
@@ -192,7 +188,7 @@ def project_gram(
     if not bool(kept.all()):  # D is rank-deficient: drop the pairs it does not have
         r = int(kept[:r].sum())
         u, vh = u[:, kept], vh[kept]
-    return remove_pairs(tau, u, vh, r, zero_diagonal)
+    return remove_pairs(tau, u, vh, r, zero_diagonal, linalg)
 
 
 def project_task_vector(
@@ -206,6 +202,7 @@ def project_task_vector(
     inplace: bool = False,
     project_zero_delta: bool = True,
     decomposition: str = "svd",
+    linalg: Linalg = _TORCH,
 ) -> torch.Tensor:
     """τ̃: τ without its components in the dominant subspace of ``delta`` (see the module docstring).
 
@@ -213,7 +210,8 @@ def project_task_vector(
     ``project_zero_delta=False``, τ comes back unchanged where ``delta`` is all zeros; with True,
     a zero ``delta`` is projected on the SVD's arbitrary basis as the reference does, whatever the
     decomposition. ``reduced_svd=False`` is the reference's full-matrix SVD, whatever the
-    decomposition.
+    decomposition. ``linalg`` runs the Gram paths' products and eigendecompositions (the SVD path
+    is torch's, as the reference's).
     """
     if decomposition not in DECOMPOSITIONS:
         raise ValueError(f"decomposition must be one of {', '.join(DECOMPOSITIONS)}, got {decomposition!r}")
@@ -225,4 +223,4 @@ def project_task_vector(
     # float64 inputs (svd_dtype float64) keep float64 throughout whatever was asked
     gram_dtype = torch.float32 if decomposition == "gram32" and delta.dtype != torch.float64 else torch.float64
     vectors_dtype = torch.float64 if decomposition == "gram64" else delta.dtype
-    return project_gram(delta, tau, gram_dtype=gram_dtype, vectors_dtype=vectors_dtype, **options)
+    return project_gram(delta, tau, gram_dtype=gram_dtype, vectors_dtype=vectors_dtype, linalg=linalg, **options)
