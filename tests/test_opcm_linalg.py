@@ -72,7 +72,9 @@ def err(out, ref) -> float:
     ("alpha", "zero_diagonal", "split_index_base"),
     list(itertools.product((0.0, 0.5, 0.9), (True, False), (0, 1))),
 )
-def test_every_decomposition_matches_the_float64_dense_projection(shape, alpha, zero_diagonal, split_index_base, project_task_vector):
+def test_every_decomposition_matches_the_float64_dense_projection(
+    shape, alpha, zero_diagonal, split_index_base, project_task_vector
+):
     options = {"alpha": alpha, "zero_diagonal": zero_diagonal, "split_index_base": split_index_base}
     delta, tau = sample(shape, seed=sum(shape))
     ref = dense_reference(delta, tau, **options)
@@ -140,7 +142,9 @@ def test_left_vectors_forms_unresolved_columns_again_in_float64(linalg):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("zero_diagonal", [True, False])
 @pytest.mark.parametrize("decomposition", ["gram_mixed", "gram64", "gram32"])
-def test_rank_deficient_delta_projects_only_along_its_singular_pairs(shape, zero_diagonal, decomposition, project_task_vector):
+def test_rank_deficient_delta_projects_only_along_its_singular_pairs(
+    shape, zero_diagonal, decomposition, project_task_vector
+):
     delta, tau = sample(shape, seed=3, rank=5)
     ref = dense_reference(delta, tau, zero_diagonal=zero_diagonal, rank=5)
     out = project_task_vector(delta, tau, decomposition=decomposition, zero_diagonal=zero_diagonal)

@@ -19,8 +19,9 @@ do:
 - ``"gram32"``: the Gram matrix and its eigendecomposition in float32. Faster still, but singular
   values below ~3e-4·s_max drown in rounding (measured in benchmarks/results).
 
-Only the Gram matrix's lower triangle is built (all ``eigh`` reads): half the products of the whole
-DᵀD, see :meth:`~hf_merge.methods.linalg_backend.Linalg.lower_gram`.
+Of the Gram matrix only what ``eigh`` reads is computed, its lower triangle: in blocks on torch (5/8
+of the products of the whole DᵀD), one ``syrk`` on OpenBLAS (half); see
+:meth:`~hf_merge.methods.linalg_backend.Linalg.lower_gram`.
 
 U is never orthogonalised: u_i = D v_i / ‖D v_i‖ uses the norm of the computed column rather than
 √eigenvalue, because ‖D v_i‖ is accurate to the products' rounding while the eigenvalue of a small
@@ -72,7 +73,8 @@ def removed_coefficients(w: torch.Tensor, vh: torch.Tensor, r: int, linalg: Lina
     """C with U·C = what τ loses, from W = Uᵀτ (q × n) and the q rows of Vᵀ that count."""
     coeff = torch.empty_like(w)
     if r > 0:
-        coeff[:r] = linalg.mm(linalg.mm(w[:r], vh[:r].T), vh[:r])  # the r × r block Uᵣᵀ τ Vᵣ, mapped back to rows of Vᵀ
+        # the r × r block Uᵣᵀ τ Vᵣ, mapped back to rows of Vᵀ
+        coeff[:r] = linalg.mm(linalg.mm(w[:r], vh[:r].T), vh[:r])
     if w.shape[0] > r:
         coeff[r:] = (w[r:] * vh[r:]).sum(dim=1, keepdim=True) * vh[r:]  # u_iᵀ τ v_i · v_iᵀ, i ≥ r
     return coeff
