@@ -294,7 +294,7 @@ def openblas_core() -> str:
 
     from hf_merge.methods import linalg_backend
 
-    lib = linalg_backend._openblas()
+    lib = linalg_backend.numpy_openblas()
     if lib is None:
         return "no OpenBLAS with per-thread control in numpy"
     for symbol in ("scipy_openblas_get_corename64_", "scipy_openblas_get_corename", "openblas_get_corename"):

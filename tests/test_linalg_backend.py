@@ -62,7 +62,7 @@ def test_lower_gram_and_eigh_agree_with_torch(shape):
 
 def _local_threads() -> int:
     """OpenBLAS's thread count for the calling thread (setting it returns the previous value)."""
-    lib = linalg_backend._openblas()
+    lib = linalg_backend.numpy_openblas()
     current = lib.openblas_set_num_threads_local(1)
     lib.openblas_set_num_threads_local(current)
     return current
@@ -111,7 +111,7 @@ def test_environment_variable_and_auto_choose_the_backend(monkeypatch):
 
 
 def test_openblas_without_per_thread_control_is_refused_or_avoided(monkeypatch):
-    monkeypatch.setattr(linalg_backend, "_openblas", lambda: None)
+    monkeypatch.setattr(linalg_backend, "numpy_openblas", lambda: None)
     monkeypatch.setattr(linalg_backend, "torch_blas_is_mkl", lambda: True)
     monkeypatch.setattr(linalg_backend, "intel_cpu", lambda: False)
     monkeypatch.delenv("HF_MERGE_LINALG", raising=False)
@@ -122,7 +122,7 @@ def test_openblas_without_per_thread_control_is_refused_or_avoided(monkeypatch):
 
 def test_numpys_openblas_is_found_here():
     """The wheels this project installs carry it; without it ``auto`` would quietly fall back."""
-    assert linalg_backend._openblas() is not None
+    assert linalg_backend.numpy_openblas() is not None
 
 
 def test_a_merge_gives_the_same_weights_on_both_backends(tiny_base, tiny_experts, tmp_path, monkeypatch):

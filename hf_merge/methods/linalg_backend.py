@@ -1,9 +1,11 @@
 """Where OPCM's matrix products and symmetric eigendecompositions run: torch, or numpy's OpenBLAS.
 
 torch's CPU wheels do their BLAS and LAPACK through MKL, which takes slower code paths on CPUs that
-are not Intel's: on an AMD EPYC, float32 and float64 matrix products ran at half the speed of the
-OpenBLAS that numpy's wheels carry, and a 768×768 float64 ``eigh`` 15 % slower (see the README's
-benchmark). Both compute the same thing to rounding, so the choice is one of speed only:
+are not Intel's: on an AMD EPYC, a 768×768 float64 ``eigh`` took 0.084 s through MKL and 0.053-0.072 s
+through the OpenBLAS that numpy's wheels carry, whose ``syrk`` also builds a Gram matrix in half the
+products (23 ms against 41 ms for 3072×768 in float64); plain matrix products were 10-15 % faster
+(see the README's benchmark). Both compute the same thing to rounding, so the choice is one of speed
+only:
 
 - ``"torch"``: torch's own operations, on any device.
 - ``"openblas"``: numpy's bundled OpenBLAS, for CPU tensors (others fall back to torch). Each call
@@ -26,6 +28,7 @@ import platform
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy
 import torch
 
 from ..errors import UsageError
@@ -45,19 +48,19 @@ class Linalg:
 
     name: str = "torch"
 
-    def _numpy(self, *tensors: torch.Tensor) -> bool:
+    def _on_openblas(self, *tensors: torch.Tensor) -> bool:
         return self.name == "openblas" and all(t.device.type == "cpu" for t in tensors)
 
     def mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """``a @ b`` for 2-D tensors of one dtype."""
-        if not self._numpy(a, b):
+        if not self._on_openblas(a, b):
             return a @ b
         with _threads_for_this_call():
-            return torch.from_numpy(_np().matmul(a.numpy(), b.numpy()))
+            return torch.from_numpy(numpy.matmul(a.numpy(), b.numpy()))
 
     def sub_mm_(self, c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """``c -= a @ b`` in place; returns ``c``."""
-        if not self._numpy(a, b, c):
+        if not self._on_openblas(a, b, c):
             return c.addmm_(a, b, alpha=-1)
         return c.sub_(self.mm(a, b))
 
@@ -66,7 +69,7 @@ class Linalg:
 
         OpenBLAS gets ``dᵀ @ d`` whole, which numpy hands to ``syrk`` (half the products); torch
         has no such call, so it builds the lower triangle one block column at a time (5/8)."""
-        if self._numpy(d):
+        if self._on_openblas(d):
             return self.mm(d.T, d)
         n = d.shape[1]
         gram = torch.zeros(n, n, dtype=d.dtype, device=d.device)
@@ -79,10 +82,10 @@ class Linalg:
     def eigh_lower(self, gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Eigenvalues (ascending) and eigenvectors of a symmetric matrix given by its lower
         triangle (the upper one is not read)."""
-        if not self._numpy(gram):
+        if not self._on_openblas(gram):
             return torch.linalg.eigh(gram, UPLO="L")
         with _threads_for_this_call():
-            values, vectors = _np().linalg.eigh(gram.numpy(), UPLO="L")
+            values, vectors = numpy.linalg.eigh(gram.numpy(), UPLO="L")
         return torch.from_numpy(values), torch.from_numpy(vectors)
 
 
@@ -91,13 +94,13 @@ def resolve(choice: str | None = None) -> Linalg:
     choice = (choice or os.environ.get(ENV_VAR) or "auto").strip().lower()
     if choice not in BACKENDS:
         raise UsageError(f"{ENV_VAR} must be one of {', '.join(BACKENDS)}, got {choice!r}")
-    if choice == "openblas" and _openblas() is None:
+    if choice == "openblas" and numpy_openblas() is None:
         raise UsageError(
             f"{ENV_VAR}=openblas, but numpy here does not carry an OpenBLAS with per-thread control "
             "(numpy >= 2 wheels do); unset it to let hf-merge choose"
         )
     if choice == "auto":
-        choice = "openblas" if _openblas() is not None and torch_blas_is_mkl() and not intel_cpu() else "torch"
+        choice = "openblas" if numpy_openblas() is not None and torch_blas_is_mkl() and not intel_cpu() else "torch"
     return Linalg(choice)
 
 
@@ -119,23 +122,17 @@ def intel_cpu() -> bool:
     return "intel" in platform.processor().lower()
 
 
-def _np():
-    import numpy
-
-    return numpy
-
-
 @functools.cache
-def _openblas() -> ctypes.CDLL | None:
+def numpy_openblas() -> ctypes.CDLL | None:
     """numpy's bundled OpenBLAS, if it has ``openblas_set_num_threads_local`` (OpenBLAS 0.3.27+)."""
     try:
-        config = _np().show_config(mode="dicts")
-    except Exception:  # numpy 1.x has no such mode, and carries no per-thread control either
+        config = numpy.show_config(mode="dicts")
+    except Exception:  # numpy before 1.26 has no such mode, and carries no per-thread control either
         return None
     blas = config.get("Build Dependencies", {}).get("blas", {})
     if "openblas" not in str(blas.get("name", "")).lower():
         return None
-    package = Path(_np().__file__).resolve().parent
+    package = Path(numpy.__file__).resolve().parent
     # where numpy's wheels put the library they bundle: numpy.libs (Linux, Windows), .dylibs (macOS)
     found = [lib for folder in (package.parent / "numpy.libs", package / ".dylibs") if folder.is_dir()
              for lib in sorted(folder.glob("*openblas*"))]
@@ -154,7 +151,7 @@ class _threads_for_this_call:
     """OpenBLAS on the calling thread at torch's current thread count, restored after."""
 
     def __enter__(self) -> None:
-        self._before = _openblas().openblas_set_num_threads_local(max(torch.get_num_threads(), 1))
+        self._before = numpy_openblas().openblas_set_num_threads_local(max(torch.get_num_threads(), 1))
 
     def __exit__(self, *exc: object) -> None:
-        _openblas().openblas_set_num_threads_local(self._before)
+        numpy_openblas().openblas_set_num_threads_local(self._before)
