@@ -6,7 +6,8 @@ every method. Each run happens in a fresh subprocess, which reports its wall tim
 memory (``VmHWM``). OPCM runs once per decomposition (``svd``, ``gram_mixed``, ``gram64``, ``gram32``), with the time
 spent inside the SVD / eigh calls, and every result is compared with a float64 OPCM (exact SVDs,
 float64 arithmetic); average and task arithmetic run with their default ``checkpoint_every`` and
-with a write after every step.
+with a write after every step, and against the naive code a second time with its one write
+fsynced, as every file the engine writes is.
 
 Models are written once to ``benchmarks/.cache/``. ``--quick`` uses a smaller model and fewer
 experts. Results: a table on stdout and ``benchmarks/results/merge_speed.md``.
@@ -20,6 +21,7 @@ import os
 import platform
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -152,6 +154,11 @@ def fastest(reports: list[dict]) -> dict:
     return min(reports, key=lambda report: report["seconds"])
 
 
+def median(reports: list[dict]) -> float | None:
+    """The median time of repeated runs (``None`` for none): beside the fastest where they are close."""
+    return statistics.median(report["seconds"] for report in reports) if reports else None
+
+
 def max_abs_diff(left: Path, right: Path) -> float:
     from hf_merge.checkpoint import Checkpoint
 
@@ -251,6 +258,7 @@ def main() -> None:
             naive_dir, f64 = work / "naive", work / f"float64-{n}"
             skip_naive = method == "opcm" and args.naive_opcm_max is not None and n > args.naive_opcm_max
             naive_runs: list[dict] = []
+            durable_runs: list[dict] = []  # the naive code with its one write fsynced, as ours are
             runs: dict[str, list[dict]] = {}
             diffs: dict[str, float] = {}
             # Repeats interleaved (naive, every variant, naive, ...): a slow spell of the machine
@@ -260,6 +268,11 @@ def main() -> None:
                     shutil.rmtree(naive_dir, ignore_errors=True)
                     naive_runs.append(run_child([sys.executable, str(HERE / "naive_reference.py"), method,
                                                  str(naive_dir), str(base), *map(str, experts[:n])]))
+                    if method in CHEAP:
+                        durable_dir = work / "naive-fsync"
+                        shutil.rmtree(durable_dir, ignore_errors=True)
+                        durable_runs.append(run_child([sys.executable, str(HERE / "naive_reference.py"), "--fsync",
+                                                       method, str(durable_dir), str(base), *map(str, experts[:n])]))
                 for label, options in variants(method, args.decompositions, args.linalg):
                     out, first = work / "stream", label not in runs
                     runs.setdefault(label, []).append(stream(method, n, options, out))
@@ -273,7 +286,9 @@ def main() -> None:
             naive = fastest(naive_runs) if naive_runs else None
             for label, options in variants(method, args.decompositions, args.linalg):
                 row = {"method": method, "variant": label, "n": n, "stream": fastest(runs[label]), "naive": naive,
-                       "diff": diffs.get(label)}
+                       "diff": diffs.get(label), "naive_fsync": fastest(durable_runs) if durable_runs else None,
+                       "medians": {"stream": median(runs[label]), "naive": median(naive_runs),
+                                   "naive_fsync": median(durable_runs)}}
                 if method == "opcm":
                     row["diff64"] = accuracy.get(n, {}).get(accuracy_label(options))
                 rows.append(row)
@@ -383,6 +398,24 @@ def render(rows: list[dict], accuracy: dict[int, dict[str, float]], context: dic
         "OpenBLAS; see hf_merge/methods/linalg_backend.py). "
         "writes: how many complete models the run wrote (checkpoint_every; the last step always).",
     ]
+    durable = [row for row in rows if row.get("naive_fsync") and row["variant"].endswith("(default)")]
+    if durable:
+        lines += [
+            "",
+            "At the same guarantee: the naive code's one write fsynced before its clock stops, as every "
+            "file hf-merge writes is (`naive_reference.py --fsync`, interleaved with the runs above):",
+            "",
+            "| method | experts | streaming s/expert | naive s/expert | naive + fsync s/expert "
+            "| naive/streaming time | naive + fsync/streaming time | medians: naive, naive + fsync over streaming |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for row in durable:
+            n, stream = row["n"], row["stream"]["seconds"]
+            naive, synced = row["naive"]["seconds"], row["naive_fsync"]["seconds"]
+            medians = row["medians"]
+            naive_median, synced_median = (medians[key] / medians["stream"] for key in ("naive", "naive_fsync"))
+            lines.append(f"| {row['method']} | {n} | {stream / n:.2f} | {naive / n:.2f} | {synced / n:.2f} "
+                         f"| {naive / stream:.2f} | {synced / stream:.2f} | {naive_median:.2f} / {synced_median:.2f} |")
     if accuracy:
         found = [label for diffs in accuracy.values() for label in diffs]
         labels = ["naive (float32 full SVD)"] + [l for l in dict.fromkeys(found) if not l.startswith("naive")]

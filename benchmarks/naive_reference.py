@@ -5,12 +5,15 @@ compute on whole-model tensors, and build OPCM's projections with ``full_matrice
 (P = Uᵀ τ V with square U and V). It produces the same weights as :mod:`hf_merge.engine` (up to
 float rounding) and exists only so that ``merge_speed.py`` can measure what streaming saves.
 
-Usage: ``python naive_reference.py METHOD OUT_DIR BASE_DIR EXPERT_DIR...``
+Usage: ``python naive_reference.py [--fsync] METHOD OUT_DIR BASE_DIR EXPERT_DIR...``. With ``--fsync``
+the written file is made durable (fsynced, with its folder) before the clock stops, as every file
+hf-merge writes is: the same work, at the same guarantee.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -106,7 +109,8 @@ METHODS = {"opcm": opcm, "average": average, "task_arithmetic": task_arithmetic,
 
 
 def main(argv):
-    method, out_dir, base_dir, *expert_dirs = argv
+    durable = argv[:1] == ["--fsync"]
+    method, out_dir, base_dir, *expert_dirs = argv[durable:]
     started = time.perf_counter()
     base = load_file(str(Path(base_dir) / "model.safetensors"))
     experts = [load_file(str(Path(e) / "model.safetensors")) for e in expert_dirs]
@@ -114,6 +118,13 @@ def main(argv):
     state = {n: merged[n].to(t.dtype) if n in merged else t for n, t in base.items()}
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     save_file(state, str(Path(out_dir) / "model.safetensors"), metadata={"format": "pt"})
+    if durable:
+        for path in (Path(out_dir) / "model.safetensors", Path(out_dir)):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
     seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     status = Path("/proc/self/status")
