@@ -245,6 +245,11 @@ def main() -> None:
         return run_child([sys.executable, __file__, "--child", "streaming", method, str(out), str(base),
                           json.dumps(options), *map(str, experts[:n])])
 
+    def naive_merge(method: str, n: int, out: Path, *flags: str) -> dict:
+        shutil.rmtree(out, ignore_errors=True)
+        return run_child([sys.executable, str(HERE / "naive_reference.py"), *flags, method, str(out), str(base),
+                          *map(str, experts[:n])])
+
     if "opcm" in args.methods and not args.no_float64:
         # One float64 run (exact SVDs, float64 arithmetic) gives the reference of every count.
         reference = work / "float64"
@@ -265,14 +270,9 @@ def main() -> None:
             # touches every contender, not the repeats of one.
             for _ in range(repeats):
                 if not args.no_naive and not skip_naive:
-                    shutil.rmtree(naive_dir, ignore_errors=True)
-                    naive_runs.append(run_child([sys.executable, str(HERE / "naive_reference.py"), method,
-                                                 str(naive_dir), str(base), *map(str, experts[:n])]))
+                    naive_runs.append(naive_merge(method, n, naive_dir))
                     if method in CHEAP:
-                        durable_dir = work / "naive-fsync"
-                        shutil.rmtree(durable_dir, ignore_errors=True)
-                        durable_runs.append(run_child([sys.executable, str(HERE / "naive_reference.py"), "--fsync",
-                                                       method, str(durable_dir), str(base), *map(str, experts[:n])]))
+                        durable_runs.append(naive_merge(method, n, work / "naive-fsync", "--fsync"))
                 for label, options in variants(method, args.decompositions, args.linalg):
                     out, first = work / "stream", label not in runs
                     runs.setdefault(label, []).append(stream(method, n, options, out))

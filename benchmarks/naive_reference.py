@@ -110,7 +110,7 @@ METHODS = {"opcm": opcm, "average": average, "task_arithmetic": task_arithmetic,
 
 def main(argv):
     durable = argv[:1] == ["--fsync"]
-    method, out_dir, base_dir, *expert_dirs = argv[durable:]
+    method, out_dir, base_dir, *expert_dirs = argv[1:] if durable else argv
     started = time.perf_counter()
     base = load_file(str(Path(base_dir) / "model.safetensors"))
     experts = [load_file(str(Path(e) / "model.safetensors")) for e in expert_dirs]
