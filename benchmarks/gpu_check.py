@@ -66,7 +66,7 @@ def timed_merge(base: Path, experts: list[Path], method: str, out: Path, device:
     """(seconds per expert, peak GPU memory in MiB) of one merge."""
     import torch
 
-    from hf_merge.engine import merge
+    from hf_merge.merging.engine import merge
 
     if device == "cuda":
         torch.cuda.synchronize()
@@ -89,9 +89,9 @@ def decomposition_seconds(base: Path, experts: list[Path]) -> dict[str, float]:
     """The decompositions of one OPCM step alone, on the GPU: D = mean of two task vectors."""
     import torch
 
-    from hf_merge.checkpoint import Checkpoint
-    from hf_merge.methods.opcm_linalg import gram_pairs
-    from hf_merge.validation import linear_weight_names, merged_names
+    from hf_merge.io.checkpoint import Checkpoint
+    from hf_merge.merging.methods.opcm_linalg import gram_pairs
+    from hf_merge.io.validation import linear_weight_names, merged_names
 
     with Checkpoint.open(base) as b, Checkpoint.open(experts[0]) as e0, Checkpoint.open(experts[1]) as e1:
         names = sorted(linear_weight_names(b.config, merged_names(b, "vision")))

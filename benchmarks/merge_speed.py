@@ -93,7 +93,7 @@ def child_streaming(method: str, out: str, base: str, experts: list[str], option
     so one float64 run gives the references of several expert counts)."""
     import torch
 
-    from hf_merge.engine import merge
+    from hf_merge.merging.engine import merge
 
     options = dict(options or {})
     if "linalg" in options:  # read when the method is made, inside merge()
@@ -112,7 +112,7 @@ def child_streaming(method: str, out: str, base: str, experts: list[str], option
         return call
 
     # only timed, so the decompositions' share of a run is known under any load
-    from hf_merge.methods.linalg_backend import Linalg
+    from hf_merge.merging.methods.linalg_backend import Linalg
 
     torch.linalg.svd = timed(torch.linalg.svd)
     Linalg.eigh_lower = timed(Linalg.eigh_lower)  # torch's eigh or numpy's, whichever runs
@@ -160,7 +160,7 @@ def median(reports: list[dict]) -> float | None:
 
 
 def max_abs_diff(left: Path, right: Path) -> float:
-    from hf_merge.checkpoint import Checkpoint
+    from hf_merge.io.checkpoint import Checkpoint
 
     with Checkpoint.open(left) as a, Checkpoint.open(right) as b:
         return max(float((a.get(n).float() - b.get(n).float()).abs().max()) for n in a.names())
@@ -177,8 +177,8 @@ def variants(method: str, decompositions: list[str], backends: list[str]) -> lis
     OPCM runs each decomposition on the backend ``auto`` picks, and each Gram decomposition on the
     other ``backends`` too (the SVD path is torch's on every backend)."""
     if method == "opcm":
-        from hf_merge.methods import get_method
-        from hf_merge.methods.linalg_backend import resolve
+        from hf_merge.merging.methods import get_method
+        from hf_merge.merging.methods.linalg_backend import resolve
 
         default, auto = get_method(method).defaults["decomposition"], resolve("auto").name
         found = []
@@ -192,7 +192,7 @@ def variants(method: str, decompositions: list[str], backends: list[str]) -> lis
                               {"decomposition": d, "linalg": backend}))
         return found
     if method in CHEAP:
-        from hf_merge.methods import get_method
+        from hf_merge.merging.methods import get_method
 
         default = get_method(method).checkpoint_every
         return [(f"checkpoint_every={default} (default)", {})] + [
@@ -307,7 +307,7 @@ def openblas_core() -> str:
     """The kernel numpy's OpenBLAS runs here (``OPENBLAS_CORETYPE`` can pin it), or why none."""
     import ctypes
 
-    from hf_merge.methods import linalg_backend
+    from hf_merge.merging.methods import linalg_backend
 
     lib = linalg_backend.numpy_openblas()
     if lib is None:
@@ -356,7 +356,7 @@ def render(rows: list[dict], accuracy: dict[int, dict[str, float]], context: dic
     import numpy
     import torch
 
-    from hf_merge.methods import linalg_backend
+    from hf_merge.merging.methods import linalg_backend
 
     model_bytes = context["model_bytes"]
     lines = [
@@ -376,7 +376,7 @@ def render(rows: list[dict], accuracy: dict[int, dict[str, float]], context: dic
         lines += ["", context["note"]]
     lines += [
         "",
-        "Streaming = hf_merge.engine (one model resident); naive = benchmarks/naive_reference.py "
+        "Streaming = hf_merge.merging.engine (one model resident); naive = benchmarks/naive_reference.py "
         "(every model in memory, float32 full-matrix SVDs, written once). Peak RSS counts the interpreter "
         "and its imports; \"+ over imports\" is the growth after importing. Δ naive = max |streaming − naive| "
         "over all weights; Δ float64 = max |streaming − float64 OPCM| (exact SVDs and float64 arithmetic "
@@ -395,7 +395,7 @@ def render(rows: list[dict], accuracy: dict[int, dict[str, float]], context: dic
         f"writing the steps that are written) / experts; its set-up alone took {setup:.2f} s on average. Naive s/expert = (loading + merging + writing once) / experts. svd+eigh s/step: time inside "
         "`torch.linalg.svd` / the backend's `eigh` per OPCM step (steps 2..n), summed over the worker threads, "
         "timed in the same run. linalg: where the Gram paths' products and `eigh` ran (torch's MKL or numpy's "
-        "OpenBLAS; see hf_merge/methods/linalg_backend.py). "
+        "OpenBLAS; see hf_merge/merging/methods/linalg_backend.py). "
         "writes: how many complete models the run wrote (checkpoint_every; the last step always).",
     ]
     durable = [row for row in rows if row.get("naive_fsync") and row["variant"].endswith("(default)")]

@@ -2,7 +2,7 @@
 
 This is how the reference implementations work: load θ0 and every expert as whole state dicts,
 compute on whole-model tensors, and build OPCM's projections with ``full_matrices=True`` SVDs
-(P = Uᵀ τ V with square U and V). It produces the same weights as :mod:`hf_merge.engine` (up to
+(P = Uᵀ τ V with square U and V). It produces the same weights as :mod:`hf_merge.merging.engine` (up to
 float rounding) and exists only so that ``merge_speed.py`` can measure what streaming saves.
 
 Usage: ``python naive_reference.py [--fsync] METHOD OUT_DIR BASE_DIR EXPERT_DIR...``. With ``--fsync``

@@ -25,17 +25,17 @@ _LAZY = {
     "MergeRecipe": "hf_merge.recipe",
     "EvalSpec": "hf_merge.recipe",
     # Step by step, on local folders or resolved sources.
-    "ContinualMerger": "hf_merge.engine",
-    "MergeState": "hf_merge.state",
-    "ModelSource": "hf_merge.sources",
-    "resolve": "hf_merge.sources",
-    "get_method": "hf_merge.methods",
+    "ContinualMerger": "hf_merge.merging.engine",
+    "MergeState": "hf_merge.merging.state",
+    "ModelSource": "hf_merge.hub.sources",
+    "resolve": "hf_merge.hub.sources",
+    "get_method": "hf_merge.merging.methods",
     # Evaluation and the Space.
     "evaluate_model": "hf_merge.evaluation",
     "ContinualEvaluator": "hf_merge.evaluation",
     "EvaluationReport": "hf_merge.evaluation",
-    "publish_space": "hf_merge.space",
-    "run_space": "hf_merge.space",
+    "publish_space": "hf_merge.publish.space",
+    "run_space": "hf_merge.publish.space",
 }
 
 __all__ = sorted(_LAZY)

@@ -12,17 +12,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from . import hub
-from .card import CARD_FILENAME, STATE_FILENAME, lineage, load_state, read_license, write_card
-from .errors import MergeStateError, RecipeError, UsageError
-from .log import get_logger
-from .output_folder import check_output_folder, weights_bytes
-from .preflight import check_models
-from .progress import Phase
-from .recipe import EvalSpec, MergeRecipe, _reference_key
-from . import sources
-from .sources import resolve, split_reference
-from .step_evaluation import average_accuracy, continued_tasks, evaluation_hook
+from hf_merge.hub import client as hub
+from hf_merge.publish.card import CARD_FILENAME, STATE_FILENAME, lineage, load_state, read_license, write_card
+from hf_merge.errors import MergeStateError, RecipeError, UsageError
+from hf_merge.log import get_logger
+from hf_merge.output_folder import check_output_folder, weights_bytes
+from hf_merge.hub.preflight import check_models
+from hf_merge.progress import Phase
+from hf_merge.recipe import EvalSpec, MergeRecipe, _reference_key
+from hf_merge.hub import sources
+from hf_merge.hub.sources import resolve, split_reference
+from hf_merge.step_evaluation import average_accuracy, continued_tasks, evaluation_hook
 
 logger = get_logger(__name__)
 
@@ -85,7 +85,7 @@ def merge(recipe: MergeRecipe | str | Path | None = None, *, token: str | None =
     check_models(recipe.base, experts, token=token, allow_pickle=recipe.allow_pickle, scope=recipe.scope)
     check_output_folder(output_dir, weights_bytes=weights_bytes(recipe.base, token=token))
 
-    from .engine import ContinualMerger
+    from hf_merge.merging.engine import ContinualMerger
 
     base = _resolve_base(recipe.base, token=token, allow_pickle=recipe.allow_pickle)
     licenses = {base.name: read_license(base.path)}
@@ -186,7 +186,7 @@ def add(
     check_models(_pinned_base(base_entry, recipe.base), experts, token=token, allow_pickle=recipe.allow_pickle,
                  scope=recipe.scope, merged_names=load_state(output_dir).get("merged_names"))
 
-    from .engine import ContinualMerger
+    from hf_merge.merging.engine import ContinualMerger
 
     # The base pinned to the commit the merge started from (the engine refuses any other).
     base = _resolve_base(_pinned_base(base_entry, recipe.base), token=token, allow_pickle=recipe.allow_pickle)
@@ -250,7 +250,7 @@ def _resolve_base(reference: str, *, token: str | None, allow_pickle: bool) -> A
 
 
 def _merge_experts(merger: Any, experts: Sequence[str], recipe: MergeRecipe, token: str | None, licenses: dict) -> None:
-    from .prefetch import Prefetcher
+    from hf_merge.hub.prefetch import Prefetcher
 
     prefixes = _partial_prefixes(recipe)
 
@@ -271,7 +271,7 @@ def _merge_experts(merger: Any, experts: Sequence[str], recipe: MergeRecipe, tok
 
 def _partial_prefixes(recipe: MergeRecipe) -> tuple[str, ...] | None:
     """Tensor prefixes to download experts for, or ``None`` for full snapshots."""
-    from .validation import SCOPES
+    from hf_merge.io.validation import SCOPES
 
     prefixes = SCOPES.get(recipe.scope)
     if not recipe.partial_download or not prefixes or "" in prefixes:
@@ -319,7 +319,7 @@ def _publish(output_dir: Path, recipe: MergeRecipe, *, token: str | None, licens
     if recipe.space:
         if not recipe.push_to_hub:
             raise UsageError("a Space needs a published model: set push_to_hub as well as space")
-        from .space import publish_space
+        from hf_merge.publish.space import publish_space
 
         # The card pushed above already links the Space, so the model repo keeps one commit per run.
         result.space_url = publish_space(recipe.push_to_hub, recipe.space, token=token, private=recipe.private, link_card=False)
@@ -357,7 +357,7 @@ def _pinned_name(entry: dict[str, Any]) -> str:
 
 
 def _previous_licenses(output_dir: Path) -> dict[str, str | None]:
-    from .card import _previous_licenses as recorded
+    from hf_merge.publish.card import _previous_licenses as recorded
 
     state = load_state(output_dir)
     base, experts = lineage(state)
@@ -369,7 +369,7 @@ def _previous_licenses(output_dir: Path) -> dict[str, str | None]:
 def _copy_result(source: Path, destination: Path) -> None:
     import shutil
 
-    from .state import recover
+    from hf_merge.merging.state import recover
 
     if destination.exists() and any(destination.iterdir()):
         raise UsageError(f"output folder {destination} is not empty")

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import HfMergeError
-from .log import get_logger
+from hf_merge.errors import HfMergeError
+from hf_merge.log import get_logger
 
 logger = get_logger(__name__)
 
@@ -67,8 +67,8 @@ def run_demo(
     from the cached zoo in seconds), so the demo can be run again and again. ``zoo_config`` (a
     :class:`~hf_merge.zoo.ZooConfig`) picks another zoo than the default one.
     """
-    from .hub_server import LocalHubServer
-    from .zoo import build_zoo, push_zoo
+    from hf_merge.hub_server import LocalHubServer
+    from hf_merge.zoo import build_zoo, push_zoo
 
     output_dir = Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """Checks of the output folder before any download or merge work: a bad ``--output`` fails in seconds.
 
 A merge writes a complete model after every step, plus the replaced weight files it recycles (see
-:mod:`hf_merge.state`), so the folder must be a folder (or creatable as one), writable, and on a
+:mod:`hf_merge.merging.state`), so the folder must be a folder (or creatable as one), writable, and on a
 disk with room for about two copies of the base's weights.
 """
 
@@ -12,8 +12,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import UsageError
-from .sizes import format_size
+from hf_merge.errors import UsageError
+from hf_merge.sizes import format_size
 
 # The output holds the merged weights and, while a merge runs, the spare copy of the last step's.
 _COPIES_WHILE_MERGING = 2
@@ -59,8 +59,8 @@ def weights_bytes(reference: str, *, token: str | None = None) -> int | None:
     if folder.is_dir():
         files = list(folder.glob("*.safetensors")) or list(folder.glob("*.bin"))
         return sum(f.stat().st_size for f in files if f.is_file())
-    from . import hub
-    from .sources import split_reference
+    from hf_merge.hub import client as hub
+    from hf_merge.hub.sources import split_reference
 
     repo_id, revision = split_reference(reference)
     with hub.hub_errors(reference, token=token):

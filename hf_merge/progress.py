@@ -13,7 +13,7 @@ import sys
 from contextlib import contextmanager
 from typing import Iterator
 
-from .log import get_logger
+from hf_merge.log import get_logger
 
 logger = get_logger(__name__)
 

@@ -30,9 +30,9 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
-from .errors import RecipeError
-from .sources import split_reference
-from .watch.policy import AdmissionPolicy
+from hf_merge.errors import RecipeError
+from hf_merge.hub.sources import split_reference
+from hf_merge.watch.policy import AdmissionPolicy
 
 RECIPE_FILENAME = "recipe.yaml"
 
@@ -77,9 +77,9 @@ def known_methods() -> list[str]:
 
 
 def _registry_parameters() -> dict[str, dict[str, Any]] | None:
-    """``{method: {parameter: default}}`` from :mod:`hf_merge.methods`, or ``None`` if unavailable."""
+    """``{method: {parameter: default}}`` from :mod:`hf_merge.merging.methods`, or ``None`` if unavailable."""
     try:
-        from .methods.registry import METHODS
+        from hf_merge.merging.methods.registry import METHODS
     except ImportError:  # torch missing: the recipe still validates against the fallback table
         return None
     return {name: dict(getattr(cls, "defaults", {}) or {}) for name, cls in METHODS.items()} or None

@@ -10,10 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .accuracy_table import EVAL_FILENAME, load_accuracy
-from .errors import RecipeError
-from .log import get_logger
-from .recipe import EvalSpec, MergeRecipe
+from hf_merge.publish.accuracy_table import EVAL_FILENAME, load_accuracy
+from hf_merge.errors import RecipeError
+from hf_merge.log import get_logger
+from hf_merge.recipe import EvalSpec, MergeRecipe
 
 logger = get_logger(__name__)
 
@@ -32,8 +32,8 @@ def evaluation_hook(
     """
     if spec is None or not tasks:
         return None
-    from .evaluation import ContinualEvaluator, EvaluationReport, get_task
-    from .errors import EvaluationError
+    from hf_merge.evaluation import ContinualEvaluator, EvaluationReport, get_task
+    from hf_merge.errors import EvaluationError
 
     for task in tasks:
         try:
@@ -42,7 +42,7 @@ def evaluation_hook(
             raise RecipeError(str(error)) from None
     total = len(experts)
     if spec.every_step:
-        from .evaluation import Evaluator
+        from hf_merge.evaluation import Evaluator
 
         def continual(task_list: Sequence[str], expert_list: Sequence[str], report: Any = None) -> Any:
             return ContinualEvaluator(task_list, base=base, experts=list(expert_list), expert_names=list(expert_list),
@@ -89,7 +89,7 @@ class _FinalEvaluation:
     def __call__(self, step: int, output_dir: Path, state: Any = None) -> None:
         if step != self.final_step:
             return
-        from .evaluation import EvaluationReport, Evaluator
+        from hf_merge.evaluation import EvaluationReport, Evaluator
 
         unique = list(dict.fromkeys(self.tasks))
         results = Evaluator(unique, limit=self.limit, token=self.token).evaluate(str(output_dir), tasks=unique)

@@ -6,11 +6,11 @@ import pytest
 import yaml
 from huggingface_hub import ModelCard
 
-from hf_merge.card import METHOD_DESCRIPTIONS, build_card, choose_license, read_license, write_card
+from hf_merge.publish.card import METHOD_DESCRIPTIONS, build_card, choose_license, read_license, write_card
 from hf_merge.evaluation import EvaluationReport
-from hf_merge.hub import endpoint
+from hf_merge.hub.client import endpoint
 from hf_merge.recipe import EvalSpec, MergeRecipe, known_methods
-from hf_merge.state import MergeState
+from hf_merge.merging.state import MergeState
 
 BASE = "openai/clip-vit-base-patch32"
 EXPERTS = ["org/clip-sun397", "org/clip-dtd", "org/clip-mnist"]

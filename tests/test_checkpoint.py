@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from hf_merge.checkpoint import Checkpoint, TensorSpec, all_finite, parse_size
-from hf_merge.weights_writer import CheckpointWriter
+from hf_merge.io.checkpoint import Checkpoint, TensorSpec, all_finite, parse_size
+from hf_merge.io.weights_writer import CheckpointWriter
 from hf_merge.errors import CheckpointError
 
 
@@ -137,7 +137,7 @@ def test_parse_size():
 def test_reads_into_given_memory_and_scratch_slots_reuse_it(tmp_path):
     from safetensors.torch import save_file
 
-    from hf_merge.methods.base import read_scratch, release_scratch
+    from hf_merge.merging.methods.base import read_scratch, release_scratch
 
     tensors = {"a": torch.arange(12, dtype=torch.float32).reshape(3, 4), "b": torch.arange(6, dtype=torch.float16)}
     save_file(tensors, str(tmp_path / "model.safetensors"))

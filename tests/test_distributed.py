@@ -19,8 +19,8 @@ _SCRIPT = textwrap.dedent(
     import json, sys
     from pathlib import Path
     from accelerate import PartialState
-    import hf_merge.methods.opcm as opcm
-    from hf_merge.engine import ContinualMerger, merge
+    import hf_merge.merging.methods.opcm as opcm
+    from hf_merge.merging.engine import ContinualMerger, merge
     from hf_merge.errors import CheckpointError
 
     report, base, out, poisoned, last, *experts = sys.argv[1:]

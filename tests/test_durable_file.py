@@ -8,8 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from hf_merge import durable_file
-from hf_merge.durable_file import DurableFile
+from hf_merge.io import durable_file
+from hf_merge.io.durable_file import DurableFile
 
 SIZES = [0, 1, 4095, 4096, 4097, durable_file._CHUNK - 1, durable_file._CHUNK, 2 * durable_file._CHUNK + 12345]
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from hf_merge.weights_writer import CheckpointWriter
-from hf_merge.engine import ContinualMerger, MergeResult, merge
+from hf_merge.io.weights_writer import CheckpointWriter
+from hf_merge.merging.engine import ContinualMerger, MergeResult, merge
 from hf_merge.errors import CheckpointError, IncompatibleExpertError, MergeStateError, UsageError
-from hf_merge.sources import ModelSource
-from hf_merge.state import MergeState
+from hf_merge.hub.sources import ModelSource
+from hf_merge.merging.state import MergeState
 from hf_merge.testing.tiny_clip import build_tiny_clip
 
 

@@ -12,7 +12,14 @@ from safetensors.torch import load_file, save_file
 
 from hf_merge.cli import main
 from hf_merge.errors import EvaluationError
-from hf_merge.evaluation import ContinualEvaluator, DatasetSpec, EvaluationReport, Evaluator, Task, evaluate_model
+from hf_merge.evaluation import (
+    ContinualEvaluator,
+    DatasetSpec,
+    EvaluationReport,
+    Evaluator,
+    Task,
+    evaluate_model,
+)
 from hf_merge.evaluation.continual import RESULTS_FILENAME
 from hf_merge.evaluation.synthetic import COLOR_NAMES
 from hf_merge.testing.tiny_clip import make_expert
@@ -149,7 +156,7 @@ def test_cli_eval_writes_json(tiny_base, tmp_path, capsys):
 
 
 def test_engine_on_step_fills_the_report(tiny_base, experts, tmp_path):
-    from hf_merge.engine import ContinualMerger
+    from hf_merge.merging.engine import ContinualMerger
 
     out = tmp_path / "engine-merge"
     evaluator = ContinualEvaluator(TASKS[:2], limit=16, device="cpu")

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 
 from hf_merge.errors import EvaluationError
-from hf_merge.evaluation import PAPER_TASKS_8, PAPER_TASKS_14, PAPER_TASKS_20, DatasetSpec, Task, get_task, list_tasks
+from hf_merge.evaluation import (
+    PAPER_TASKS_8,
+    PAPER_TASKS_14,
+    PAPER_TASKS_20,
+    DatasetSpec,
+    Task,
+    get_task,
+    list_tasks,
+)
 from hf_merge.evaluation.tasks import register_task, render_template
 
 EXPECTED_CLASSES = {

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from huggingface_hub import constants
 
-from hf_merge import hub, sources
+from hf_merge.hub import client as hub, sources
 from hf_merge.errors import AuthenticationError, CheckpointError, ModelNotFoundError, PushError
-from hf_merge.sources import resolve
+from hf_merge.hub.sources import resolve
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hf_merge.engine import merge
+from hf_merge.merging.engine import merge
 from hf_merge.errors import UsageError
-from hf_merge.methods import linalg_backend
-from hf_merge.methods.linalg_backend import Linalg, resolve
-from hf_merge.methods.opcm import OPCM
+from hf_merge.merging.methods import linalg_backend
+from hf_merge.merging.methods.linalg_backend import Linalg, resolve
+from hf_merge.merging.methods.opcm import OPCM
 
 TORCH, OPENBLAS = Linalg("torch"), Linalg("openblas")
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hf_merge.engine import merge
-from hf_merge.methods.base import squared_norm
-from hf_merge.methods.opcm import project_task_vector, split_rank
-from hf_merge.methods.ties import kth_smallest_magnitude
+from hf_merge.merging.engine import merge
+from hf_merge.merging.methods.base import squared_norm
+from hf_merge.merging.methods.opcm import project_task_vector, split_rank
+from hf_merge.merging.methods.ties import kth_smallest_magnitude
 
 N_STEPS = 5
 LINEAR_SUFFIXES = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "out_proj.weight", "fc1.weight", "fc2.weight")

@@ -8,9 +8,9 @@ import itertools
 import pytest
 import torch
 
-from hf_merge.methods.linalg_backend import Linalg
-from hf_merge.methods.opcm_linalg import DECOMPOSITIONS
-from hf_merge.methods.opcm_linalg import project_task_vector as project_on
+from hf_merge.merging.methods.linalg_backend import Linalg
+from hf_merge.merging.methods.opcm_linalg import DECOMPOSITIONS
+from hf_merge.merging.methods.opcm_linalg import project_task_vector as project_on
 
 SHAPES = ((40, 40), (64, 24), (24, 64))
 
@@ -123,7 +123,7 @@ def test_gram_mixed_keeps_float32_svd_accuracy_on_a_graded_spectrum(project_task
 
 def test_left_vectors_forms_unresolved_columns_again_in_float64(linalg):
     """A pair too small for a float32 D V (here s = 1e-9 · s_max) gets its u from a float64 product."""
-    from hf_merge.methods.opcm_linalg import gram_pairs, left_vectors
+    from hf_merge.merging.methods.opcm_linalg import gram_pairs, left_vectors
 
     g = torch.Generator().manual_seed(12)
     q1, _ = torch.linalg.qr(torch.randn(50, 20, generator=g, dtype=torch.float64))
@@ -190,7 +190,12 @@ def test_unknown_decomposition_is_refused(project_task_vector):
 @pytest.mark.parametrize("zero_diagonal", [True, False])
 def test_tall_delta_removes_the_same_through_delta_as_through_u(zero_diagonal, linalg):
     """For a tall D, U = D V S⁻¹ is never formed; what τ loses is the same as with U formed."""
-    from hf_merge.methods.opcm_linalg import gram_pairs, remove_pairs, remove_pairs_through_delta, split_rank
+    from hf_merge.merging.methods.opcm_linalg import (
+        gram_pairs,
+        remove_pairs,
+        remove_pairs_through_delta,
+        split_rank,
+    )
 
     delta, tau = sample((96, 24), seed=13, dtype=torch.float64)
     s, v = gram_pairs(delta, torch.float64, linalg)

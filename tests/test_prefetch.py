@@ -10,13 +10,13 @@ import pytest
 import torch
 from huggingface_hub import constants
 
-from hf_merge import ranged, sources
-from hf_merge.checkpoint import Checkpoint
+from hf_merge.hub import ranged, sources
+from hf_merge.io.checkpoint import Checkpoint
 from hf_merge.errors import ModelNotFoundError
-from hf_merge.prefetch import THREAD_PREFIX, Prefetcher
-from hf_merge.sources import ModelSource
-from hf_merge.transfer import Transfer
-from hf_merge.validation import SCOPES
+from hf_merge.hub.prefetch import THREAD_PREFIX, Prefetcher
+from hf_merge.hub.sources import ModelSource
+from hf_merge.hub.transfer import Transfer
+from hf_merge.io.validation import SCOPES
 
 
 def _prefetch_threads() -> list[threading.Thread]:
@@ -142,9 +142,9 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def test_merged_result_is_the_same_with_and_without_prefetch_and_ranges(seeded_hub, tmp_path):
-    from hf_merge import engine
+    from hf_merge.merging import engine
     from hf_merge.api import merge
-    from hf_merge.state import MergeState
+    from hf_merge.merging.state import MergeState
 
     experts = seeded_hub.experts[:3]
     reference = engine.merge(seeded_hub.base_dir, seeded_hub.expert_dirs[:3], "opcm", tmp_path / "local")
@@ -168,7 +168,7 @@ def test_merged_result_is_the_same_with_and_without_prefetch_and_ranges(seeded_h
 
 
 def test_the_full_downloads_progress_bar_stops_it_when_cancelled():
-    from hf_merge.transfer import DownloadCancelled
+    from hf_merge.hub.transfer import DownloadCancelled
 
     transfer = Transfer()
     bar = transfer.progress_class()(total=10, disable=True)

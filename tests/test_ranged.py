@@ -1,4 +1,4 @@
-"""Partial downloads by HTTP ranges (hf_merge.ranged) through the local Hub and the real client."""
+"""Partial downloads by HTTP ranges (hf_merge.hub.ranged) through the local Hub and the real client."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_merge import ranged, sources
-from hf_merge.checkpoint import Checkpoint
-from hf_merge.weights_writer import CheckpointWriter
+from hf_merge.hub import ranged, sources
+from hf_merge.io.checkpoint import Checkpoint
+from hf_merge.io.weights_writer import CheckpointWriter
 from hf_merge.errors import UsageError
 from hf_merge.hub_server.server import HubRequestHandler
-from hf_merge.transfer import Transfer
-from hf_merge.validation import SCOPES
+from hf_merge.hub.transfer import Transfer
+from hf_merge.io.validation import SCOPES
 
 VISION = SCOPES["vision"]
 
@@ -146,7 +146,7 @@ def test_pickle_only_weights_fall_back_to_the_full_download(hub_api, tiny_base, 
 
 
 def test_the_engine_refuses_a_partial_expert_missing_tensors_of_its_scope(seeded_hub, tmp_path):
-    from hf_merge.engine import ContinualMerger
+    from hf_merge.merging.engine import ContinualMerger
 
     partial = sources.download_model(seeded_hub.experts[0], tensor_prefixes=VISION)
     with ContinualMerger(seeded_hub.base_dir, tmp_path / "out", "average", scope="all") as merger:

@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hf_merge import api
-from hf_merge.weights_writer import CheckpointWriter
-from hf_merge.conversion_pr import CONVERSION_BOT, PR_TITLE
-from hf_merge.engine import merge as engine_merge
+from hf_merge.io.weights_writer import CheckpointWriter
+from hf_merge.hub.conversion_pr import CONVERSION_BOT, PR_TITLE
+from hf_merge.merging.engine import merge as engine_merge
 from hf_merge.errors import AuthenticationError, CheckpointError, IncompatibleExpertError
 from hf_merge.hub_server.storage import RepoRecord
 
@@ -63,7 +63,7 @@ def test_vision_only_experts_merge_into_a_full_clip(tiny_base, tiny_experts, tmp
     state = json.loads((out / "merge_state.json").read_text())
     assert state["from_base"] == {"visual_projection.weight": "the expert does not have it: it is a CLIPVisionModel"}
     assert all(n.startswith("vision_model.") for n in state["merged_names"])
-    from hf_merge.card import build_card
+    from hf_merge.publish.card import build_card
 
     card = build_card(out, plot=False).text
     assert f"{len(state['merged_names'])} tensors were merged: `vision_model.*` ({len(state['merged_names'])})" in card
@@ -300,7 +300,7 @@ def test_gated_repo_says_to_accept_its_terms(hub_server, seeded_hub, tmp_path, b
 def test_the_real_conversion_file_passes_the_name_check():
     """openai/clip-vit-base-patch32's real config.json (full widths): the conversion bot's file
     holds 398 float32 tensors plus two int64 position_ids; that set passes, a renamed one does not."""
-    from hf_merge.conversion_pr import expected_float_names, tensor_name_problem
+    from hf_merge.hub.conversion_pr import expected_float_names, tensor_name_problem
 
     config = json.loads((Path(__file__).parents[1] / "hf_merge/testing/replica_files/openai-clip-vit-base-patch32.config.json").read_text())
     names = expected_float_names(config)

@@ -15,7 +15,7 @@ from PIL import Image
 
 from hf_merge.cli import main as cli_main
 from hf_merge.resources import space_app_dir
-from hf_merge.space import build_space_config, insert_space_link, load_app_module
+from hf_merge.publish.space import build_space_config, insert_space_link, load_app_module
 from hf_merge.testing.net import free_port
 
 EXAMPLE = space_app_dir() / "examples" / "red_square.png"
@@ -60,7 +60,7 @@ def test_config_from_the_hub_repo(seeded_merged_repo, seeded_hub, tmp_path):
 
 def test_space_examples_are_test_images_of_the_merged_tasks(seeded_merged_repo, tmp_path, app):
     from hf_merge.evaluation.synthetic import _RGB
-    from hf_merge.space import write_space_folder
+    from hf_merge.publish.space import write_space_folder
 
     folder = write_space_folder(build_space_config(seeded_merged_repo, work_dir=tmp_path / "merge"), tmp_path / "space")
     config = json.loads((folder / "space_config.json").read_text())
@@ -85,7 +85,7 @@ def test_space_examples_are_test_images_of_the_merged_tasks(seeded_merged_repo, 
 
 
 def test_a_space_without_evaluated_tasks_keeps_the_generic_examples(tiny_base, tmp_path):
-    from hf_merge.space import write_space_folder
+    from hf_merge.publish.space import write_space_folder
 
     folder = write_space_folder(build_space_config(tiny_base, work_dir=tmp_path / "merge"), tmp_path / "space")
     assert json.loads((folder / "space_config.json").read_text())["examples"] == []
@@ -289,7 +289,7 @@ def test_space_run_serves_a_local_folder(tiny_base, monkeypatch):
 
 def test_config_of_a_real_engine_merge(seeded_hub, tmp_path, app):
     """A folder written by the merge engine (OPCM over Hub repos) gives a Space with its lineage."""
-    from hf_merge.engine import merge
+    from hf_merge.merging.engine import merge
 
     result = merge(seeded_hub.base, seeded_hub.experts[:2], method="opcm", output_dir=tmp_path / "out")
     config = build_space_config(result.output_dir, keep_local_paths=True)

@@ -11,8 +11,8 @@ from hf_merge.errors import MergeStateError
 import torch
 from safetensors.torch import load_file
 
-from hf_merge.weights_writer import CheckpointWriter
-from hf_merge.state import STATE_NAME, MergeState, OutputTransaction, discard_spare, recover
+from hf_merge.io.weights_writer import CheckpointWriter
+from hf_merge.merging.state import STATE_NAME, MergeState, OutputTransaction, discard_spare, recover
 
 
 def make_state(step: int) -> MergeState:

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from hf_merge import durable_file
-from hf_merge.checkpoint import Checkpoint
-from hf_merge.engine import ContinualMerger, merge
-from hf_merge.weights_writer import WrittenFiles
+from hf_merge.io import durable_file
+from hf_merge.io.checkpoint import Checkpoint
+from hf_merge.merging.engine import ContinualMerger, merge
+from hf_merge.io.weights_writer import WrittenFiles
 
 
 @pytest.fixture
@@ -94,8 +94,8 @@ def test_a_written_step_is_written_while_it_is_merged(tiny_base, tiny_experts, t
     """The first merged tensor reaches the file before the step has finished its last one."""
     import threading
 
-    from hf_merge.methods.base import MergeMethod
-    from hf_merge.step_writer import PendingWrite
+    from hf_merge.merging.methods.base import MergeMethod
+    from hf_merge.merging.step_writer import PendingWrite
 
     first_written, merged_names = threading.Event(), []
     real_when_ready, real_done = PendingWrite._when_ready, MergeMethod._done

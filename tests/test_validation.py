@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModelWithProjection, ViTConfig, ViTModel
 
-from hf_merge.validation import _linear_weights_of_model, linear_weight_names
+from hf_merge.io.validation import _linear_weights_of_model, linear_weight_names
 
 
 def _meta_state(model_cls, config):

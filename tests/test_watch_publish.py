@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 from huggingface_hub.errors import HfHubHTTPError
 
-from hf_merge import hub
+from hf_merge.hub import client as hub
 from hf_merge.errors import PushError
 from hf_merge.watch import publish
 from hf_merge.watch.publish import RetryPolicy, StaleParentError, push_files

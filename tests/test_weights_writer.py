@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from hf_merge import durable_file
-from hf_merge.checkpoint import Checkpoint, TensorSpec
-from hf_merge.weights_writer import WrittenFiles, safetensors_header, write_safetensors
+from hf_merge.io import durable_file
+from hf_merge.io.checkpoint import Checkpoint, TensorSpec
+from hf_merge.io.weights_writer import WrittenFiles, safetensors_header, write_safetensors
 
 
 @pytest.fixture

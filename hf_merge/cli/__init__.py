@@ -14,8 +14,8 @@ import logging
 import sys
 from typing import Sequence
 
-from ..errors import HfMergeError
-from ..log import set_verbosity
+from hf_merge.errors import HfMergeError
+from hf_merge.log import set_verbosity
 
 # One module per group of subcommands; each defines ``register(subparsers)``.
 _COMMAND_MODULES = ("merge", "evaluate", "space", "hub", "demo", "watch")
@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         import os
 
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-    from ..progress import configure_client_bars
+    from hf_merge.progress import configure_client_bars
 
     configure_client_bars()
     try:

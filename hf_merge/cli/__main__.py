@@ -1,5 +1,5 @@
 import sys
 
-from . import main
+from hf_merge.cli import main
 
 sys.exit(main())

@@ -24,7 +24,7 @@ def register(subparsers) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..demo import run_demo
+    from hf_merge.demo import run_demo
 
     run_demo(args.output, method=args.method, eval_limit=args.eval_limit or None, port=args.port,
              serve=args.serve, space_port=args.space_port)

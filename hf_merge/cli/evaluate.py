@@ -6,12 +6,12 @@ import argparse
 import json
 from pathlib import Path
 
-from ..errors import EvaluationError, UsageError
+from hf_merge.errors import EvaluationError, UsageError
 
 
 def register(subparsers) -> None:
     """Add this group's subcommands to the ``hf-merge`` parser."""
-    from . import add_verbosity_flags
+    from hf_merge.cli import add_verbosity_flags
 
     parser = subparsers.add_parser(
         "eval",
@@ -41,7 +41,7 @@ def register(subparsers) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..evaluation import evaluate_model, get_task, list_tasks
+    from hf_merge.evaluation import evaluate_model, get_task, list_tasks
 
     if args.list_tasks:
         for name in list_tasks():
@@ -76,7 +76,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def expand_task_sets(names: list[str]) -> list[str]:
     """Replace ``paper-8``, ``paper-14`` and ``paper-20`` by their tasks; split comma-separated lists."""
-    from ..evaluation import PAPER_TASKS_8, PAPER_TASKS_14, PAPER_TASKS_20
+    from hf_merge.evaluation import PAPER_TASKS_8, PAPER_TASKS_14, PAPER_TASKS_20
 
     sets = {"paper-8": PAPER_TASKS_8, "paper-14": PAPER_TASKS_14, "paper-20": PAPER_TASKS_20}
     expanded: list[str] = []

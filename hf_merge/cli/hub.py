@@ -9,12 +9,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..errors import UsageError
+from hf_merge.errors import UsageError
 
 
 def register(subparsers) -> None:
     """Add this group's subcommands to the ``hf-merge`` parser."""
-    from . import add_verbosity_flags
+    from hf_merge.cli import add_verbosity_flags
 
     hub = subparsers.add_parser("hub", help="Run a local Hugging Face Hub-compatible server.")
     hub_commands = hub.add_subparsers(dest="hub_command", metavar="HUB_COMMAND")
@@ -98,7 +98,7 @@ def parse_rate(text: str) -> float:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from ..hub_server import LocalHubServer
+    from hf_merge.hub_server import LocalHubServer
 
     tokens = parse_tokens(args.token, args.token_file)
     rate = parse_rate(args.bandwidth) if args.bandwidth else None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from . import add_verbosity_flags
+from hf_merge.cli import add_verbosity_flags
 
 _EPILOG_MERGE = """examples:
   hf-merge merge --base openai/clip-vit-base-patch32 \\
@@ -81,9 +81,9 @@ def _add_hub_flags(parser: argparse.ArgumentParser, *, push_help: str = "Push th
 
 def run_merge(args: argparse.Namespace) -> int:
     _apply_quiet(args)
-    from ..api import merge
-    from ..errors import UsageError
-    from ..recipe import MergeRecipe
+    from hf_merge.api import merge
+    from hf_merge.errors import UsageError
+    from hf_merge.recipe import MergeRecipe
 
     fields = _recipe_fields(args)
     if args.config:
@@ -110,7 +110,7 @@ def run_merge(args: argparse.Namespace) -> int:
 
 def _recipe_fields(args: argparse.Namespace) -> dict[str, Any]:
     """Recipe fields the user set on the command line (unset flags leave the YAML's values)."""
-    from ..errors import UsageError
+    from hf_merge.errors import UsageError
 
     fields: dict[str, Any] = {}
     for key in ("base", "experts", "method", "scope", "output", "push_to_hub", "private", "space", "seed", "shuffle", "allow_pickle", "evict",
@@ -180,8 +180,8 @@ def _register_add(subparsers: Any) -> None:
 
 def run_add(args: argparse.Namespace) -> int:
     _apply_quiet(args)
-    from ..api import add
-    from ..recipe import EvalSpec
+    from hf_merge.api import add
+    from hf_merge.recipe import EvalSpec
 
     evaluation = _eval_fields(args)
     spec = None
@@ -220,7 +220,7 @@ def _register_card(subparsers: Any) -> None:
 
 def run_card(args: argparse.Namespace) -> int:
     _apply_quiet(args)
-    from ..api import card
+    from hf_merge.api import card
 
     path = card(args.dir, repo_id=args.repo_id, space=args.space)
     print(path)
@@ -245,7 +245,7 @@ def _register_push(subparsers: Any) -> None:
 
 def run_push(args: argparse.Namespace) -> int:
     _apply_quiet(args)
-    from ..api import push
+    from hf_merge.api import push
 
     url = push(args.dir, args.repo_id, token=args.token, private=args.private, create_pr=args.create_pr,
                commit_message=args.commit_message)

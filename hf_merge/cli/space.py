@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import add_verbosity_flags
+from hf_merge.cli import add_verbosity_flags
 
 
 def register(subparsers) -> None:
@@ -35,7 +35,7 @@ def register(subparsers) -> None:
 
 
 def run_publish(args: argparse.Namespace) -> int:
-    from ..space import publish_space
+    from hf_merge.publish.space import publish_space
 
     url = publish_space(
         args.merged_repo, args.space, token=args.token, private=args.private, link_card=not args.no_card_link
@@ -45,7 +45,7 @@ def run_publish(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from ..space import run_space
+    from hf_merge.publish.space import run_space
 
     run_space(args.repo, host=args.host, port=args.port, token=args.token)
     return 0

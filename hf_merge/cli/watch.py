@@ -6,8 +6,8 @@ import argparse
 import os
 from pathlib import Path
 
-from ..errors import UsageError
-from . import add_verbosity_flags
+from hf_merge.errors import UsageError
+from hf_merge.cli import add_verbosity_flags
 
 
 def register(subparsers) -> None:
@@ -40,13 +40,13 @@ def register(subparsers) -> None:
 
 
 def run_watch(args: argparse.Namespace) -> int:
-    from ..watch.policy import load_policy_file
+    from hf_merge.watch.policy import load_policy_file
 
     policy = load_policy_file(args.policy) if args.policy else None
     if args.merged_repo == "publish-space":
         if not args.space_repo or not args.space:
             raise UsageError("usage: hf-merge watch publish-space MERGED_REPO --space USER/NAME")
-        from ..watch.space import publish_watcher_space
+        from hf_merge.watch.space import publish_watcher_space
 
         print(publish_watcher_space(args.space_repo, args.space, token=args.token, private=args.private, policy=policy))
         return 0
@@ -54,13 +54,13 @@ def run_watch(args: argparse.Namespace) -> int:
         raise UsageError(f"unexpected argument {args.space_repo!r}; did you mean `hf-merge watch publish-space`?")
     if args.interval <= 0:
         raise UsageError("--interval must be a positive number of seconds")
-    from ..watch.runner import Watcher
+    from hf_merge.watch.runner import Watcher
 
     work_dir = Path(args.work_dir) if args.work_dir else Path("~/.cache/hf-merge/watch").expanduser() / args.merged_repo.replace("/", "--")
     watcher = Watcher(args.merged_repo, work_dir=work_dir, token=args.token, policy=policy, review=args.review,
                       authors=args.author, searches=args.search, allow_list=args.allow_list, limit=args.limit)
     if args.webhook:
-        from ..watch.webhook import serve_webhooks
+        from hf_merge.watch.webhook import serve_webhooks
 
         serve_webhooks(watcher, secret=args.webhook_secret or os.environ.get("WEBHOOK_SECRET"), host=args.host, port=args.port)
         return 0

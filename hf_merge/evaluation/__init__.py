@@ -10,13 +10,13 @@
   :class:`EvaluationReport`, saved as ``eval_results.json``.
 """
 
-from .continual import RESULTS_FILENAME, ContinualEvaluator, EvaluationReport
-from .datasets import TaskData, load_task_data
-from .heads import HeadCache, ZeroShotHead, build_head, text_tower_fingerprint
-from .metric import ZeroShotAccuracy
-from .paper_tasks import PAPER_TASKS_8, PAPER_TASKS_14, PAPER_TASKS_20
-from .runner import Evaluator, evaluate_model, load_clip
-from .tasks import DatasetSpec, Task, get_task, list_tasks, register_task
+from hf_merge.evaluation.continual import RESULTS_FILENAME, ContinualEvaluator, EvaluationReport
+from hf_merge.evaluation.datasets import TaskData, load_task_data
+from hf_merge.evaluation.heads import HeadCache, ZeroShotHead, build_head, text_tower_fingerprint
+from hf_merge.evaluation.metric import ZeroShotAccuracy
+from hf_merge.evaluation.paper_tasks import PAPER_TASKS_8, PAPER_TASKS_14, PAPER_TASKS_20
+from hf_merge.evaluation.runner import Evaluator, evaluate_model, load_clip
+from hf_merge.evaluation.tasks import DatasetSpec, Task, get_task, list_tasks, register_task
 
 __all__ = [
     "PAPER_TASKS_8",

@@ -41,10 +41,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..errors import EvaluationError
-from ..log import get_logger
-from .runner import Evaluator
-from .tasks import Task, get_task
+from hf_merge.errors import EvaluationError
+from hf_merge.log import get_logger
+from hf_merge.evaluation.runner import Evaluator
+from hf_merge.evaluation.tasks import Task, get_task
 
 logger = get_logger(__name__)
 

@@ -20,8 +20,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from ..errors import EvaluationError
-from .tasks import Task
+from hf_merge.errors import EvaluationError
+from hf_merge.evaluation.tasks import Task
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from ..log import get_logger
-from .tasks import Task
+from hf_merge.log import get_logger
+from hf_merge.evaluation.tasks import Task
 
 logger = get_logger(__name__)
 

@@ -14,13 +14,13 @@ from typing import Any, Sequence
 
 import torch
 
-from ..errors import EvaluationError
-from ..log import get_logger
-from ..progress import inner_bar_allowed
-from .datasets import load_task_data
-from .heads import HeadCache
-from .metric import ZeroShotAccuracy
-from .tasks import Task, get_task
+from hf_merge.errors import EvaluationError
+from hf_merge.log import get_logger
+from hf_merge.progress import inner_bar_allowed
+from hf_merge.evaluation.datasets import load_task_data
+from hf_merge.evaluation.heads import HeadCache
+from hf_merge.evaluation.metric import ZeroShotAccuracy
+from hf_merge.evaluation.tasks import Task, get_task
 
 logger = get_logger(__name__)
 
@@ -44,7 +44,7 @@ def load_clip(
     """
     from transformers import CLIPModel, CLIPProcessor
 
-    from ..sources import resolve
+    from hf_merge.hub.sources import resolve
 
     source = resolve(model, token=token)
     tower_only = _model_type(source.path) in ("clip_vision_model", "clip_text_model")
@@ -74,7 +74,7 @@ def _model_type(folder: Path) -> str | None:
 
 
 def _with_tower(source: Any, base: Any, *, device: Any, token: Any) -> tuple[Any, Any]:
-    from ..checkpoint import Checkpoint
+    from hf_merge.io.checkpoint import Checkpoint
 
     if base is None:
         raise EvaluationError(f"{source.name} holds one CLIP tower only; evaluating it needs the base CLIP model")

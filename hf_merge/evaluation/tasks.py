@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..errors import EvaluationError
+from hf_merge.errors import EvaluationError
 
 DatasetKind = Literal["hub", "imagefolder", "python"]
 _KINDS = ("hub", "imagefolder", "python")
@@ -191,8 +191,8 @@ def _load_builtins() -> None:
     if _BUILTINS_LOADED:
         return
     _BUILTINS_LOADED = True
-    from .paper_tasks import paper_tasks
-    from .synthetic import COLOR_NAMES
+    from hf_merge.evaluation.paper_tasks import paper_tasks
+    from hf_merge.evaluation.synthetic import COLOR_NAMES
 
     for name, entry in paper_tasks().items():
         spec = DatasetSpec(
@@ -223,7 +223,7 @@ TASK_PLUGIN_GROUP = "hf_merge.tasks"
 def _load_plugins() -> None:
     from importlib.metadata import entry_points
 
-    from ..log import get_logger
+    from hf_merge.log import get_logger
 
     for entry in entry_points(group=TASK_PLUGIN_GROUP):
         try:

@@ -9,6 +9,6 @@ content-addressed), :mod:`~hf_merge.hub_server.git` (git blob and LFS pointer de
 :mod:`~hf_merge.hub_server.server` (HTTP dispatch, streamed bodies, the server's life cycle).
 """
 
-from .server import LocalHubServer, serve
+from hf_merge.hub_server.server import LocalHubServer, serve
 
 __all__ = ["LocalHubServer", "serve"]

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .git import HubError
-from .storage import Commit, HubStorage, RepoRecord
+from hf_merge.hub_server.git import HubError
+from hf_merge.hub_server.storage import Commit, HubStorage, RepoRecord
 
 PAGE_SIZE = 50
 

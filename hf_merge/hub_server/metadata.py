@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from .storage import Commit, HubStorage, RepoRecord, TreeEntry
+from hf_merge.hub_server.storage import Commit, HubStorage, RepoRecord, TreeEntry
 
 _URL_PREFIXES = {"model": "", "dataset": "datasets/", "space": "spaces/"}
 

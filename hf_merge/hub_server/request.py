@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from .git import HubError
+from hf_merge.hub_server.git import HubError
 
 
 def parse_range(header: str, size: int) -> tuple[int, int] | None:

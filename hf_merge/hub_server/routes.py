@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
-from . import discussions
-from .metadata import RepoViews, parse_front_matter, url_prefix
-from .git import HubError, should_use_lfs
-from .storage import REPO_TYPES, SPACE_SDKS, HubStorage, RepoRecord
-from .webhooks import WebhookRegistry
+from hf_merge.hub_server import discussions
+from hf_merge.hub_server.metadata import RepoViews, parse_front_matter, url_prefix
+from hf_merge.hub_server.git import HubError, should_use_lfs
+from hf_merge.hub_server.storage import REPO_TYPES, SPACE_SDKS, HubStorage, RepoRecord
+from hf_merge.hub_server.webhooks import WebhookRegistry
 
 _TICKET_TTL_S = 3600
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")

@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from ..log import get_logger
-from .request import Request, parse_range
-from .routes import HubApi
-from .throttle import Meter
-from .git import HubError
+from hf_merge.log import get_logger
+from hf_merge.hub_server.request import Request, parse_range
+from hf_merge.hub_server.routes import HubApi
+from hf_merge.hub_server.throttle import Meter
+from hf_merge.hub_server.git import HubError
 
 logger = get_logger(__name__)
 

@@ -30,7 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
-from .git import GITATTRIBUTES, HubError, git_blob_sha1, lfs_pointer
+from hf_merge.hub_server.git import GITATTRIBUTES, HubError, git_blob_sha1, lfs_pointer
 
 REPO_TYPES = ("model", "dataset", "space")
 SPACE_SDKS = ("gradio", "streamlit", "docker", "static")

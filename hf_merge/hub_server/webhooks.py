@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..log import get_logger
-from .git import HubError
+from hf_merge.log import get_logger
+from hf_merge.hub_server.git import HubError
 
 logger = get_logger(__name__)
 

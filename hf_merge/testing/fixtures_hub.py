@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from ..hub_server import LocalHubServer
+from hf_merge.hub_server import LocalHubServer
 
 ALICE = "alice"
 BOB = "bob"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .tiny_clip import build_tiny_zoo, write_merge_result
+from hf_merge.testing.tiny_clip import build_tiny_zoo, write_merge_result
 
 N_EXPERTS = 6
 NAMESPACE = "alice"
@@ -93,7 +93,7 @@ def seeded_merged_repo(seeded_hub, hub_api, tmp_path_factory) -> str:
         ],
         tasks=list(MERGED_TASKS),
     )
-    from ..card import write_card
+    from hf_merge.publish.card import write_card
 
     write_card(folder, repo_id=MERGED_REPO, licenses={}, plot=True)  # draws accuracy.png too
     hub_api.create_repo(MERGED_REPO, exist_ok=True)
@@ -104,8 +104,8 @@ def seeded_merged_repo(seeded_hub, hub_api, tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def space_url(seeded_merged_repo, tmp_path_factory) -> str:
     """The Space app of ``alice/tiny-clip-merged``, served locally; its URL."""
-    from ..space import create_space_app
-    from .net import free_port
+    from hf_merge.publish.space import create_space_app
+    from hf_merge.testing.net import free_port
 
     demo, app = create_space_app(seeded_merged_repo, work_dir=tmp_path_factory.mktemp("space"))
     port = free_port()

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..evaluation.tasks import get_task
+from hf_merge.evaluation.tasks import get_task
 
 # Corruption splits of the tanganke robustness datasets (resisc45, gtsrb, eurosat, stanford_cars).
 _CORRUPTIONS = ("contrast", "gaussian_noise", "impulse_noise", "jpeg_compression", "motion_blur", "pixelate", "spatter")

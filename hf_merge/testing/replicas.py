@@ -36,10 +36,10 @@ from pathlib import Path
 
 import torch
 
-from ..conversion_pr import CONVERSION_BOT, PR_TITLE
-from ..hub_server.storage import HubStorage, RepoRecord
-from .replica_datasets import REAL_DATASETS, ReplicaDataset, split_rows, write_dataset
-from .tiny_clip import create_tiny_clip, tiny_bpe
+from hf_merge.hub.conversion_pr import CONVERSION_BOT, PR_TITLE
+from hf_merge.hub_server.storage import HubStorage, RepoRecord
+from hf_merge.testing.replica_datasets import REAL_DATASETS, ReplicaDataset, split_rows, write_dataset
+from hf_merge.testing.tiny_clip import create_tiny_clip, tiny_bpe
 
 BASE_ID = "openai/clip-vit-base-patch32"
 TASKS = ("sun397", "stanford-cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd")
@@ -200,8 +200,8 @@ def _write_expert(base_model, processor, task: str, dataset: ReplicaDataset, out
 
     from safetensors.torch import save_file
 
-    from ..evaluation.heads import class_embeddings
-    from ..evaluation.tasks import get_task
+    from hf_merge.evaluation.heads import class_embeddings
+    from hf_merge.evaluation.tasks import get_task
 
     out.mkdir(parents=True, exist_ok=True)
     registry_task = get_task(task)

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from ..log import get_logger
-from ..zoo.tokenizer import bytes_to_unicode
+from hf_merge.log import get_logger
+from hf_merge.zoo.tokenizer import bytes_to_unicode
 
 logger = get_logger(__name__)
 

@@ -6,7 +6,7 @@ import shutil
 import time
 from pathlib import Path
 
-from .tiny_clip import build_tiny_clip, make_expert
+from hf_merge.testing.tiny_clip import build_tiny_clip, make_expert
 
 
 def write_card(folder: Path, base_repo: str, *, license: str | None = "mit", extra: str = "") -> None:
@@ -69,11 +69,11 @@ def prediction_task(model_dir: Path, name: str, out_dir: Path, *, per_class: int
     import torch
     from PIL import Image
 
-    from ..evaluation import Task, register_task
-    from ..evaluation.heads import build_head
-    from ..evaluation.runner import load_clip
-    from ..evaluation.synthetic import COLOR_NAMES
-    from ..evaluation.tasks import DatasetSpec
+    from hf_merge.evaluation import Task, register_task
+    from hf_merge.evaluation.heads import build_head
+    from hf_merge.evaluation.runner import load_clip
+    from hf_merge.evaluation.synthetic import COLOR_NAMES
+    from hf_merge.evaluation.tasks import DatasetSpec
 
     templates = ("a photo of a {} square.",)
     probe = Task(name, COLOR_NAMES, templates)
@@ -107,8 +107,8 @@ def merged_repo(api, token: str, prefix: str, base_dir: Path, expert_dirs: list[
 
     Each test module uses its own base, so the fine-tunes it pushes are found by its watcher only.
     """
-    from ..api import merge
-    from ..recipe import EvalSpec
+    from hf_merge.api import merge
+    from hf_merge.recipe import EvalSpec
 
     namespace = api.whoami()["name"]
     base = f"{namespace}/{prefix}-base"

@@ -16,9 +16,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .. import hub
-from ..errors import UsageError
-from ..sources import split_reference
+from hf_merge.hub import client as hub
+from hf_merge.errors import UsageError
+from hf_merge.hub.sources import split_reference
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..errors import EvaluationError
-from ..log import get_logger
-from .policy import AdmissionPolicy, Refusal
+from hf_merge.errors import EvaluationError
+from hf_merge.log import get_logger
+from hf_merge.watch.policy import AdmissionPolicy, Refusal
 
 logger = get_logger(__name__)
 
@@ -46,7 +46,7 @@ def candidate_task(repo_id: str, card: dict[str, Any], policy: AdmissionPolicy) 
     """The evaluation task of a candidate: declared in the policy, else read from its card."""
     if repo_id in policy.tasks:
         return policy.tasks[repo_id]
-    from ..evaluation import get_task
+    from hf_merge.evaluation import get_task
 
     names: list[str] = []
     for model in card.get("model-index") or card.get("model_index") or []:
@@ -75,7 +75,7 @@ def run_gate(
     token: str | None = None,
 ) -> GateResult:
     """Evaluate and decide; ``before``/``after``/``base`` are model folders."""
-    from ..evaluation import Evaluator
+    from hf_merge.evaluation import Evaluator
 
     result = GateResult(new_task=new_task)
     if policy.min_gain is not None and new_task is None:

@@ -65,7 +65,7 @@ class Ledger:
             data = json.loads(path.read_text(encoding="utf-8"))
             return cls(LedgerEntry(**item) for item in data.get("entries", []))
         except (ValueError, TypeError, AttributeError):
-            from ..log import get_logger
+            from hf_merge.log import get_logger
 
             get_logger(__name__).warning("Ignoring the unreadable %s", path)
             return cls()

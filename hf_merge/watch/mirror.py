@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import hub
-from ..card import STATE_FILENAME, lineage, load_state
-from ..errors import MergeStateError
-from ..recipe import MergeRecipe
+from hf_merge.hub import client as hub
+from hf_merge.publish.card import STATE_FILENAME, lineage, load_state
+from hf_merge.errors import MergeStateError
+from hf_merge.recipe import MergeRecipe
 
 HEAD_FILE = ".watch-head"
 
@@ -34,7 +34,7 @@ class Mirror:
 
     def update(self, repo_id: str, head: str, token: str | None) -> None:
         """Make the folder hold ``repo_id`` at ``head``."""
-        from ..sources import download_model
+        from hf_merge.hub.sources import download_model
 
         if self.head() == head:
             return

@@ -24,7 +24,7 @@ import difflib
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
-from ..errors import RecipeError
+from hf_merge.errors import RecipeError
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,9 @@ from typing import Sequence
 
 from huggingface_hub import CommitOperationAdd
 
-from .. import hub
-from ..errors import PushError
-from ..log import get_logger
+from hf_merge.hub import client as hub
+from hf_merge.errors import PushError
+from hf_merge.log import get_logger
 
 logger = get_logger(__name__)
 

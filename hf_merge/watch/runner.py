@@ -27,16 +27,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from .. import hub
-from ..errors import (CheckpointError, HfMergeError, IncompatibleExpertError, MergeStateError, ModelNotFoundError,
-                      PushError)
-from ..log import get_logger
-from ..recipe import EvalSpec
-from .discovery import Candidate, Discovery, candidate_at
-from .ledger import LEDGER_FILENAME, Ledger, candidate_key
-from .mirror import HEAD_FILE, Mirror, edit_recipe
-from .policy import AdmissionPolicy, Refusal
-from .publish import RetryPolicy, StaleParentError, push_files, push_result
+from hf_merge.hub import client as hub
+from hf_merge.errors import (
+    CheckpointError,
+    HfMergeError,
+    IncompatibleExpertError,
+    MergeStateError,
+    ModelNotFoundError,
+    PushError,
+)
+from hf_merge.log import get_logger
+from hf_merge.recipe import EvalSpec
+from hf_merge.watch.discovery import Candidate, Discovery, candidate_at
+from hf_merge.watch.ledger import LEDGER_FILENAME, Ledger, candidate_key
+from hf_merge.watch.mirror import HEAD_FILE, Mirror, edit_recipe
+from hf_merge.watch.policy import AdmissionPolicy, Refusal
+from hf_merge.watch.publish import RetryPolicy, StaleParentError, push_files, push_result
 
 logger = get_logger(__name__)
 
@@ -163,13 +169,13 @@ class Watcher:
         refusal = policy.check_metadata(repo_id, license=candidate.license, tags=list(candidate.tags))
         if refusal is not None:
             return self._refuse(candidate, refusal, head)
-        from ..preflight import check_models
+        from hf_merge.hub.preflight import check_models
 
         timings: dict[str, float] = {}
         try:
             check_models(self.mirror.base_reference(), [candidate.reference], token=self.token, allow_pickle=policy.allow_pickle)
             started = time.perf_counter()
-            from ..sources import resolve
+            from hf_merge.hub.sources import resolve
 
             resolve(candidate.reference, token=self.token, allow_pickle=policy.allow_pickle)
             timings["download"] = time.perf_counter() - started
@@ -209,8 +215,8 @@ class Watcher:
 
     def _merge_into(self, pending: Path, candidate: Candidate, policy: AdmissionPolicy) -> str | None:
         """``hf-merge add`` of the candidate into a copy of the mirror; its evaluation task, if known."""
-        from ..api import add
-        from .gate import candidate_task
+        from hf_merge.api import add
+        from hf_merge.watch.gate import candidate_task
 
         recipe = self.mirror.recipe()
         task = candidate_task(candidate.repo_id, candidate.card, policy)
@@ -230,8 +236,8 @@ class Watcher:
         return task
 
     def _gate(self, pending: Path, candidate: Candidate, policy: AdmissionPolicy, task: str | None) -> Refusal | None:
-        from ..sources import resolve
-        from .gate import run_gate
+        from hf_merge.hub.sources import resolve
+        from hf_merge.watch.gate import run_gate
 
         recipe = self.mirror.recipe()
         old_tasks = list(recipe.eval.tasks) if recipe is not None and recipe.eval is not None else []
@@ -242,7 +248,7 @@ class Watcher:
 
     def _finish(self, pending: Path, candidate: Candidate, head: str) -> None:
         """Restore the published recipe fields, record the decision in the ledger, rewrite the card."""
-        from ..api import card
+        from hf_merge.api import card
 
         recipe = self.mirror.recipe()
         space = recipe.space if recipe is not None else None
@@ -292,7 +298,7 @@ class Watcher:
 
     def _publish_ledger(self, head: str) -> bool:
         """A commit of only the ledger and card when the repo's lacks local refusals or proposals; pushed?"""
-        from ..api import card
+        from hf_merge.api import card
 
         remote = Ledger.load(self.mirror.path)
 
@@ -354,7 +360,7 @@ class Watcher:
     def _allow_listed(self, repo_id: str) -> bool:
         if self.allow_list is None:
             return False
-        from .discovery import read_allow_list
+        from hf_merge.watch.discovery import read_allow_list
 
         return any(ref.partition("@")[0] == repo_id for ref in read_allow_list(self.allow_list))
 
@@ -365,7 +371,7 @@ class Watcher:
         recipe = self.mirror.recipe()
         if recipe is None or not recipe.space or self.review != "commit":
             return
-        from ..space import publish_space
+        from hf_merge.publish.space import publish_space
 
         try:
             publish_space(self.merged_repo, recipe.space, token=self.token, link_card=False)

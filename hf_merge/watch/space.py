@@ -13,9 +13,9 @@ from pathlib import Path
 
 import yaml
 
-from ..errors import SpaceError, UsageError
-from ..log import get_logger
-from .policy import AdmissionPolicy
+from hf_merge.errors import SpaceError, UsageError
+from hf_merge.log import get_logger
+from hf_merge.watch.policy import AdmissionPolicy
 
 logger = get_logger(__name__)
 
@@ -127,7 +127,7 @@ def write_watcher_space(merged_repo: str, out_dir: str | Path, *, space_id: str,
     """The files of the watcher Space: ``app.py``, ``hf_merge/``, ``requirements.txt``, ``README.md``, the policy."""
     import gradio
 
-    from ..hub import endpoint
+    from hf_merge.hub.client import endpoint
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -145,7 +145,7 @@ def write_watcher_space(merged_repo: str, out_dir: str | Path, *, space_id: str,
 def publish_watcher_space(merged_repo: str, space_id: str, *, token: str | None = None, private: bool = False,
                           policy: AdmissionPolicy | None = None) -> str:
     """Create (or update) the watcher Space of ``merged_repo``; its URL. Secrets are set by the user."""
-    from .. import hub
+    from hf_merge.hub import client as hub
 
     if space_id.count("/") != 1 or merged_repo.count("/") != 1:
         raise UsageError(f"expected repo ids USER/NAME, got {merged_repo!r} and --space {space_id!r}")

@@ -18,9 +18,9 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import UsageError
-from ..log import get_logger
-from .runner import Outcome, Watcher
+from hf_merge.errors import UsageError
+from hf_merge.log import get_logger
+from hf_merge.watch.runner import Outcome, Watcher
 
 logger = get_logger(__name__)
 

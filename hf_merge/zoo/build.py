@@ -184,7 +184,7 @@ def push_zoo(endpoint: str, token: str, namespace: str, paths: ZooPaths | None =
     """
     from huggingface_hub import CommitOperationAdd, HfApi
 
-    from hf_merge.hub import prepare_client
+    from hf_merge.hub.client import prepare_client
 
     prepare_client(endpoint)
     paths = paths or build_zoo(config=config)

@@ -8,8 +8,16 @@ from pathlib import Path
 import pytest
 from huggingface_hub import HfApi, ModelCard, hf_hub_download
 
-from hf_merge.testing.watch_models import (fine_tune, lineage_of, merged_repo, other_architecture, pickle_only,
-                                           prediction_task, publish, with_nan)
+from hf_merge.testing.watch_models import (
+    fine_tune,
+    lineage_of,
+    merged_repo,
+    other_architecture,
+    pickle_only,
+    prediction_task,
+    publish,
+    with_nan,
+)
 from hf_merge.watch.policy import AdmissionPolicy
 from hf_merge.watch.publish import RetryPolicy
 from hf_merge.watch.runner import Watcher

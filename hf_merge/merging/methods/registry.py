@@ -1,0 +1,32 @@
+"""The registry of merge methods: one line per method, by its ``name``.
+
+Adding a method is one file (a :class:`~hf_merge.merging.methods.base.MergeMethod` subclass) and one line
+here; :func:`register_method` adds one from outside the package.
+"""
+
+from __future__ import annotations
+
+from hf_merge.errors import UsageError
+from hf_merge.merging.methods.average import ContinualAverage
+from hf_merge.merging.methods.base import MergeMethod
+from hf_merge.merging.methods.magmax import MagMax
+from hf_merge.merging.methods.opcm import OPCM
+from hf_merge.merging.methods.task_arithmetic import TaskArithmetic
+from hf_merge.merging.methods.ties import ContinualTies
+
+METHODS: dict[str, type[MergeMethod]] = {
+    cls.name: cls for cls in (OPCM, ContinualAverage, TaskArithmetic, ContinualTies, MagMax)
+}
+
+
+def register_method(cls: type[MergeMethod]) -> type[MergeMethod]:
+    """Add a method to :data:`METHODS` under ``cls.name`` (usable as a class decorator)."""
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(name: str) -> type[MergeMethod]:
+    """The method class registered as ``name``; :class:`UsageError` naming the known ones if absent."""
+    if name not in METHODS:
+        raise UsageError(f"unknown merge method {name!r}; choose one of: {', '.join(sorted(METHODS))}")
+    return METHODS[name]

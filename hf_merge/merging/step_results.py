@@ -1,0 +1,37 @@
+"""What the engine reports of a run: one :class:`StepResult` per merged expert, one :class:`MergeResult`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hf_merge.hub.sources import ModelSource
+from hf_merge.merging.state import MergeState
+
+
+@dataclass
+class StepResult:
+    """One merged expert.
+
+    Attributes:
+        step: 1-based position of the expert in the merge.
+        expert: Where it came from.
+        merge_seconds / save_seconds: Time spent merging and writing the output.
+        metrics: What the method reports (OPCM: ``lambda``, ``task_vector_norm``, ``merged_norm``).
+    """
+
+    step: int
+    expert: ModelSource
+    merge_seconds: float
+    save_seconds: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class MergeResult:
+    """The outcome of :func:`merge`: the output folder, its merge state and where the time went."""
+
+    output_dir: Path
+    state: MergeState
+    steps: list[StepResult]
+    timings: dict[str, float]

@@ -1,0 +1,353 @@
+"""The model card of a merge result: Hub metadata + a README rendered from ``templates/model_card.md``.
+
+Everything on the card is read from the merge folder itself (``merge_state.json``, ``recipe.yaml``,
+``eval_results.json``), so ``hf-merge card DIR`` regenerates the same card at any time.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from hf_merge.publish.accuracy_table import AccuracyTable, load_accuracy, plot_accuracy
+from hf_merge.errors import MergeStateError
+from hf_merge.log import get_logger
+from hf_merge.resources import templates_dir
+
+logger = get_logger(__name__)
+_HUB_DATASET_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+CARD_FILENAME = "README.md"
+PLOT_FILENAME = "accuracy.png"
+STATE_FILENAME = "merge_state.json"
+
+# One line on each method, with where it comes from: the card says what was done and why.
+METHOD_DESCRIPTIONS: dict[str, tuple[str, str]] = {
+    "opcm": (
+        "OPCM (orthogonal projection-based continual merging)",
+        "OPCM projects each new task vector onto the directions the merged model does not use yet, "
+        "so later experts interfere less with earlier ones, and rescales the sum to keep its norm "
+        "constant ([Tang et al., 2025, arXiv:2501.09522](https://arxiv.org/abs/2501.09522)).",
+    ),
+    "average": (
+        "continual averaging",
+        "Continual averaging keeps the running mean of the experts' weights, a model soup built one "
+        "model at a time ([Wortsman et al., 2022, arXiv:2203.05482](https://arxiv.org/abs/2203.05482)).",
+    ),
+    "task_arithmetic": (
+        "continual task arithmetic",
+        "Task arithmetic adds each expert's task vector (its difference from the base), scaled by λ, "
+        "to the merged model ([Ilharco et al., 2023, arXiv:2212.04089](https://arxiv.org/abs/2212.04089)).",
+    ),
+    "ties": (
+        "continual TIES-merging",
+        "TIES-merging trims task vectors to their largest entries, elects a sign per weight and adds "
+        "the agreeing values ([Yadav et al., 2023, arXiv:2306.01708](https://arxiv.org/abs/2306.01708)).",
+    ),
+    "magmax": (
+        "MagMax",
+        "MagMax keeps, for every weight, the task-vector entry of largest magnitude seen so far "
+        "([Marczak et al., 2024, arXiv:2407.06322](https://arxiv.org/abs/2407.06322)).",
+    ),
+}
+
+SCOPE_DESCRIPTIONS = {
+    "vision": "vision tower and visual projection (the text tower is the base's)",
+    "text": "text tower and text projection (the vision tower is the base's)",
+    "all": "vision and text towers",
+}
+
+
+
+# ------------------------------------------------------------------------------------ reading
+def load_state(output_dir: str | Path) -> dict[str, Any]:
+    """The merge state of a result folder as plain data (``merge_state.json``)."""
+    path = Path(output_dir) / STATE_FILENAME
+    if not path.is_file():
+        raise MergeStateError(f"{output_dir} has no {STATE_FILENAME}: it is not an hf-merge result")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise MergeStateError(f"{path} is corrupt ({error.msg} at line {error.lineno})") from None
+
+
+def lineage(state: Mapping[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``(base, experts)`` provenance dicts (name, repo_id, commit_sha, step) from a merge state."""
+    base = dict(state.get("base") or {})
+    experts = []
+    for index, entry in enumerate(state.get("lineage") or state.get("experts") or [], start=1):
+        entry = dict(entry.get("source", entry)) | {"step": entry.get("step", index)}
+        experts.append(entry)
+    return base, experts
+
+
+def read_license(folder: str | Path | None) -> str | None:
+    """The ``license`` in the front matter of a model folder's README.md, if any."""
+    if folder is None:
+        return None
+    readme = Path(folder) / CARD_FILENAME
+    if not readme.is_file():
+        return None
+    try:
+        return ModelCard.load(readme, ignore_metadata_errors=True).data.get("license")
+    except Exception:  # a malformed third-party README must not break the merge
+        return None
+
+
+def choose_license(licenses: Mapping[str, str | None], base_name: str) -> tuple[str, str | None]:
+    """``(license, note)``: the base's license when every parent declares the same one, else ``other``."""
+    declared = dict(licenses)
+    values = set(declared.values())
+    base_license = declared.get(base_name)
+    if len(values) == 1 and base_license:
+        return base_license, None
+    if values == {None}:
+        return "other", "none of the parent models declares a license; check each before use."
+    described = ", ".join(f"`{name}`: {lic or 'not declared'}" for name, lic in declared.items())
+    return "other", f"the parent models do not all declare the same license ({described}); check each before use."
+
+
+# ------------------------------------------------------------------------------------ rendering
+def build_card(
+    output_dir: str | Path,
+    *,
+    repo_id: str | None = None,
+    licenses: Mapping[str, str | None] | None = None,
+    space_id: str | None = None,
+    plot: bool = True,
+) -> ModelCard:
+    """Render the model card of a merge folder (and write ``accuracy.png`` when evaluated).
+
+    Args:
+        output_dir: The merge result folder.
+        repo_id: Where it is (or will be) published; the usage snippet loads this id.
+        licenses: License of each parent by display name; read from the folder's previous card when
+            not given (``hf-merge card`` regenerating a card).
+        space_id: The Gradio Space published for the model, linked from the card.
+        plot: Draw ``accuracy.png`` (skip in tests that only check metadata).
+    """
+    from hf_merge.hub.client import endpoint
+
+    output_dir = Path(output_dir)
+    state = load_state(output_dir)
+    base, experts = lineage(state)
+    hub = endpoint()
+    for source in [base, *experts]:
+        _decorate(source, hub)
+    method = str(state.get("method", "opcm"))
+    hyperparameters = dict(state.get("hyperparameters") or {})
+    recipe_yaml = _recipe_yaml(output_dir)
+    scope = str(state.get("scope") or _recipe_field(recipe_yaml, "scope") or "vision")
+
+    if licenses is None:
+        licenses = _previous_licenses(output_dir, [base, *experts])
+    licenses = {s["name"]: licenses.get(s["name"]) for s in [base, *experts]}
+    license_, license_note = choose_license(licenses, base["name"])
+
+    accuracy = load_accuracy(output_dir)
+    hub_base_models = [s["repo_id"] for s in [base, *experts] if s.get("repo_id")]
+    title, summary = METHOD_DESCRIPTIONS.get(method, (method, f"Merged with the `{method}` method."))
+    model_id = repo_id or str(output_dir.resolve())
+    model_name = (repo_id or output_dir.resolve().name).split("/")[-1]
+
+    card_data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="zero-shot-image-classification",
+        base_model=hub_base_models or None,
+        license=license_,
+        tags=["merge", "hf-merge", method, "continual-merging", "clip"],
+        model_name=model_name if accuracy else None,
+        eval_results=_eval_results(accuracy) if accuracy else None,
+        base_model_relation="merge",
+    )
+    context = {
+        "model_name": model_name,
+        "model_id": model_id,
+        "base": base,
+        "experts": experts,
+        "method": method,
+        "method_title": title,
+        "method_summary": summary,
+        "hyperparameters": hyperparameters,
+        "scope": SCOPE_DESCRIPTIONS.get(scope, scope),
+        "tensors": _tensor_context(output_dir, state, scope),
+        "license_note": license_note,
+        "accuracy": _accuracy_context(accuracy, output_dir, plot) if accuracy else None,
+        "recipe_yaml": recipe_yaml or "# no recipe.yaml in this folder\n",
+        "space_id": space_id,
+        "space_url": f"{hub}/spaces/{space_id}" if space_id else None,
+        "considered": _considered(output_dir),
+    }
+    card = ModelCard.from_template(card_data, template_path=str(templates_dir() / "model_card.md"), **context)
+    # Parents' licenses, kept in a comment so that a regenerated card still knows them once the
+    # experts have been evicted from the cache.
+    card.text = card.text.rstrip("\n") + "\n\n<!-- hf-merge parent licenses: " + json.dumps(dict(licenses)) + " -->\n"
+    return card
+
+
+def write_card(output_dir: str | Path, **kwargs: Any) -> Path:
+    """Render the card with :func:`build_card` and save it as ``README.md`` in the folder."""
+    card = build_card(output_dir, **kwargs)
+    path = Path(output_dir) / CARD_FILENAME
+    card.save(path)
+    return path
+
+
+def _considered(output_dir: Path) -> list[dict[str, Any]]:
+    """Candidates ``hf-merge watch`` refused, from the folder's ``watch_ledger.json``."""
+    from hf_merge.watch.ledger import Ledger
+
+    return Ledger.load(output_dir).to_card()
+
+
+def _decorate(source: dict[str, Any], hub: str) -> None:
+    repo_id = source.get("repo_id")
+    source.setdefault("name", repo_id or source.get("path") or "local folder")
+    sha = source.get("commit_sha")
+    if repo_id:
+        source["url"] = f"{hub}/{repo_id}" + (f"/tree/{sha}" if sha else "")
+    else:
+        source["url"] = "#"
+    source["commit_display"] = f"`{sha}`" if sha else "local folder"
+    pr = source.get("conversion_pr")
+    if pr:
+        source["commit_display"] += (
+            f" (safetensors from the Hub's conversion pull request [{pr['ref']}]({hub}/{repo_id}/discussions/{pr['num']}),"
+            f" on top of `{pr['revision_commit']}`, which has only pickle weights)"
+        )
+
+
+def _tensor_context(output_dir: Path, state: Mapping[str, Any], scope: str) -> dict[str, Any] | None:
+    """Which tensors were merged and which came from the base, and why (None for old states)."""
+    merged = state.get("merged_names")
+    if not merged:
+        return None
+    from hf_merge.io.checkpoint import Checkpoint
+
+    try:
+        with Checkpoint.open(output_dir) as checkpoint:
+            floating = {n: checkpoint.dtype(n).is_floating_point for n in checkpoint.names()}
+    except Exception:  # a folder without weights (card regenerated elsewhere): no outside-scope list
+        floating = dict.fromkeys(merged, True)
+    from_base = dict(state.get("from_base") or {})
+    rest = [n for n in floating if n not in set(merged) and n not in from_base]
+    outside = [n for n in rest if floating[n]]
+    buffers = [n for n in rest if not floating[n]]
+    return {
+        "merged_count": len(merged),
+        "merged_groups": _groups(merged),
+        "from_base": [{"names": f"`{name}`", "why": why} for name, why in sorted(from_base.items())],
+        "outside_count": len(outside),
+        "outside_groups": _groups(outside),
+        "buffers": ", ".join(f"`{n}`" for n in buffers),
+        "scope": scope,
+    }
+
+
+def _groups(names: Sequence[str]) -> str:
+    """``vision_model.*`` (199), ``logit_scale``: names summarised by their first component."""
+    by_head: dict[str, list[str]] = {}
+    for name in names:
+        by_head.setdefault(name.split(".", 1)[0], []).append(name)
+    return ", ".join(f"`{head}.*` ({len(group)})" if len(group) > 1 else f"`{group[0]}`" for head, group in by_head.items())
+
+
+def _dataset_id(dataset: str | None, task: str) -> str:
+    """The model-index ``dataset.type``: the Hub dataset id, or the task name for local data.
+
+    The Hub groups model-index results by dataset type, so a loader function or a folder shared by
+    several tasks would fold them into one entry.
+    """
+    if dataset and _HUB_DATASET_ID.fullmatch(dataset):
+        return dataset
+    return task
+
+
+def _eval_results(accuracy: AccuracyTable) -> list[EvalResult]:
+    """One ``model-index`` entry per task: the final model's accuracy."""
+    final, results, seen = accuracy.final(), [], set()
+    for label in accuracy.tasks:
+        task = accuracy.task_of.get(label, label)
+        if label not in final or task in seen:
+            continue
+        seen.add(task)
+        results.append(
+            EvalResult(
+                task_type="zero-shot-image-classification",
+                task_name="Zero-shot image classification",
+                dataset_type=_dataset_id(accuracy.datasets.get(label), task),
+                dataset_name=task,
+                dataset_split="test",
+                metric_type="accuracy",
+                metric_name="accuracy",
+                metric_value=round(final[label], 4),
+            )
+        )
+    return results
+
+
+def _accuracy_context(accuracy: AccuracyTable, output_dir: Path, plot: bool) -> dict[str, Any]:
+    averages = accuracy.averages()
+    rows = []
+    for step, row, average in zip(accuracy.steps, accuracy.accuracy, averages):
+        cells = [f"{100 * row[t]:.1f}" if t in row else "–" for t in accuracy.tasks]
+        rows.append({"step": step, "cells": cells, "average": f"{100 * average:.1f}"})
+    references = []
+    for label, values in (("zero-shot (base)", accuracy.base), ("individual experts", accuracy.experts)):
+        if values:
+            cells = [f"{100 * values[t]:.1f}" if t in values else "–" for t in accuracy.tasks]
+            references.append({"step": label, "cells": cells,
+                               "average": f"{100 * sum(values.values()) / len(values):.1f}"})
+    bwt = accuracy.bwt()
+    plot_name = None
+    if plot:
+        plot_accuracy(accuracy, output_dir / PLOT_FILENAME)
+        plot_name = PLOT_FILENAME
+    return {
+        "tasks": accuracy.tasks,
+        "rows": rows,
+        "references": references,
+        "final_average": f"{100 * averages[-1]:.1f}",
+        "bwt": f"{100 * bwt:+.1f}" if bwt is not None else None,
+        "limit": accuracy.limit,
+        "plot": plot_name,
+    }
+
+
+def _recipe_yaml(output_dir: Path) -> str | None:
+    path = output_dir / "recipe.yaml"
+    if not path.is_file():
+        return None
+    text = path.read_text(encoding="utf-8")
+    return text if text.endswith("\n") else text + "\n"
+
+
+def _recipe_field(recipe_yaml: str | None, key: str) -> Any:
+    if not recipe_yaml:
+        return None
+    import yaml
+
+    try:
+        data = yaml.safe_load(recipe_yaml) or {}
+    except yaml.YAMLError:
+        return None
+    return data.get(key) if isinstance(data, dict) else None
+
+
+def _previous_licenses(output_dir: Path, sources: Sequence[Mapping[str, Any]]) -> dict[str, str | None]:
+    """Parents' licenses as recorded by the folder's previous card (unknown for new parents)."""
+    recorded: dict[str, str | None] = {}
+    readme = output_dir / CARD_FILENAME
+    if readme.is_file():
+        text = readme.read_text(encoding="utf-8")
+        marker = "<!-- hf-merge parent licenses: "
+        if marker in text:
+            try:
+                recorded = json.loads(text.split(marker, 1)[1].split(" -->", 1)[0])
+            except (json.JSONDecodeError, IndexError):
+                recorded = {}
+    return {s["name"]: recorded.get(s["name"]) for s in sources}
