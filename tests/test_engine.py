@@ -166,9 +166,9 @@ def test_scope_all_merges_the_text_tower_too(tiny_base, tiny_experts, tmp_path):
 def test_usage_errors(tiny_base, tiny_experts, clean_three, tmp_path):
     with pytest.raises(UsageError, match="unknown merge method 'nope'"):
         merge(tiny_base, tiny_experts[:1], "nope", tmp_path / "a")
-    with pytest.raises(UsageError, match="no hyperparameter 'alhpa'"):
+    with pytest.raises(UsageError, match=r"method 'opcm' has no parameter 'alhpa' \(did you mean 'alpha'\?\)"):
         merge(tiny_base, tiny_experts[:1], "opcm", tmp_path / "b", alhpa=0.5)
-    with pytest.raises(UsageError, match="alpha must be in"):
+    with pytest.raises(UsageError, match=r"method 'opcm': parameter 'alpha' must be in \[0, 1\], got 2"):
         merge(tiny_base, tiny_experts[:1], "opcm", tmp_path / "c", alpha=2)
     with pytest.raises(UsageError, match="at least one expert"):
         merge(tiny_base, [], "opcm", tmp_path / "d")
