@@ -1,17 +1,19 @@
 """On-disk storage of the local Hub: content-addressed blobs, commits and refs, like a bare git repo.
 
-Layout under ``root``::
+Layout under ``root`` (``objects/`` and ``tmp/``: :mod:`~hf_merge.hub_server.objects`)::
 
-    objects/blobs/ab/<git blob sha1>      regular files, addressed as git addresses them
-    objects/lfs/ab/<sha256>               large files, addressed as Git LFS addresses them
     repos/<type>s/<namespace>/<name>/
         repo.json                         private flag, Space SDK, creation date
         refs.json                         branches, tags, pull requests (name -> commit id)
         commits/<commit id>.json          parents, message, author, date and the full file tree
-    tmp/                                  partial writes, renamed into place when complete
+        lfs/<sha256>                      empty: an upload for this repo brought that LFS object
 
 Every file is written to ``tmp/`` and renamed, so a crash or a restart never leaves a half-written
 object, and readers never need a lock. Writers of one repo are serialised by a per-repo lock.
+
+LFS objects are stored once, but a repo may only reference those its own uploads brought (the
+``lfs/`` markers), as on the Hub: knowing another repo's sha256 does not give its bytes.
+Deleting a repo collects the objects no remaining repo references.
 """
 
 from __future__ import annotations
@@ -25,107 +27,39 @@ import shutil
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO
 
 from hf_merge.hub_server.git import GITATTRIBUTES, HubError, git_blob_sha1, lfs_pointer
+from hf_merge.hub_server.objects import ObjectStore
+from hf_merge.hub_server.records import Commit, Refs, RepoRecord, TreeEntry, now_iso
+from hf_merge.log import get_logger
+
+logger = get_logger(__name__)
 
 REPO_TYPES = ("model", "dataset", "space")
 SPACE_SDKS = ("gradio", "streamlit", "docker", "static")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 
-def now_iso() -> str:
-    """UTC timestamp in the Hub's format (``2024-01-01T00:00:00.000Z``)."""
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-
-
-@dataclass
-class TreeEntry:
-    """One file of a commit's tree. ``oid`` is the git blob sha1 (of the pointer, for LFS files)."""
-
-    oid: str
-    size: int
-    lfs_sha256: str | None = None
-
-    @property
-    def pointer_size(self) -> int:
-        return len(lfs_pointer(self.lfs_sha256 or "", self.size)) if self.lfs_sha256 else 0
-
-
-@dataclass
-class Commit:
-    """A commit: the whole tree (path -> entry) is stored, not a diff, so reads are one file."""
-
-    id: str
-    parents: list[str]
-    title: str
-    message: str
-    author: str
-    date: str
-    tree: dict[str, TreeEntry] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["tree"] = {path: asdict(entry) for path, entry in self.tree.items()}
-        return data
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "Commit":
-        tree = {path: TreeEntry(**entry) for path, entry in data.pop("tree").items()}
-        return cls(tree=tree, **data)
-
-
-@dataclass
-class RepoRecord:
-    """What the Hub knows about a repo besides its git content."""
-
-    repo_type: str
-    repo_id: str
-    private: bool = False
-    sdk: str | None = None
-    created_at: str = field(default_factory=now_iso)
-    gated: str | bool = False  # "auto" / "manual": files only for the namespace and gated_accepted
-    gated_accepted: list[str] = field(default_factory=list)
-
-    @property
-    def namespace(self) -> str:
-        return self.repo_id.split("/", 1)[0]
-
-
-@dataclass
-class Refs:
-    """Named pointers to commits. Pull requests live at ``refs/pr/<num>``."""
-
-    branches: dict[str, str] = field(default_factory=dict)
-    tags: dict[str, str] = field(default_factory=dict)
-    pull_requests: dict[str, str] = field(default_factory=dict)  # str(num) -> commit id
-
-
 class HubStorage:
     """Repos, commits, refs and blobs on disk; safe for many threads of one process."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
-        for sub in ("objects/blobs", "objects/lfs", "repos", "tmp"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self.objects = ObjectStore(self.root)
+        (self.root / "repos").mkdir(parents=True, exist_ok=True)
         self._locks: dict[tuple[str, str], threading.RLock] = {}
         self._locks_guard = threading.Lock()
 
     # ---- low level -------------------------------------------------------------------------------
     def _tmp_path(self) -> Path:
-        return self.root / "tmp" / uuid.uuid4().hex
+        return self.objects.tmp_path()
 
     def _write_atomic(self, path: Path, data: bytes) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._tmp_path()
-        with open(tmp, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
+        self.objects.write_atomic(path, data)
 
     def _write_json(self, path: Path, data: Any) -> None:
         self._write_atomic(path, json.dumps(data, indent=1, sort_keys=True).encode())
@@ -139,59 +73,65 @@ class HubStorage:
         return self.root / "repos" / f"{repo_type}s" / repo_id
 
     # ---- blobs -------------------------------------------------------------------------------------
-    def _blob_path(self, oid: str) -> Path:
-        return self.root / "objects" / "blobs" / oid[:2] / oid
-
-    def _lfs_path(self, sha256: str) -> Path:
-        return self.root / "objects" / "lfs" / sha256[:2] / sha256
-
     def put_blob(self, data: bytes) -> str:
         """Store a regular file's content; returns its git blob sha1."""
-        oid = git_blob_sha1(data)
-        path = self._blob_path(oid)
-        if not path.exists():
-            self._write_atomic(path, data)
-        return oid
+        with self.objects.gc_lock.shared():
+            return self.objects.put_blob(data)
 
     def lfs_size(self, sha256: str) -> int | None:
         """Size of a stored LFS object, or ``None`` if it was never (completely) uploaded."""
-        if not re.fullmatch(r"[0-9a-f]{64}", sha256 or ""):
-            return None
-        path = self._lfs_path(sha256)
-        return path.stat().st_size if path.exists() else None
+        return self.objects.lfs_size(sha256)
 
-    def put_lfs(self, stream: Iterator[bytes], sha256: str, size: int) -> None:
-        """Store an LFS object from chunks, refusing content whose sha256 or size is not the promised one."""
-        tmp = self._tmp_path()
-        digest, written = hashlib.sha256(), 0
-        try:
-            with open(tmp, "wb") as file:
-                for chunk in stream:
-                    written += len(chunk)
-                    if written > size:
-                        raise HubError(400, f"Upload is larger than the announced {size} bytes.")
-                    digest.update(chunk)
-                    file.write(chunk)
-                file.flush()
-                os.fsync(file.fileno())
-            if written != size:
-                raise HubError(400, f"Upload has {written} bytes, {size} were announced.")
-            if digest.hexdigest() != sha256:
-                raise HubError(400, "Upload content does not match its sha256 oid.")
-            path = self._lfs_path(sha256)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+    def put_lfs(self, stream: Iterator[bytes], sha256: str, size: int, *, repo: tuple[str, str] | None = None) -> None:
+        """Store an LFS object from chunks, refusing content whose sha256 or size is not the promised one.
+
+        ``repo`` (type, id): the repo the upload was for, which may then reference the object
+        (:meth:`repo_holds_lfs`); uploads of the storage's own callers (replicas) pass none.
+        """
+        tmp = self.objects.receive_lfs(stream, sha256, size)
+        with self.objects.gc_lock.shared():
+            self.objects.install_lfs(tmp, sha256)
+            if repo is not None:
+                marker = self._repo_dir(*repo) / "lfs" / sha256
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.touch()
+
+    def repo_holds_lfs(self, repo_type: str, repo_id: str, sha256: str) -> bool:
+        """Whether an upload for this repo brought the LFS object ``sha256`` (and it is stored)."""
+        if self.lfs_size(sha256) is None:
+            return False
+        return (self._repo_dir(repo_type, repo_id) / "lfs" / sha256).is_file()
 
     def open_content(self, entry: TreeEntry) -> BinaryIO:
         """Open a file of a tree for reading (the real content, also for LFS files)."""
-        path = self._lfs_path(entry.lfs_sha256) if entry.lfs_sha256 else self._blob_path(entry.oid)
-        return open(path, "rb")
+        return self.objects.open_content(entry.lfs_sha256, entry.oid)
 
     def read_content(self, entry: TreeEntry) -> bytes:
         with self.open_content(entry) as file:
             return file.read()
+
+    def collect_garbage(self) -> tuple[int, int]:
+        """Delete the objects no repo references (by a commit, or by an upload not committed yet).
+
+        Returns:
+            (objects removed, bytes freed).
+        """
+        with self.objects.gc_lock.exclusive():
+            blobs: set[str] = set()
+            lfs: set[str] = set()
+            for commits in (self.root / "repos").glob("*/*/*/commits"):
+                for path in commits.glob("*.json"):
+                    try:
+                        tree = json.loads(path.read_text())["tree"]
+                    except (OSError, ValueError, KeyError):
+                        continue
+                    for entry in tree.values():
+                        (lfs.add(entry["lfs_sha256"]) if entry.get("lfs_sha256") else blobs.add(entry["oid"]))
+            lfs.update(path.name for path in (self.root / "repos").glob("*/*/*/lfs/*"))
+            removed, freed = self.objects.sweep(blobs, lfs)
+        if removed:
+            logger.info("Garbage collection removed %d object(s), %d bytes", removed, freed)
+        return removed, freed
 
     # ---- repos ----------------------------------------------------------------------------------
     def create_repo(self, record: RepoRecord, author: str) -> None:
@@ -199,12 +139,12 @@ class HubStorage:
         namespace, _, name = record.repo_id.partition("/")
         if not (_NAME_RE.match(namespace) and _NAME_RE.match(name)) or name.endswith((".git", ".")):
             raise HubError(400, f"Invalid repo name '{record.repo_id}'.")
-        with self.repo_lock(record.repo_type, record.repo_id):
+        with self.repo_lock(record.repo_type, record.repo_id), self.objects.gc_lock.shared():
             repo_dir = self._repo_dir(record.repo_type, record.repo_id)
             if (repo_dir / "repo.json").exists():
                 raise HubError(409, f"You already created this {record.repo_type} repo")
             content = GITATTRIBUTES.encode()
-            tree = {".gitattributes": TreeEntry(oid=self.put_blob(content), size=len(content))}
+            tree = {".gitattributes": TreeEntry(oid=self.objects.put_blob(content), size=len(content))}
             commit = self._new_commit([], "initial commit", "", author, tree)
             self._write_commit(record.repo_type, record.repo_id, commit)
             self.write_refs(record.repo_type, record.repo_id, Refs(branches={"main": commit.id}))
@@ -226,13 +166,14 @@ class HubStorage:
             self._write_json(self._repo_dir(record.repo_type, record.repo_id) / "repo.json", asdict(record))
 
     def delete_repo(self, repo_type: str, repo_id: str) -> None:
-        """Remove a repo (its blobs stay: other repos may share them)."""
+        """Remove a repo, then the objects no other repo references (so deleting frees disk space)."""
         with self.repo_lock(repo_type, repo_id):
             repo_dir = self._repo_dir(repo_type, repo_id)
             # Renaming first makes the deletion atomic for readers.
             trash = self._tmp_path()
             os.replace(repo_dir, trash)
             shutil.rmtree(trash, ignore_errors=True)
+        self.collect_garbage()
 
     def list_repos(self, repo_type: str) -> list[RepoRecord]:
         base = self.root / "repos" / f"{repo_type}s"
@@ -310,7 +251,7 @@ class HubStorage:
         create_pr: bool = False,
     ) -> tuple[Commit, int | None]:
         """Apply ndjson operations on top of ``revision``; returns the commit and the PR number, if any."""
-        with self.repo_lock(repo_type, repo_id):
+        with self.repo_lock(repo_type, repo_id), self.objects.gc_lock.shared():
             refs = self.read_refs(repo_type, repo_id)
             if revision.startswith("refs/pr/"):
                 ref_kind, ref_name = "pull_requests", revision.removeprefix("refs/pr/")
@@ -344,7 +285,7 @@ class HubStorage:
                 if value.get("encoding", "base64") != "base64":
                     raise HubError(400, f"Unsupported encoding for '{path}'.")
                 data = base64.b64decode(value.get("content", ""))
-                tree[path] = TreeEntry(oid=self.put_blob(data), size=len(data))
+                tree[path] = TreeEntry(oid=self.objects.put_blob(data), size=len(data))
             elif key == "lfsFile":
                 sha256 = str(value.get("oid", ""))
                 stored = self.lfs_size(sha256)
