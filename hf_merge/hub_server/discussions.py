@@ -2,13 +2,17 @@
 
 A pull request of the local Hub is a ``refs/pr/<num>`` ref (made by a ``create_pr`` commit); its
 title, author and date are those of the first commit of its branch, and it is ``merged`` once
-its head is in ``main``'s history, ``open`` otherwise. So nothing beyond the git data is stored.
-The endpoints, in the JSON ``huggingface_hub`` parses (``HfApi.get_repo_discussions``,
-``get_discussion_details``):
+its head is in the history of a branch, ``closed`` if someone closed it, ``open`` otherwise. So
+only the closed ones are stored beyond the git data. As on the Hub, anyone who can read a repo
+may open a pull request on it; its author may push more commits to it and close or reopen it;
+only the repo's owner (or a member of its organization) merges it. The endpoints, in the JSON
+``huggingface_hub`` parses (``get_repo_discussions``, ``get_discussion_details``,
+``merge_pull_request``, ``change_discussion_status``):
 
 - ``GET /api/{type}s/{repo}/discussions?p=N``: ``{"count", "start", "discussions": [...]}``,
   newest first, all on page 0;
-- ``GET /api/{type}s/{repo}/discussions/{num}``: one discussion with ``events`` and ``changes``.
+- ``GET /api/{type}s/{repo}/discussions/{num}``: one discussion with ``events`` and ``changes``;
+- ``POST …/discussions/{num}/merge`` and ``POST …/discussions/{num}/status`` (``{"status"}``).
 
 A gated repo (``RepoRecord.gated``) shows its metadata to everyone but serves files only to its
 namespace and to the users in ``gated_accepted``; others get the Hub's ``GatedRepo`` error.
@@ -16,9 +20,11 @@ namespace and to the users in ``gated_accepted``; others get the Hub's ``GatedRe
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from hf_merge.hub_server.git import HubError
+from hf_merge.hub_server.records import now_iso
 from hf_merge.hub_server.storage import Commit, HubStorage, RepoRecord
 
 PAGE_SIZE = 50
@@ -49,7 +55,7 @@ def discussion_details(storage: HubStorage, record: RepoRecord, num: str, base: 
     if num not in _numbers(storage, record):
         raise HubError(404, f"Discussion {num} not found", code="EntryNotFound")
     item = _discussion(storage, record, num, base)
-    first, head = _pr_commits(storage, record, num)
+    head = storage.resolve_revision(record.repo_type, record.repo_id, f"refs/pr/{num}")
     item["events"] = [
         {"id": commit.id[:24], "type": "commit", "createdAt": commit.date, "author": {"name": commit.author},
          "data": {"subject": commit.title, "oid": commit.id}}
@@ -68,12 +74,18 @@ def _numbers(storage: HubStorage, record: RepoRecord) -> list[str]:
 
 
 def _on_branches(storage: HubStorage, record: RepoRecord) -> set[str]:
+    """Every commit reachable from a branch, through all parents (merge commits have two)."""
     refs = storage.read_refs(record.repo_type, record.repo_id)
     seen: set[str] = set()
-    for commit_id in refs.branches.values():
-        head = storage.get_commit(record.repo_type, record.repo_id, commit_id)
-        if head is not None:
-            seen.update(c.id for c in storage.history(record.repo_type, record.repo_id, head))
+    todo = list(refs.branches.values())
+    while todo:
+        commit_id = todo.pop()
+        if commit_id in seen:
+            continue
+        commit = storage.get_commit(record.repo_type, record.repo_id, commit_id)
+        if commit is not None:
+            seen.add(commit_id)
+            todo.extend(commit.parents)
     return seen
 
 
@@ -92,11 +104,14 @@ def _pr_commits(storage: HubStorage, record: RepoRecord, num: str) -> tuple[Comm
 
 def _discussion(storage: HubStorage, record: RepoRecord, num: str, base: str) -> dict[str, Any]:
     first, head = _pr_commits(storage, record, num)
-    merged = head.id in _on_branches(storage, record)
+    if head.id in _on_branches(storage, record):
+        status = "merged"
+    else:
+        status = storage.read_pr_states(record.repo_type, record.repo_id).get(num, "open")
     return {
         "num": int(num),
         "title": first.title,
-        "status": "merged" if merged else "open",
+        "status": status,
         "isPullRequest": True,
         "createdAt": first.date,
         "author": {"name": first.author},
@@ -105,3 +120,48 @@ def _discussion(storage: HubStorage, record: RepoRecord, num: str, base: str) ->
         "numComments": 0,
         "url": f"{base}/{record.repo_id}/discussions/{num}",
     }
+
+
+def pr_author(storage: HubStorage, record: RepoRecord, num: str) -> str | None:
+    """Who opened pull request ``num`` (the author of its first commit); ``None`` if there is none."""
+    if num not in _numbers(storage, record):
+        return None
+    return _pr_commits(storage, record, num)[0].author
+
+
+def status_of(storage: HubStorage, record: RepoRecord, num: str) -> str:
+    if num not in _numbers(storage, record):
+        raise HubError(404, f"Discussion {num} not found", code="EntryNotFound")
+    return str(_discussion(storage, record, num, "")["status"])
+
+
+def merge(storage: HubStorage, record: RepoRecord, num: str, user: str) -> str:
+    """Merge pull request ``num`` into ``main``: a fast-forward when ``main`` has not moved since the
+    pull request branched, else a merge commit (409 when both changed the same file). Returns ``main``'s head."""
+    if status_of(storage, record, num) != "open":
+        raise HubError(400, f"Pull request {num} is not open.")
+    repo_type, repo_id = record.repo_type, record.repo_id
+    first, head = _pr_commits(storage, record, num)
+    main = storage.resolve_revision(repo_type, repo_id, "main")
+    fork = storage.get_commit(repo_type, repo_id, first.parents[0]) if first.parents else None
+    if fork is None or fork.id == main.id:
+        return storage.merge_commit(repo_type, repo_id, "main", main.id, [main.id, head.id], None, "", user)
+    tree = dict(main.tree)
+    for path in set(fork.tree) | set(head.tree):
+        theirs, base = head.tree.get(path), fork.tree.get(path)
+        if theirs == base:
+            continue  # not changed by the pull request
+        if main.tree.get(path) not in (base, theirs):
+            raise HubError(409, f"Pull request {num} conflicts with main on '{path}'.")
+        if theirs is None:
+            tree.pop(path, None)
+        else:
+            tree[path] = theirs
+    title = f"Merge pull request #{num}: {first.title}"
+    return storage.merge_commit(repo_type, repo_id, "main", main.id, [main.id, head.id], tree, title, user)
+
+
+def event(kind: str, user: str, data: dict[str, Any]) -> dict[str, Any]:
+    """An event in the shape ``huggingface_hub``'s ``deserialize_event`` reads."""
+    return {"id": hashlib.sha1(f"{kind}{user}{now_iso()}".encode()).hexdigest()[:24], "type": kind,
+            "createdAt": now_iso(), "author": {"name": user}, "data": data}

@@ -1,4 +1,4 @@
-"""One HTTP request as the routes see it: path segments, query, body (already read), the user.
+"""One HTTP request as the routes see it: path segments, query, the user, and its body on demand.
 
 Also the ``Range`` header's grammar, the one part of parsing that downloads need.
 """
@@ -6,6 +6,7 @@ Also the ``Range`` header's grammar, the one part of parsing that downloads need
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,25 +30,40 @@ def parse_range(header: str, size: int) -> tuple[int, int] | None:
     return (start, end) if 0 <= start <= end else None
 
 
+def _loads(text: str | bytes, what: str, hint: str = "") -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as error:
+        raise HubError(400, f"{what} is not valid JSON{hint}: {error}") from error
+    except RecursionError as error:  # thousands of nested brackets: refused, not a crash
+        raise HubError(400, f"{what} is nested too deeply.") from error
+
+
 @dataclass
 class Request:
-    """The parts of a request the routes need, body already read."""
+    """The parts of a request the routes need. The body is read only when a route asks for it,
+    after the route has checked who may call it, and never past its cap (``json_limit`` or
+    ``commit_limit`` bytes; 413 beyond)."""
 
     method: str
     segments: list[str]
     query: dict[str, list[str]]
-    body: bytes
     content_type: str
     user: str | None
     base: str
+    read_body: Callable[[int], bytes]
+    json_limit: int
+    commit_limit: int
+
+    def body(self) -> bytes:
+        """The raw body (a form or JSON route), at most ``json_limit`` bytes (413 beyond)."""
+        return self.read_body(self.json_limit)
 
     def json(self) -> dict[str, Any]:
-        if not self.body:
+        body = self.body()
+        if not body:
             return {}
-        try:
-            data = json.loads(self.body)
-        except ValueError as error:
-            raise HubError(400, f"Request body is not valid JSON: {error}") from error
+        data = _loads(body, "Request body")
         if not isinstance(data, dict):
             raise HubError(400, "Request body must be a JSON object.")
         return data
@@ -55,13 +71,11 @@ class Request:
     def ndjson(self) -> list[dict[str, Any]]:
         """The lines of an ``application/x-ndjson`` body, each a JSON object (the commit endpoint)."""
         lines = []
-        for number, line in enumerate(self.body.decode("utf-8", errors="replace").splitlines(), start=1):
+        body = self.read_body(self.commit_limit)
+        for number, line in enumerate(body.decode("utf-8", errors="replace").splitlines(), start=1):
             if not line.strip():
                 continue
-            try:
-                item = json.loads(line)
-            except ValueError as error:
-                raise HubError(400, f"Commit body line {number} is not valid JSON (expected ndjson): {error}") from error
+            item = _loads(line, f"Commit body line {number}", " (expected ndjson)")
             if not isinstance(item, dict):
                 raise HubError(400, f"Commit body line {number} must be a JSON object with 'key' and 'value'.")
             lines.append(item)

@@ -1,77 +1,55 @@
-"""What each endpoint of the local Hub does: authentication, access rules, then storage.
-
-Access rules, as on the Hub: anyone reads public repos; only the namespace's user reads its private
-repos (an anonymous reader gets 401, another user 404, both ``RepoNotFound``: a private repo is
-indistinguishable from a missing one); only the namespace's user writes (no token: 401, a token of
-another user: 403). A token that matches no user gets 401 "Invalid credentials in Authorization
-header" on every route, which the client reports as a bad token rather than a missing repo.
-"""
+"""What each endpoint of the local Hub does: access rules (:mod:`~hf_merge.hub_server.access`), then storage."""
 
 from __future__ import annotations
 
 import base64
-import hmac
-import re
-import secrets
-import threading
-import time
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO
 
 from hf_merge.hub_server import discussions
-from hf_merge.hub_server.metadata import RepoViews, parse_front_matter, url_prefix
+from hf_merge.hub_server.access import BAD_TOKEN_MESSAGE, Access
 from hf_merge.hub_server.git import HubError, should_use_lfs
+from hf_merge.hub_server.lfs import LfsEndpoint
+from hf_merge.hub_server.metadata import RepoViews, parse_front_matter, url_prefix
 from hf_merge.hub_server.storage import REPO_TYPES, SPACE_SDKS, HubStorage, RepoRecord
 from hf_merge.hub_server.webhooks import WebhookRegistry
 
-_TICKET_TTL_S = 3600
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-BAD_TOKEN_MESSAGE = "Invalid credentials in Authorization header"
+__all__ = ["BAD_TOKEN_MESSAGE", "HubApi"]
 
 
 class HubApi:
-    """The local Hub's behaviour, independent of HTTP parsing (see ``hub_server`` for that)."""
+    """The local Hub's behaviour, independent of HTTP parsing (see ``hub_server`` for that).
 
-    def __init__(self, root: str | Path, tokens: dict[str, str]):
-        for user, secret in tokens.items():
-            if not user or not secret:
-                raise ValueError("Every user needs a name and a non-empty token.")
-        if len(set(tokens.values())) != len(tokens):
-            raise ValueError("Two users cannot share a token.")
+    Args:
+        root: Folder of the storage.
+        tokens: User name -> token.
+        orgs: Organization name -> its members, who own the organization's repos.
+    """
+
+    def __init__(self, root: str | Path, tokens: dict[str, str], orgs: dict[str, list[str]] | None = None):
         self.storage = HubStorage(root)
+        self.access = Access(self.storage, tokens, orgs)
         self.views = RepoViews(self.storage)
         self.webhooks = WebhookRegistry(self.storage.root)
-        self._tokens = dict(tokens)
-        # One-time upload tickets: the client PUTs LFS content without an Authorization header.
-        self._tickets: dict[str, tuple[str, int, float]] = {}
-        self._tickets_lock = threading.Lock()
+        self.lfs = LfsEndpoint(self.storage, self.access)
 
     # ---- identity and access --------------------------------------------------------------------
     def authenticate(self, authorization: str | None) -> str | None:
         """User of a ``Bearer`` token; ``None`` when there is none; 401 when it matches no user."""
-        if not authorization:
-            return None
-        scheme, _, secret = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not secret.strip():
-            raise HubError(401, BAD_TOKEN_MESSAGE)
-        for user, known in self._tokens.items():
-            if hmac.compare_digest(known.encode(), secret.strip().encode()):
-                return user
-        raise HubError(401, BAD_TOKEN_MESSAGE)
+        return self.access.authenticate(authorization)
 
     def _readable(self, user: str | None, repo_type: str, repo_id: str) -> RepoRecord:
-        record = self.storage.get_repo(repo_type, repo_id) if repo_type in REPO_TYPES else None
-        if record is None or (record.private and user != record.namespace):
-            raise HubError(401 if user is None else 404, "Repository not found", code="RepoNotFound")
-        return record
+        return self.access.readable(user, repo_type, repo_id)
 
     def _writable(self, user: str | None, repo_type: str, repo_id: str) -> RepoRecord:
-        if user is None:
-            raise HubError(401, "You must be authenticated to write to a repository.")
-        record = self._readable(user, repo_type, repo_id)
-        if record.namespace != user:
-            raise HubError(403, f"You don't have the rights to write to {repo_type} repository {repo_id}")
-        return record
+        return self.access.writable(user, repo_type, repo_id)
+
+    def _pr_author(self, record: RepoRecord, num: str) -> str | None:
+        return discussions.pr_author(self.storage, record, num)
+
+    def check_commit(self, user: str | None, repo_type: str, repo_id: str, revision: str, create_pr: bool) -> RepoRecord:
+        """Whether ``user`` may commit to ``revision`` (or open a pull request): before the body is read."""
+        return self.access.committer(user, repo_type, repo_id, revision, create_pr, self._pr_author)
 
     def whoami(self, user: str | None) -> dict[str, Any]:
         if user is None:
@@ -81,7 +59,7 @@ class HubApi:
             "id": user,
             "name": user,
             "fullname": user,
-            "orgs": [],
+            "orgs": [{"name": org, "type": "org"} for org in self.access.orgs_of(user)],
             "auth": {"type": "access_token", "accessToken": {"displayName": "local", "role": "write"}},
         }
 
@@ -93,7 +71,7 @@ class HubApi:
         if repo_type not in REPO_TYPES:
             raise HubError(400, f"Invalid repo type '{repo_type}'.")
         namespace, name = body.get("organization") or user, str(body.get("name") or "")
-        if namespace != user:
+        if not self.access.owns(user, namespace):
             message = f'You don\'t have the rights to create a {repo_type} under the namespace "{namespace}"'
             raise HubError(403, message)
         sdk = body.get("sdk")
@@ -142,7 +120,7 @@ class HubApi:
         full = any((query.get(key) or [""])[-1].lower() in ("1", "true") for key in ("full", "cardData"))
         items = []
         for record in self.storage.list_repos(repo_type):
-            if (record.private and user != record.namespace) or (author and record.namespace != author):
+            if (record.private and not self.access.owns(user, record.namespace)) or (author and record.namespace != author):
                 continue
             if search and search not in record.repo_id.lower():
                 continue
@@ -247,9 +225,10 @@ class HubApi:
 
     # ---- writes -----------------------------------------------------------------------------------
     def preupload(
-        self, user: str | None, repo_type: str, repo_id: str, revision: str, body: dict[str, Any]
+        self, user: str | None, repo_type: str, repo_id: str, revision: str, body: dict[str, Any],
+        create_pr: bool = False,
     ) -> dict[str, Any]:
-        self._writable(user, repo_type, repo_id)
+        self.check_commit(user, repo_type, repo_id, revision, create_pr)
         try:
             tree = self.storage.resolve_revision(repo_type, repo_id, revision).tree
         except HubError:
@@ -270,39 +249,6 @@ class HubApi:
             )
         return {"files": files}
 
-    def lfs_batch(
-        self, user: str | None, repo_type: str, repo_id: str, body: dict[str, Any], base: str
-    ) -> dict[str, Any]:
-        self._writable(user, repo_type, repo_id)
-        if body.get("operation") != "upload":
-            raise HubError(400, "Only the 'upload' operation is supported.")
-        objects = []
-        for obj in body.get("objects", []):
-            oid, size = str(obj.get("oid", "")), obj.get("size")
-            if not _SHA256_RE.match(oid) or not isinstance(size, int) or size < 0:
-                objects.append({"oid": oid, "size": size if isinstance(size, int) else 0,
-                                "error": {"code": 422, "message": "Invalid oid or size."}})
-                continue
-            answer: dict[str, Any] = {"oid": oid, "size": size, "authenticated": True}
-            if self.storage.lfs_size(oid) != size:
-                ticket = secrets.token_urlsafe(32)
-                with self._tickets_lock:
-                    now = time.monotonic()
-                    self._tickets = {key: value for key, value in self._tickets.items() if value[2] > now}
-                    self._tickets[ticket] = (oid, size, now + _TICKET_TTL_S)
-                answer["actions"] = {"upload": {"href": f"{base}/lfs-upload/{ticket}", "expires_in": _TICKET_TTL_S}}
-            objects.append(answer)
-        return {"transfer": "basic", "objects": objects, "hash_algo": "sha256"}
-
-    def lfs_upload(self, ticket: str, stream: Iterator[bytes]) -> None:
-        """Store the body of a ``PUT`` to a ticket's href, checked against the promised sha256 and size."""
-        with self._tickets_lock:
-            promised = self._tickets.pop(ticket, None)  # one-time, even if the upload then fails
-        if promised is None or promised[2] < time.monotonic():
-            raise HubError(403, "Upload ticket is unknown, used or expired; ask the LFS batch endpoint again.")
-        oid, size, _ = promised
-        self.storage.put_lfs(stream, oid, size)
-
     def commit(
         self,
         user: str | None,
@@ -313,25 +259,21 @@ class HubApi:
         create_pr: bool,
         base: str,
     ) -> dict[str, Any]:
-        self._writable(user, repo_type, repo_id)
+        self.check_commit(user, repo_type, repo_id, revision, create_pr)
         if not lines or lines[0].get("key") != "header":
             raise HubError(400, "A commit starts with a header line.")
         header = lines[0].get("value") or {}
         if not header.get("summary"):
             raise HubError(400, "A commit needs a summary.")
         operations = [(str(line.get("key")), line.get("value") or {}) for line in lines[1:]]
+        self._check_lfs_reachable(repo_type, repo_id, revision, operations)
         commit, pr_num = self.storage.commit(
             repo_type, repo_id, revision=revision, author=str(user), title=str(header["summary"]),
             message=str(header.get("description") or ""), operations=operations,
             parent_commit=header.get("parentCommit"), create_pr=create_pr,
         )
-        record = self.storage.get_repo(repo_type, repo_id)
-        self.webhooks.notify_commit(
-            repo_type=repo_type, repo_id=repo_id, private=bool(record and record.private),
-            ref=f"refs/pr/{pr_num}" if pr_num else f"refs/heads/{revision}",
-            old_sha=commit.parents[0] if commit.parents else None, new_sha=commit.id, base=base,
-            tags=self.views.card_and_tags(commit)[1],
-        )
+        self._notify(repo_type, repo_id, f"refs/pr/{pr_num}" if pr_num else f"refs/heads/{revision}",
+                     commit.parents[0] if commit.parents else None, commit.id, base)
         repo_url = f"{base}/{url_prefix(repo_type)}{repo_id}"
         return {
             "success": True,
@@ -339,6 +281,53 @@ class HubApi:
             "commitUrl": f"{repo_url}/commit/{commit.id}",
             "pullRequestUrl": f"{repo_url}/discussions/{pr_num}" if pr_num else None,
         }
+
+    def _check_lfs_reachable(self, repo_type: str, repo_id: str, revision: str,
+                             operations: list[tuple[str, dict[str, Any]]]) -> None:
+        """An LFS pointer may only name an object this repo's uploads brought (or its tree already has)."""
+        wanted = [value for key, value in operations if key == "lfsFile"]
+        if not wanted:
+            return
+        try:
+            known = {e.lfs_sha256 for e in self.storage.resolve_revision(repo_type, repo_id, revision).tree.values()}
+        except HubError:
+            known = set()
+        for value in wanted:
+            oid = str(value.get("oid", ""))
+            if oid not in known and not self.storage.repo_holds_lfs(repo_type, repo_id, oid):
+                raise HubError(400, f"Your push was rejected because the LFS object of '{value.get('path')}' "
+                                    "was not uploaded to this repo; upload its content first.")
+
+    def _notify(self, repo_type: str, repo_id: str, ref: str, old: str | None, new: str, base: str) -> None:
+        record = self.storage.get_repo(repo_type, repo_id)
+        commit = self.storage.get_commit(repo_type, repo_id, new)
+        self.webhooks.notify_commit(
+            repo_type=repo_type, repo_id=repo_id, private=bool(record and record.private), ref=ref,
+            old_sha=old, new_sha=new, base=base, tags=self.views.card_and_tags(commit)[1] if commit else [],
+        )
+
+    def change_pr(self, user: str | None, repo_type: str, repo_id: str, num: str, action: str,
+                  body: dict[str, Any], base: str) -> dict[str, Any]:
+        """``POST …/discussions/{num}/merge`` (owner only) or ``…/status`` (owner or the author)."""
+        record = self.access.contributor(user, repo_type, repo_id)
+        author = self._pr_author(record, num)
+        if author is None:
+            raise HubError(404, f"Discussion {num} not found", code="EntryNotFound")
+        if action == "merge":
+            self.access.writable(user, repo_type, repo_id)
+            old = self.storage.resolve_revision(repo_type, repo_id, "main").id
+            head = discussions.merge(self.storage, record, num, str(user))
+            self._notify(repo_type, repo_id, "refs/heads/main", old, head, base)
+            return {"newStatus": discussions.event("status-change", str(user), {"status": "merged"})}
+        status = str(body.get("status", ""))
+        if status not in ("open", "closed"):
+            raise HubError(400, "status must be 'open' or 'closed'.")
+        if user != author and not self.access.owns(user, record.namespace):
+            raise HubError(403, f"Only the author or the owner of {repo_id} may change discussion {num}.")
+        if discussions.status_of(self.storage, record, num) == "merged":
+            raise HubError(400, f"Pull request {num} is merged.")
+        self.storage.write_pr_state(repo_type, repo_id, num, status)
+        return {"newStatus": discussions.event("status-change", str(user), {"status": status})}
 
     def ref(
         self,

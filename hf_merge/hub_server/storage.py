@@ -328,3 +328,38 @@ class HubStorage:
                 raise HubError(404 if name not in table else 403, f"Cannot delete reference: {name}")
             del table[name]
             self.write_refs(repo_type, repo_id, refs)
+
+    # ---- pull requests ----------------------------------------------------------------------------
+    def merge_commit(self, repo_type: str, repo_id: str, branch: str, expected_head: str, parents: list[str],
+                     tree: dict[str, TreeEntry] | None, title: str, author: str) -> str:
+        """Move ``branch`` from ``expected_head`` (412 if it moved) to a new commit of ``tree`` with
+        ``parents``, or fast-forward it to ``parents[-1]`` when ``tree`` is ``None``; returns the new head."""
+        with self.repo_lock(repo_type, repo_id), self.objects.gc_lock.shared():
+            refs = self.read_refs(repo_type, repo_id)
+            if refs.branches.get(branch) != expected_head:
+                raise HubError(412, "The branch moved while merging. Please retry.")
+            if tree is None:
+                head = parents[-1]
+            else:
+                commit = self._new_commit(parents, title, "", author, tree)
+                self._write_commit(repo_type, repo_id, commit)
+                head = commit.id
+            refs.branches[branch] = head
+            self.write_refs(repo_type, repo_id, refs)
+            return head
+
+    def read_pr_states(self, repo_type: str, repo_id: str) -> dict[str, str]:
+        """Pull request number -> ``"closed"`` for those closed without merging (open ones are absent)."""
+        try:
+            return dict(json.loads((self._repo_dir(repo_type, repo_id) / "pr_states.json").read_text()))
+        except FileNotFoundError:
+            return {}
+
+    def write_pr_state(self, repo_type: str, repo_id: str, num: str, status: str) -> None:
+        with self.repo_lock(repo_type, repo_id):
+            states = self.read_pr_states(repo_type, repo_id)
+            if status == "closed":
+                states[num] = status
+            else:
+                states.pop(num, None)
+            self._write_json(self._repo_dir(repo_type, repo_id) / "pr_states.json", states)
