@@ -66,8 +66,12 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             self.server.deadlines.disarm(self.connection)
 
     def parse_request(self) -> bool:
-        self.server.deadlines.disarm(self.connection)  # the head is in: bodies have their own timeout
-        return super().parse_request()
+        parsed = super().parse_request()  # reads the headers
+        if not self.server.deadlines.disarm(self.connection):
+            # Cut off by the deadline: what was read is a truncated head, not a request.
+            self.close_connection = True
+            return False
+        return parsed  # the head is in: bodies have their own (per read) timeout
 
     def do_GET(self) -> None:
         self._dispatch("GET")
@@ -91,7 +95,9 @@ class HubRequestHandler(BaseHTTPRequestHandler):
     # ---- plumbing ------------------------------------------------------------------------------
     def _dispatch(self, method: str) -> None:
         api = self.server.api
-        self._body_consumed = False
+        # A request without a body leaves nothing unread: its connection may serve the next one.
+        chunked = "chunked" in self.headers.get("Transfer-Encoding", "").lower()
+        self._body_consumed = not chunked and self.headers.get("Content-Length", "0").strip() in ("", "0")
         try:
             url = urlsplit(self.path)
             # Split before unquoting: revisions and tree paths arrive as one quoted segment.

@@ -64,9 +64,10 @@ class HeaderDeadlines:
                 self._thread = threading.Thread(target=self._watch, name="local-hub-deadlines", daemon=True)
                 self._thread.start()
 
-    def disarm(self, connection: socket.socket) -> None:
+    def disarm(self, connection: socket.socket) -> bool:
+        """Stop the clock; ``False`` if the deadline had already passed (the connection is cut)."""
         with self._lock:
-            self._deadlines.pop(connection, None)
+            return self._deadlines.pop(connection, None) is not None
 
     def stop(self) -> None:
         self._stop.set()

@@ -7,7 +7,8 @@ restarted server still delivers them.
 
 Delivery: after every commit on a watched repo (or any repo of a watched user), one ``POST`` in the
 Hub's payload format (event ``update`` / scope ``repo.content``, the repo with its ``headSha``, the
-updated ref) with the webhook's secret in ``X-Webhook-Secret``. Deliveries go out from one
+updated ref) with the webhook's secret in ``X-Webhook-Secret``; a payload over 1 MiB is sent
+without the repo's tags. Deliveries go out from one
 background thread, in commit order. Only loopback URLs are accepted: the local Hub must never be a
 way to make requests to other machines.
 """
@@ -34,6 +35,9 @@ _FILENAME = "webhooks.json"
 _WATCHED_TYPES = ("model", "dataset", "space", "user", "org")
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _TIMEOUT_S = 30
+# What a receiver may cap a delivery at (hf-merge's watcher: 1 MiB); a card with thousands of tags
+# must not make every delivery of its repo bounce.
+MAX_DELIVERY_BYTES = 1 << 20
 
 
 def _object_id(text: str) -> str:
@@ -150,6 +154,8 @@ class WebhookRegistry:
                 "updatedRefs": [{"ref": ref, "oldSha": old_sha, "newSha": new_sha}],
                 "webhook": {"id": hook["id"], "version": 3},
             }
+            if len(json.dumps(payload)) > MAX_DELIVERY_BYTES:
+                payload["repo"]["tags"] = []
             self._queue.put((hook, payload))
         self._start_worker()
 

@@ -9,12 +9,17 @@ other, each on top of the previous result. The answer says the delivery's place 
 
 The route is ``POST /webhooks/watch``; register its URL on the Hub (Settings -> Webhooks, or
 ``HfApi.create_webhook``) watching the users or repos whose fine-tunes should be merged.
+
+A delivery is a small JSON object (a few KiB): bodies over :data:`MAX_BODY_BYTES` (1 MiB) are
+answered ``413`` without being read past the cap, and JSON nested too deeply to parse is a ``400``.
 """
 
 import hmac
 import itertools
+import json
 import queue
 import threading
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +30,29 @@ from hf_merge.watch.runner import Outcome, Watcher
 logger = get_logger(__name__)
 
 WEBHOOK_PATH = "watch"
+MAX_BODY_BYTES = 1 << 20
+
+
+async def read_delivery(headers: Mapping[str, str], chunks: AsyncIterator[bytes],
+                        limit: int = MAX_BODY_BYTES) -> tuple[int, Any]:
+    """A delivery's JSON body: ``(200, data)``, or ``(4xx, {"error": ...})`` for a body over
+    ``limit`` bytes (413; checked on ``Content-Length`` first, then as it arrives), not JSON, or
+    nested too deeply (400)."""
+    too_large = 413, {"error": f"the body is larger than {limit} bytes; a Hub delivery is a few KiB"}
+    declared = headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        return too_large
+    body = bytearray()
+    async for chunk in chunks:
+        body += chunk
+        if len(body) > limit:
+            return too_large
+    try:
+        return 200, json.loads(bytes(body))
+    except ValueError:
+        return 400, {"error": "the body is not JSON"}
+    except RecursionError:
+        return 400, {"error": "the body is JSON nested too deeply"}
 
 
 @dataclass
@@ -118,10 +146,9 @@ def create_webhook_server(watcher: Watcher, *, secret: str | None) -> tuple[Any,
         # The server already refused a missing or wrong secret; this compare is constant-time.
         if not hmac.compare_digest((request.headers.get("x-webhook-secret") or "").encode(), secret.encode()):
             return JSONResponse({"error": "Invalid webhook secret."}, status_code=403)
-        try:
-            data = await request.json()
-        except ValueError:
-            return JSONResponse({"error": "the body is not JSON"}, status_code=400)
+        status, data = await read_delivery(request.headers, request.stream())
+        if status != 200:
+            return JSONResponse(data, status_code=status)
         status, body = deliveries.handle(data)
         return JSONResponse(body, status_code=status)
 
