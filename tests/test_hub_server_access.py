@@ -115,3 +115,50 @@ def test_repo_ids_cannot_escape_the_storage_root(hub_url, alice_token):
         assert response.status_code == 404, path
     created = httpx.post(f"{hub_url}/api/repos/create", headers=auth, json={"name": ".."})
     assert created.status_code == 400
+
+
+def _batch(hub_url: str, token: str, repo_id: str, oid: str, size: int) -> dict:
+    response = httpx.post(f"{hub_url}/{repo_id}.git/info/lfs/objects/batch",
+                          headers={"Authorization": f"Bearer {token}"},
+                          json={"operation": "upload", "objects": [{"oid": oid, "size": size}]})
+    assert response.status_code == 200
+    return response.json()["objects"][0]
+
+
+def test_lfs_objects_of_a_private_repo_cannot_be_reached_through_another(hub_api, bob_api, hub_url, alice_token,
+                                                                         bob_token, hub_server):
+    import hashlib
+    import json
+    import os
+
+    secret = os.urandom(64 * 1024)
+    oid = hashlib.sha256(secret).hexdigest()
+    bobs = f"bob/private-{uuid.uuid4().hex[:8]}"
+    bob_api.create_repo(bobs, private=True)
+    bob_api.upload_file(path_or_fileobj=secret, path_in_repo="secret.safetensors", repo_id=bobs)
+    assert _batch(hub_url, bob_token, bobs, oid, len(secret)).get("actions") is None  # bob's own repo holds it
+
+    alices = f"alice/public-{uuid.uuid4().hex[:8]}"
+    hub_api.create_repo(alices)
+    # The batch endpoint does not reveal that some repo holds the object: alice must upload it.
+    assert "upload" in _batch(hub_url, alice_token, alices, oid, len(secret))["actions"]
+    # A pointer to Bob's object, committed without uploading it, is refused.
+    commit = httpx.post(
+        f"{hub_url}/api/models/{alices}/commit/main",
+        headers={"Authorization": f"Bearer {alice_token}", "Content-Type": "application/x-ndjson"},
+        content=b"".join(json.dumps(line).encode() + b"\n" for line in (
+            {"key": "header", "value": {"summary": "borrow"}},
+            {"key": "lfsFile", "value": {"path": "stolen.safetensors", "algo": "sha256", "oid": oid, "size": len(secret)}},
+        )),
+    )
+    assert commit.status_code == 400 and "was not uploaded to this repo" in commit.json()["error"]
+    assert "stolen.safetensors" not in hub_api.list_repo_files(alices)
+    response = httpx.get(f"{hub_url}/{alices}/resolve/main/stolen.safetensors")
+    assert response.status_code == 404 and secret not in response.content
+
+    # Whoever has the bytes may still upload them: stored once, reachable through both repos.
+    hub_api.upload_file(path_or_fileobj=secret, path_in_repo="same.safetensors", repo_id=alices)
+    assert httpx.get(f"{hub_url}/{alices}/resolve/main/same.safetensors").content == secret
+    store = hub_server.root / "objects" / "lfs" / oid[:2]
+    assert [p.name for p in store.iterdir()] == [oid]
+

@@ -52,8 +52,12 @@ def _as_list(value: Any) -> list[str]:
     return [str(item) for item in value] if isinstance(value, (list, tuple)) else [str(value)]
 
 
-def tags_for(card: dict[str, Any], tree: dict[str, TreeEntry], config: dict[str, Any] | None) -> list[str]:
-    """Tags as the Hub derives them: card tags, library, pipeline, license, datasets, base models."""
+def tags_for(card: dict[str, Any], tree: dict[str, TreeEntry], config: dict[str, Any] | None,
+             adapter: dict[str, Any] | None = None) -> list[str]:
+    """Tags as the Hub derives them: card tags, library, pipeline, license, datasets, base models.
+
+    A PEFT adapter repo whose card names no ``base_model`` gets it from ``adapter_config.json``
+    (``base_model_name_or_path``, when it is a repo id), with the ``adapter`` relation."""
     tags: list[str] = []
     tags += _as_list(card.get("library_name"))
     if any(path.endswith(".safetensors") for path in tree):
@@ -64,6 +68,8 @@ def tags_for(card: dict[str, Any], tree: dict[str, TreeEntry], config: dict[str,
     tags += _as_list(card.get("pipeline_tag"))
     tags += [f"dataset:{name}" for name in _as_list(card.get("datasets"))]
     bases = _as_list(card.get("base_model"))
+    if not bases and adapter and _looks_like_repo_id(adapter.get("base_model_name_or_path")):
+        bases = [str(adapter["base_model_name_or_path"])]
     relation = card.get("base_model_relation") or _inferred_relation(bases, tree, config)
     for base in bases:
         tags.append(f"base_model:{base}")
@@ -72,6 +78,11 @@ def tags_for(card: dict[str, Any], tree: dict[str, TreeEntry], config: dict[str,
     tags += [f"license:{name}" for name in _as_list(card.get("license"))]
     tags += [str(lang) for lang in _as_list(card.get("language"))]
     return list(dict.fromkeys(tags))
+
+
+def _looks_like_repo_id(value: Any) -> bool:
+    # Adapters saved from a local folder name a path ("/mnt/.../checkpoint-24000"): no base repo.
+    return isinstance(value, str) and value.count("/") <= 1 and not value.startswith((".", "/", "~")) and bool(value.strip())
 
 
 def _inferred_relation(bases: list[str], tree: dict[str, TreeEntry], config: dict[str, Any] | None) -> str | None:
@@ -104,16 +115,21 @@ class RepoViews:
                 card = parse_front_matter(self.storage.read_content(readme).decode("utf-8", "replace"))
             except ValueError:
                 card = {}
-        config = None
-        if "config.json" in commit.tree and not commit.tree["config.json"].lfs_sha256:
-            try:
-                config = json.loads(self.storage.read_content(commit.tree["config.json"]))
-            except (ValueError, UnicodeDecodeError):
-                config = None
-        result = (card, tags_for(card, commit.tree, config if isinstance(config, dict) else None))
+        config, adapter = self._small_json(commit, "config.json"), self._small_json(commit, "adapter_config.json")
+        result = (card, tags_for(card, commit.tree, config, adapter))
         with self._cache_lock:
             self._cache[commit.id] = result
         return result
+
+    def _small_json(self, commit: Commit, path: str) -> dict[str, Any] | None:
+        entry = commit.tree.get(path)
+        if entry is None or entry.lfs_sha256 or entry.size > (1 << 20):
+            return None
+        try:
+            data = json.loads(self.storage.read_content(entry))
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            return None
+        return data if isinstance(data, dict) else None
 
     def repo_info(self, record: RepoRecord, commit: Commit, *, full: bool = True) -> dict[str, Any]:
         """``GET /api/{type}s/{id}[/revision/{rev}]`` and one item of ``GET /api/models``."""
