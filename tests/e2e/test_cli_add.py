@@ -86,6 +86,35 @@ def test_add_as_pull_request_with_a_local_expert(continued, seeded_hub, alice_to
     assert [s.get("repo_id") for s in result.steps][-1] is None and len(result.steps) == 7
 
 
+def test_another_user_proposes_an_expert_as_a_pull_request(continued, seeded_hub, bob_token, hub_api, hub_url, tmp_path):
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from hf_merge.testing.tiny_clip import make_expert
+
+    bob = HfApi(endpoint=hub_url, token=bob_token)
+    proposal = "bob/tiny-clip-proposal"
+    bob.create_repo(proposal, exist_ok=True)
+    sha = bob.upload_folder(repo_id=proposal, folder_path=make_expert(seeded_hub.base_dir, tmp_path / "ft", seed=777),
+                            commit_message="Add fine-tune").oid
+    main_before = hub_api.model_info(REPO).sha
+    done = hf_merge(["add", REPO, "--experts", proposal, "--create-pr", "--output", str(tmp_path / "proposal"),
+                     "--token", bob_token])
+    assert done.returncode == 0, done.stderr
+    assert hub_api.model_info(REPO).sha == main_before  # alice's main is untouched until she merges
+    pr = next(d for d in hub_api.get_repo_discussions(REPO) if d.author == "bob")
+    assert pr.is_pull_request and pr.status == "open" and pr.title == f"hf-merge: add 1 expert ({proposal})"
+    state = json.loads(open(hf_hub_download(REPO, "merge_state.json", revision=pr.git_reference)).read())
+    assert state["lineage"][-1]["repo_id"] == proposal and state["lineage"][-1]["commit_sha"] == sha
+    # Bob cannot merge his own proposal; alice can.
+    with pytest.raises(HfHubHTTPError) as refused:
+        bob.merge_pull_request(REPO, pr.num)
+    assert refused.value.response.status_code == 403
+    hub_api.merge_pull_request(REPO, pr.num)
+    merged = json.loads(open(hf_hub_download(REPO, "merge_state.json")).read())
+    assert merged["lineage"][-1]["repo_id"] == proposal and merged["step"] == state["step"]
+
+
 def test_already_merged_expert_is_a_usage_error(continued, seeded_hub, alice_token, tmp_path, capsys):
     from hf_merge.cli import main
 
