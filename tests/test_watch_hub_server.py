@@ -114,3 +114,48 @@ def test_webhooks_are_registered_like_the_hub_and_delivered_on_every_commit(hub)
         assert carol.list_webhooks() == []
     finally:
         receiver.shutdown()
+
+
+def _read(body: bytes, *, declared: bool = True, pieces: int = 1):
+    import asyncio
+
+    from hf_merge.watch.webhook import read_delivery
+
+    async def chunks():
+        step = max(1, len(body) // pieces)
+        for start in range(0, len(body), step):
+            yield body[start:start + step]
+
+    headers = {"content-length": str(len(body))} if declared else {}
+    return asyncio.run(read_delivery(headers, chunks()))
+
+
+def test_the_watchers_webhook_receiver_caps_bodies_and_refuses_deep_json():
+    from hf_merge.watch.webhook import MAX_BODY_BYTES
+
+    payload = {"event": {"scope": "repo.content"}, "repo": {"name": "a/b"}}
+    assert _read(json.dumps(payload).encode()) == (200, payload)
+    big = json.dumps({"pad": "x" * MAX_BODY_BYTES}).encode()
+    assert _read(big)[0] == 413  # refused on its Content-Length
+    assert _read(big, declared=False, pieces=64)[0] == 413  # chunked: refused once the cap is passed
+    deep = b"[" * 100_000 + b"]" * 100_000
+    assert _read(deep) == (400, {"error": "the body is JSON nested too deeply"})
+    assert _read(b"{not json")[0] == 400
+
+
+def test_a_delivery_over_a_mebibyte_leaves_the_tags_out(hub):
+    receiver = HTTPServer(("127.0.0.1", 0), _Receiver)
+    _Receiver.received = []
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    carol = HfApi(endpoint=hub.url, token=TOKENS["carol"])
+    try:
+        carol.create_webhook(url=f"http://127.0.0.1:{receiver.server_address[1]}/hook",
+                             watched=[{"type": "user", "name": "carol"}], secret="s")
+        tags = "\n".join(f"- tag-{i:06d}-{'x' * 40}" for i in range(25_000))  # about 1.3 MB of tags
+        sha = _card(carol, "carol/many-tags", f"tags:\n{tags}")
+        hub.api.webhooks.wait_idle()
+        [(_, _, payload)] = _Receiver.received
+        assert payload["repo"]["headSha"] == sha and payload["repo"]["tags"] == []
+        assert len(json.dumps(payload)) < 1 << 20
+    finally:
+        receiver.shutdown()

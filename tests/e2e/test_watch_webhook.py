@@ -104,3 +104,22 @@ def test_two_deliveries_at_once_merge_one_after_the_other_in_order(served, hub_u
     assert lineage_of(repo) == before + [(name, shas[name]) for name in order]
     titles = [c.title for c in HfApi(endpoint=hub_url).list_repo_commits(repo)][:2]
     assert titles == [f"hf-merge watch: add {name}@{shas[name][:10]}" for name in reversed(order)]
+
+
+def _post_raw(url: str, body: bytes, secret: str) -> int:
+    request = urllib.request.Request(url, data=body, method="POST",
+                                     headers={"Content-Type": "application/json", "X-Webhook-Secret": secret})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def test_an_oversized_or_deeply_nested_delivery_is_a_4xx(served):
+    repo, base, work, url, deliveries = served
+    before = len(deliveries.done)
+    assert _post_raw(url, json.dumps({"pad": "x" * (2 << 20)}).encode(), SECRET) == 413
+    assert _post_raw(url, b"[" * 100_000 + b"]" * 100_000, SECRET) == 400
+    deliveries.wait_idle()
+    assert len(deliveries.done) == before
