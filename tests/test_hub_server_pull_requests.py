@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from pathlib import Path
 
 import pytest
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
@@ -51,7 +52,7 @@ def test_anyone_opens_a_pull_request_that_only_the_owner_merges(apis, tmp_path):
     [pr] = list(apis["alice"].get_repo_discussions(repo_id))
     assert (pr.num, pr.author, pr.title, pr.status, pr.is_pull_request) == (1, "bob", "Propose new weights", "open", True)
     path = apis["anonymous"].hf_hub_download(repo_id, "model.safetensors", revision="refs/pr/1", cache_dir=tmp_path)
-    assert open(path, "rb").read() == weights
+    assert Path(path).read_bytes() == weights
 
     # The author may push more commits to his pull request; nobody else but the owner may.
     apis["bob"].upload_file(path_or_fileobj=b"readme", path_in_repo="README.md", repo_id=repo_id, revision="refs/pr/1")
@@ -76,7 +77,7 @@ def test_anyone_opens_a_pull_request_that_only_the_owner_merges(apis, tmp_path):
     apis["alice"].merge_pull_request(repo_id, 1)
     files = apis["alice"].list_repo_files(repo_id)
     assert {"model.safetensors", "README.md"} <= set(files)
-    assert open(apis["alice"].hf_hub_download(repo_id, "notes.txt", cache_dir=tmp_path), "rb").read() == b"v2"
+    assert Path(apis["alice"].hf_hub_download(repo_id, "notes.txt", cache_dir=tmp_path)).read_bytes() == b"v2"
     assert apis["alice"].get_paths_info(repo_id, ["model.safetensors"])[0].lfs.size == len(weights)
     details = apis["alice"].get_discussion_details(repo_id, 1)
     assert details.status == "merged" and details.author == "bob"

@@ -9,7 +9,6 @@ connection. Downloads stream the file with ``Range`` support and the bandwidth m
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING, Any
@@ -114,7 +113,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             self._route(api, request)
         except HubError as error:
             self._send_error(error)
-        except (BrokenPipeError, ConnectionResetError, socket.timeout):
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
             self.close_connection = True  # the client went away or stalled; nobody to answer
         except FileNotFoundError:
             # A repo deleted while this request was reading it.
@@ -223,12 +222,11 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         repo_type, rest = "model", seg
         if seg and seg[0] in ("datasets", "spaces"):
             repo_type, rest = _TYPES[seg[0]], seg[1:]
-        if len(rest) == 6 and rest[1].endswith(".git") and rest[2:] == ["info", "lfs", "objects", "batch"]:
-            if method == "POST":
-                repo_id = f"{rest[0]}/{rest[1][:-4]}"
-                api.access.contributor(req.user, repo_type, repo_id)  # before the body is read
-                data = api.lfs.batch(req.user, repo_type, repo_id, req.json(), req.base)
-                return self._send(200, json.dumps(data).encode(), {}, "application/vnd.git-lfs+json")
+        if method == "POST" and len(rest) == 6 and rest[1].endswith(".git") and rest[2:] == ["info", "lfs", "objects", "batch"]:
+            repo_id = f"{rest[0]}/{rest[1][:-4]}"
+            api.access.contributor(req.user, repo_type, repo_id)  # before the body is read
+            data = api.lfs.batch(req.user, repo_type, repo_id, req.json(), req.base)
+            return self._send(200, json.dumps(data).encode(), {}, "application/vnd.git-lfs+json")
         if len(rest) >= 5 and rest[2] == "resolve" and method in ("GET", "HEAD"):
             return self._resolve(api, req, repo_type, f"{rest[0]}/{rest[1]}", rest[3], "/".join(rest[4:]))
         raise HubError(404, f"Not found: {method} {self.path.split('?')[0]}")
@@ -261,8 +259,8 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             api.check_commit(user, repo_type, repo_id, revision, create_pr)  # before the body is read
             if action == "preupload":
                 return self._send_json(200, api.preupload(user, repo_type, repo_id, revision, req.json(), create_pr))
-            data = api.commit(user, repo_type, repo_id, revision, req.ndjson(), create_pr, req.base)
-            return self._send_json(200, data)
+            result = api.commit(user, repo_type, repo_id, revision, req.ndjson(), create_pr, req.base)
+            return self._send_json(200, result)
         if method == "POST" and action == "discussions" and len(rest) == 3 and rest[2] in ("merge", "status"):
             api.access.contributor(user, repo_type, repo_id)
             return self._send_json(200, api.change_pr(user, repo_type, repo_id, rest[1], rest[2], req.json(), req.base))

@@ -116,7 +116,7 @@ class HubApi:
         """``GET /api/models``: ``filter`` (tags, all must match), ``search``, ``author``, ``sort``, ``limit``."""
         wanted = query.get("filter", [])
         search = (query.get("search") or [""])[-1].lower()
-        author = (query.get("author") or [None])[-1]
+        author: str | None = (query.get("author") or [""])[-1] or None
         full = any((query.get(key) or [""])[-1].lower() in ("1", "true") for key in ("full", "cardData"))
         items = []
         for record in self.storage.list_repos(repo_type):

@@ -118,7 +118,7 @@ class LocalHubServer:
         """Base URL to use as ``HF_ENDPOINT`` or ``HfApi(endpoint=...)``."""
         return f"http://{self.host}:{self.port}"
 
-    def start(self) -> "LocalHubServer":
+    def start(self) -> LocalHubServer:
         """Serve in a daemon thread; returns self."""
         if self._thread is None:
             self._thread = threading.Thread(
@@ -144,7 +144,7 @@ class LocalHubServer:
             self._thread = None
         self._httpd.server_close()
 
-    def __enter__(self) -> "LocalHubServer":
+    def __enter__(self) -> LocalHubServer:
         return self.start()
 
     def __exit__(self, *exc_info: object) -> None:

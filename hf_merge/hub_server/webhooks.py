@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from hf_merge.log import get_logger
 from hf_merge.hub_server.git import HubError
+from hf_merge.log import get_logger
 
 logger = get_logger(__name__)
 
@@ -57,7 +57,7 @@ class WebhookRegistry:
                 self._hooks = json.loads(self.path.read_text(encoding="utf-8"))
             except ValueError:
                 logger.warning("Ignoring unreadable %s", self.path)
-        self._queue: "queue.Queue[tuple[dict[str, Any], dict[str, Any]]]" = queue.Queue()
+        self._queue: queue.Queue[tuple[dict[str, Any], dict[str, Any]]] = queue.Queue()
         self._worker: threading.Thread | None = None
         self.delivered: list[dict[str, Any]] = []  # (webhook id, status) of recent deliveries, for tests
 
@@ -144,7 +144,7 @@ class WebhookRegistry:
             return
         prefix = {"model": "", "dataset": "datasets/", "space": "spaces/"}[repo_type]
         for hook in hooks:
-            payload = {
+            payload: dict[str, Any] = {
                 "event": {"action": "update", "scope": "repo.content"},
                 "repo": {
                     "type": repo_type, "name": repo_id, "id": _object_id(f"{repo_type}/{repo_id}"), "private": private,
