@@ -41,11 +41,6 @@ class HubRequestHandler(BaseHTTPRequestHandler):
     ``…/paths-info/{rev}``, ``…/discussions[/{num}]``, ``…/settings``, ``/api/settings/webhooks[/{id}]``, ``/{p}{ns}/{name}.git/info/lfs/objects/batch``,
     ``/lfs-upload/{ticket}`` and ``/{p}{ns}/{name}/resolve/{rev}/{path}``;
     ``POST …/discussions/{num}/merge|status``.
-
-    The caller is authenticated and the route chosen from the request head alone; a body is read
-    only by a route that takes one, after its access check, up to the caps of
-    :mod:`~hf_merge.hub_server.limits`. A request answered without reading its body closes its
-    connection.
     """
 
     protocol_version = "HTTP/1.1"
@@ -55,14 +50,26 @@ class HubRequestHandler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         super().setup()
         self.connection.settimeout(self.server.limits.io_timeout_s)
+        self._requests = 0
 
     def handle_one_request(self) -> None:
-        # The clock runs while waiting for a request head, idle keep-alive time included.
-        self.server.deadlines.arm(self.connection)
+        # The clock runs while waiting for a request head; between keep-alive requests it is shorter,
+        # so idle pooled connections give their slot back soon.
+        limits = self.server.limits
+        timeout = limits.header_timeout_s if self._requests == 0 else min(limits.keepalive_timeout_s, limits.header_timeout_s)
+        self._requests += 1
+        self._expect_continue = False
+        self.server.deadlines.arm(self.connection, timeout)
         try:
             super().handle_one_request()
         finally:
             self.server.deadlines.disarm(self.connection)
+
+    def handle_expect_100(self) -> bool:
+        # "100 Continue" only once a route decides to read the body (see _iter_body): a request
+        # refused on its head gets its final answer before the client sends the body.
+        self._expect_continue = True
+        return True
 
     def parse_request(self) -> bool:
         parsed = super().parse_request()  # reads the headers
@@ -134,6 +141,10 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         """The body in chunks; past ``limit`` bytes (checked on ``Content-Length`` before any
         read, and as chunks arrive) a 413, the rest left unread."""
         too_large = HubError(413, f"Request body is larger than this endpoint's limit of {limit} bytes.")
+        if self._expect_continue:
+            self._expect_continue = False
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.wfile.flush()
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             received = 0
             while True:

@@ -9,9 +9,10 @@ refused request's body is left unread and its connection closed.
   files go through LFS, as the client does by itself from 10 MB.
 - LFS uploads: streamed to disk, exactly the size the batch request announced, checked against
   its sha256; a ``Content-Length`` that differs from it is refused before a byte is read.
-- A connection has 30 s to send a request line and its headers, also while idle between two
-  keep-alive requests (slow or idle clients are disconnected); each read or write of a body
-  then waits at most 60 s.
+- A connection has 30 s to send a request line and its headers (slow or idle clients are
+  disconnected), and 5 s between two keep-alive requests; each read or write of a body then
+  waits at most 60 s. A client that sends ``Expect: 100-continue`` gets the ``100`` only from a
+  route that reads its body.
 - At most 256 connections are served at once; beyond that a connection is answered ``503``
   with ``Retry-After`` and closed, so the thread count stays bounded.
 """
@@ -33,11 +34,13 @@ class HubLimits:
     json_body_bytes: int = 8 * MiB
     commit_body_bytes: int = 64 * MiB
     header_timeout_s: float = 30.0
+    keepalive_timeout_s: float = 5.0
     io_timeout_s: float = 60.0
     max_connections: int = 256
 
     def __post_init__(self) -> None:
-        for name in ("json_body_bytes", "commit_body_bytes", "header_timeout_s", "io_timeout_s", "max_connections"):
+        for name in ("json_body_bytes", "commit_body_bytes", "header_timeout_s", "keepalive_timeout_s", "io_timeout_s",
+                     "max_connections"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"HubLimits.{name} must be positive")
 
@@ -56,10 +59,10 @@ class HeaderDeadlines:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def arm(self, connection: socket.socket) -> None:
-        """Start the clock: the next request head must arrive within the timeout."""
+    def arm(self, connection: socket.socket, timeout_s: float | None = None) -> None:
+        """Start the clock: the next request head must arrive within ``timeout_s`` (default: the timeout)."""
         with self._lock:
-            self._deadlines[connection] = time.monotonic() + self.timeout_s
+            self._deadlines[connection] = time.monotonic() + (timeout_s or self.timeout_s)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._watch, name="local-hub-deadlines", daemon=True)
                 self._thread.start()
