@@ -192,3 +192,60 @@ def test_an_adapter_repo_is_listed_under_base_model_adapter(apis):
     assert f"base_model:{base}" in apis["carol"].model_info(adapter).tags
     # A path to a local checkpoint is no repo: no relation is made up.
     assert not [t for t in apis["carol"].model_info(local_path).tags if t.startswith("base_model:")]
+
+
+# ---- the same, end to end on the session's Hub: a merge reads the bot's safetensors ----------------
+@pytest.fixture(scope="module")
+def pickle_only(hub_api, hub_url, conversion_bot_token, carol_token, tiny_base, tmp_path_factory):
+    """Two pickle-only tiny CLIP repos of alice: one with the bot's conversion PR and a newer
+    look-alike by carol, one with only the look-alike."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path_factory.mktemp("pickle-only")
+    state = load_file(tiny_base / "model.safetensors")
+    for path in tiny_base.iterdir():
+        if path.is_file() and path.name != "model.safetensors":
+            (folder / path.name).write_bytes(path.read_bytes())
+    torch.save(state, folder / "pytorch_model.bin")
+    converted_path = tmp_path_factory.mktemp("converted") / "model.safetensors"
+    save_file(state, converted_path, metadata={"format": "pt"})
+    converted = converted_path.read_bytes()
+    fake = dict(state)
+    fake["vision_model.post_layernorm.bias"] = fake["vision_model.post_layernorm.bias"] + 1.0
+    look_alike = tmp_path_factory.mktemp("look-alike") / "model.safetensors"
+    save_file(fake, look_alike, metadata={"format": "pt"})
+    bot = HfApi(endpoint=hub_url, token=conversion_bot_token)
+    carol = HfApi(endpoint=hub_url, token=carol_token)
+    repos = {}
+    for repo_id, with_bot in ((f"alice/pickle-api-{uuid.uuid4().hex[:6]}", True),
+                              (f"alice/pickle-api-{uuid.uuid4().hex[:6]}", False)):
+        hub_api.create_repo(repo_id)
+        main = hub_api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message="add files").oid
+        if with_bot:
+            bot.create_commit(repo_id, [CommitOperationAdd("model.safetensors", converted)], commit_message=PR_TITLE,
+                              create_pr=True)
+        carol.create_commit(repo_id, [CommitOperationAdd("model.safetensors", look_alike.read_bytes())],
+                            commit_message=PR_TITLE, create_pr=True)
+        repos[with_bot] = (repo_id, main)
+    return repos
+
+
+def test_a_merge_reads_the_bots_pull_request_opened_through_the_api(pickle_only, tiny_experts, alice_token, tmp_path):
+    import json
+
+    from hf_merge import api
+
+    repo_id, main = pickle_only[True]
+    result = api.merge(base=repo_id, experts=[str(tiny_experts[0])], output=str(tmp_path / "out"), token=alice_token)
+    pr = json.loads((result.output_dir / "merge_state.json").read_text())["base"]["conversion_pr"]
+    assert (pr["ref"], pr["author"], pr["revision_commit"]) == ("refs/pr/1", CONVERSION_BOT, main)
+
+
+def test_a_look_alike_pull_request_alone_leaves_the_pickle_error(pickle_only, tiny_experts, alice_token, tmp_path):
+    from hf_merge import api
+    from hf_merge.errors import CheckpointError
+
+    repo_id, _ = pickle_only[False]
+    with pytest.raises(CheckpointError, match=r"has only pickle weights \(pytorch_model.bin\)"):
+        api.merge(base=repo_id, experts=[str(tiny_experts[0])], output=str(tmp_path / "out"), token=alice_token)

@@ -3,7 +3,9 @@
 Enable with ``pytest_plugins = ["hf_merge.testing.fixtures_hub"]`` in a ``conftest.py`` that has set
 ``HF_ENDPOINT=http://127.0.0.1:<free port>`` before ``huggingface_hub`` was imported: the server
 listens on that port, so code that uses the default endpoint (``transformers``' ``push_to_hub`` and
-``from_pretrained``, subprocesses) reaches it too. Users ``alice``, ``bob`` and ``carol`` have tokens.
+``from_pretrained``, subprocesses) reaches it too. Users ``alice``, ``bob`` and ``carol`` have tokens,
+and so does ``SFconvertbot`` (the Hub's conversion bot's name: its pull requests are opened through
+the API like anyone's).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from hf_merge.hub_server import LocalHubServer
 ALICE = "alice"
 BOB = "bob"
 CAROL = "carol"
+CONVERSION_BOT = "SFconvertbot"
 
 
 def _endpoint_port() -> int:
@@ -34,7 +37,7 @@ def _endpoint_port() -> int:
 def hub_tokens() -> dict[str, str]:
     """User name -> token of every user of the session's Hub."""
     return {ALICE: f"hf_alice_{secrets.token_hex(12)}", BOB: f"hf_bob_{secrets.token_hex(12)}",
-            CAROL: f"hf_carol_{secrets.token_hex(12)}"}
+            CAROL: f"hf_carol_{secrets.token_hex(12)}", CONVERSION_BOT: f"hf_bot_{secrets.token_hex(12)}"}
 
 
 @pytest.fixture(scope="session")
@@ -68,6 +71,12 @@ def carol_token(hub_tokens) -> str:
     """Token of ``carol``, who pushes fine-tunes that watchers pick up (her own namespace keeps
     other tests' listings of ``bob`` unchanged)."""
     return hub_tokens[CAROL]
+
+
+@pytest.fixture(scope="session")
+def conversion_bot_token(hub_tokens) -> str:
+    """Token of ``SFconvertbot``, who opens safetensors conversion pull requests."""
+    return hub_tokens[CONVERSION_BOT]
 
 
 @pytest.fixture(scope="session")
