@@ -21,6 +21,7 @@ from hf_merge.hub_server.git import HubError
 from hf_merge.hub_server.storage import HubStorage
 
 _TICKET_TTL_S = 3600
+_MAX_TICKETS = 100_000  # pending uploads, all users together: tickets cost memory until used or expired
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -56,7 +57,11 @@ class LfsEndpoint:
                 ticket = secrets.token_urlsafe(32)
                 with self._tickets_lock:
                     now = time.monotonic()
-                    self._tickets = {key: value for key, value in self._tickets.items() if value[2] > now}
+                    if len(self._tickets) >= _MAX_TICKETS:
+                        self._tickets = {key: value for key, value in self._tickets.items() if value[2] > now}
+                    if len(self._tickets) >= _MAX_TICKETS:
+                        raise HubError(429, "Too many uploads are pending on the local Hub; retry later.",
+                                       headers={"Retry-After": "60"})
                     self._tickets[ticket] = (oid, size, now + _TICKET_TTL_S, (repo_type, repo_id))
                 answer["actions"] = {"upload": {"href": f"{base}/lfs-upload/{ticket}", "expires_in": _TICKET_TTL_S}}
             objects.append(answer)
