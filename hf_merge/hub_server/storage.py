@@ -173,7 +173,10 @@ class HubStorage:
             trash = self._tmp_path()
             os.replace(repo_dir, trash)
             shutil.rmtree(trash, ignore_errors=True)
-        self.collect_garbage()
+        try:
+            self.collect_garbage()
+        except OSError as error:  # the repo is gone either way; the next deletion collects again
+            logger.warning("Garbage collection after deleting %s failed: %s", repo_id, error)
 
     def list_repos(self, repo_type: str) -> list[RepoRecord]:
         base = self.root / "repos" / f"{repo_type}s"
