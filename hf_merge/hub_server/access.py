@@ -55,15 +55,18 @@ class Access:
         return user is not None and (user == namespace or user in self.orgs.get(namespace, ()))
 
     def orgs_of(self, user: str) -> list[str]:
+        """The organizations ``user`` is a member of."""
         return sorted(org for org, members in self.orgs.items() if user in members)
 
     def readable(self, user: str | None, repo_type: str, repo_id: str) -> RepoRecord:
+        """The repo's record if ``user`` may read it; else 401/404 ``RepoNotFound``."""
         record = self.storage.get_repo(repo_type, repo_id) if repo_type in REPO_TYPES else None
         if record is None or (record.private and not self.owns(user, record.namespace)):
             raise HubError(401 if user is None else 404, "Repository not found", code="RepoNotFound")
         return record
 
     def writable(self, user: str | None, repo_type: str, repo_id: str) -> RepoRecord:
+        """The repo's record if ``user`` owns it (writes branches, refs, settings; merges); else 401/403."""
         if user is None:
             raise HubError(401, "You must be authenticated to write to a repository.")
         record = self.readable(user, repo_type, repo_id)

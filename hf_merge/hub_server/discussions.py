@@ -130,6 +130,7 @@ def pr_author(storage: HubStorage, record: RepoRecord, num: str) -> str | None:
 
 
 def status_of(storage: HubStorage, record: RepoRecord, num: str) -> str:
+    """``open``, ``closed`` or ``merged``; 404 if there is no pull request ``num``."""
     if num not in _numbers(storage, record):
         raise HubError(404, f"Discussion {num} not found", code="EntryNotFound")
     return str(_discussion(storage, record, num, "")["status"])
