@@ -1,0 +1,141 @@
+"""TSV-M (Task Singular Vectors: merge), continual: each expert's leading singular triplets.
+
+*Task Singular Vectors: Reducing Task Interference in Model Merging* (Gargiulo et al. 2025,
+arXiv 2412.00081). The merge follows FusionBench's code, which ``TaskSingularVectorMerging.run``
+calls by default (``fusion_bench/method/task_singular_vector/TSVM.py`` lines 253-269;
+``utils/TSVM_utils.py``, ``compute_and_sum_svd_mem_reduction``, lines 314-428, commit 54c9e8c):
+
+- every 2-D tensor (``len(shape) == 2``, line 350: projections, MLP weights,
+  ``position_embedding.weight``, ``visual_projection.weight``), with ``r = min(shape)`` and T experts:
+  ``k = int(r * (1 / T))`` (lines 339 and 365, Python's float product then truncation);
+  ``U_i S_i V_iᵀ = svd(τ_i)`` (reduced); expert i's first k columns of ``U_i``, values of
+  ``S_i`` and rows of ``V_iᵀ`` go to block ``[i·k, (i+1)·k)`` of ``U_cat`` (m×r), ``S_cat`` (r) and
+  ``V_catᵀ`` (r×n), zero elsewhere (lines 360-377); the result is
+  ``polar(U_cat) · diag(S_cat) · polar(V_catᵀ)`` with ``polar(A) = u vh`` of ``svd(A)``
+  (lines 386-397, the zero-padded blocks included);
+- every other tensor (``class_embedding``, the 4-D patch embedding, biases, layer norms): the mean
+  of the task vectors, updated as ``mean += (τ_i − mean) / i`` (lines 378-383);
+- merged ``θ0 + alpha · result`` (``TSVM.py`` lines 267-287); FusionBench's default ``alpha`` is 1
+  (``config/method/task_singular_vector/TaskSingularVectorMerging.yaml`` line 7). hf-merge calls
+  it ``scaling_factor``, so ``--scaling`` / ``--lambda`` set it as for every method. FusionBench's
+  list form of ``alpha`` (one weight per expert, before the SVD) and its ``exclude_keys`` (empty by
+  default) are not offered.
+
+The paper's text keeps ``1/T`` of each task's rank too; the code is what is followed here.
+
+Continual form: ``int(r / t)`` never grows with t, so the k triplets kept of expert i at step t are
+the leading ones of what was kept at step t−1. The buffer of a 2-D tensor holds ``U_cat``,
+``S_cat`` and ``V_cat`` stacked as one ``(m + 1 + n) × r`` matrix (rows of U, the row of singular
+values, rows of V); each step moves every kept block to its new, shorter slot, adds the new
+expert's block and zeroes the rest, so after step t the result equals the all-at-once result on the
+first t experts. The factors take ``(m + n + 1) · r`` numbers against the matrix's ``m · n``: 2× for
+a square matrix, 1.25× for ViT-B/32's 768 × 3072 MLP weights (about 1.5× the vision tower's
+matrices in all); other tensors keep their running mean, their own size.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hf_merge.io.checkpoint import Checkpoint
+from hf_merge.merging.methods.base import (
+    MergeContext,
+    MergeMethod,
+    Parameter,
+    read_scratch,
+)
+
+
+def kept_rank(rank: int, experts: int) -> int:
+    """Triplets kept per expert among ``experts``: the reference's ``int(rank * (1 / experts))``."""
+    return int(rank * (1 / experts))
+
+
+def polar(matrix: torch.Tensor) -> torch.Tensor:
+    """The orthogonal polar factor ``u vh`` of ``svd(matrix)`` (reduced)."""
+    u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
+    return u @ vh
+
+
+def split_factors(factors: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(U_cat, S_cat, V_cat)`` views of a stacked ``(rows + 1 + columns) × r`` factor matrix."""
+    return factors[:rows], factors[rows], factors[rows + 1:]
+
+
+class TSVM(MergeMethod):
+    """TSV-M: each expert's leading 1/T singular triplets, orthogonalised together, scaled by
+    ``scaling_factor`` (FusionBench's ``alpha``)."""
+
+    name = "tsv_m"
+    display_name = "TSV-M"
+    paper = "https://arxiv.org/abs/2412.00081"
+    summary = ("Keeps each task vector's leading 1/T singular triplets per matrix and merges them "
+               "with orthogonalised singular vectors.")
+    parameters = (
+        Parameter("scaling_factor", 1.0, "α, the scale of the merged task vector.",
+                  flags=("--scaling", "--lambda"), tune_grid=(0.6, 0.8, 1.0, 1.2, 1.5)),
+    )
+    buffer_is_output = False
+    context: MergeContext  # set by init() before any other call
+
+    def _is_matrix(self, name: str) -> bool:
+        return len(self.context.base.shape(name)) == 2
+
+    def _initial_buffer(self, name: str) -> torch.Tensor:
+        shape = self.context.base.shape(name)
+        if len(shape) == 2:
+            rows, columns = shape
+            shape = (rows + 1 + columns, min(rows, columns))
+        return torch.zeros(shape, dtype=self.context.compute_dtype)
+
+    def _step(self, expert: Checkpoint) -> dict[str, float]:
+        base = self.context.base
+        t = self.step_count
+        for name in self.context.names:
+            tau = self._math(read_scratch(expert, name, 0)).sub_(self._math(read_scratch(base, name, 1)))
+            state = self._math(self.buffer[name])
+            if tau.dim() == 2:
+                self._add_triplets(state, tau, t)
+            else:  # divided, not multiplied by 1/t: rounded as the reference rounds
+                state.add_(tau.sub_(state).div_(t))
+            self._assign(name, state)
+            self._done(name)
+        return {}
+
+    @staticmethod
+    def _add_triplets(factors: torch.Tensor, tau: torch.Tensor, t: int) -> int:
+        """Shrink the t−1 kept blocks of ``factors`` to ``k = int(r / t)`` triplets and add
+        ``tau``'s leading k as block t−1; returns k."""
+        rank = factors.shape[1]
+        k = kept_rank(rank, t)
+        if t > 1:
+            previous = kept_rank(rank, t - 1)
+            for i in range(1, t - 1):  # block 0 stays where it is; later ones move left
+                factors[:, i * k:(i + 1) * k] = factors[:, i * previous:i * previous + k].clone()
+        factors[:, t * k:] = 0
+        if k:
+            rows = tau.shape[0]
+            u, s, vh = torch.linalg.svd(tau, full_matrices=False)
+            block = slice((t - 1) * k, t * k)
+            factors[:rows, block] = u[:, :k]
+            factors[rows, block] = s[:k]
+            factors[rows + 1:, block] = vh[:k].T
+        return k
+
+    def merged_task_vector(self, name: str) -> torch.Tensor:
+        """The unscaled result for ``name`` (compute device and precision)."""
+        state = self._math(self.buffer[name])
+        if not self._is_matrix(name):
+            return state
+        rows = self.context.base.shape(name)[0]
+        u_cat, s_cat, v_cat = split_factors(state, rows)
+        if not s_cat.any():  # no triplet kept (more experts than the rank): nothing to add
+            return torch.zeros(self.context.base.shape(name), dtype=state.dtype, device=state.device)
+        return (polar(u_cat) * s_cat) @ polar(v_cat.T)
+
+    def output(self, name: str) -> torch.Tensor:
+        if self.step_count == 0:
+            return self.context.base.get(name)
+        scale = float(self.hyperparameters["scaling_factor"])
+        merged = self._math(self.context.base.get(name)).add_(self.merged_task_vector(name), alpha=scale)
+        return self._stored(name, merged)
