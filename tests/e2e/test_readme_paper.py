@@ -154,12 +154,21 @@ def test_paper_merge_records_the_conversion_pr_and_eight_steps(paper_run):
 
 
 def test_paper_baselines_and_orders_ran(paper_run):
-    cwd, _, _, _ = paper_run
+    cwd, replicas, _, _ = paper_run
     expected = {"clip-vit-b32-opcm-8tasks": "opcm", "b32-opcm-no-eval": "opcm", "b32-average": "average", "b32-ta": "task_arithmetic",
-                "b32-ties": "ties", "b32-magmax": "magmax", "b32-opcm-seed1": "opcm"}
+                "b32-ties": "ties", "b32-magmax": "magmax", "b32-iso-c": "iso_c", "b32-tsv-m": "tsv_m",
+                "b32-opcm-seed1": "opcm"}
     for folder, method in expected.items():
         state = json.loads((cwd / folder / "merge_state.json").read_text())
         assert state["method"] == method and state["step"] == 8, folder
+    # the methods that keep state besides the weights saved it, and moved the encoder's weights
+    base = load_file(replicas.folder / replicas.base / "pr" / "model.safetensors")
+    for folder in ("b32-iso-c", "b32-tsv-m"):
+        assert (cwd / folder / "merge_state.safetensors").is_file(), folder
+        merged = tensors(cwd / folder)
+        assert torch.equal(merged["text_projection.weight"], base["text_projection.weight"]), folder
+        name = "vision_model.encoder.layers.0.mlp.fc1.weight"
+        assert not torch.allclose(merged[name], base[name]), folder
     shuffled = json.loads((cwd / "b32-opcm-seed1" / "merge_state.json").read_text())
     assert [e["repo_id"] for e in shuffled["lineage"]] != [
         e["repo_id"] for e in json.loads((cwd / "b32-average" / "merge_state.json").read_text())["lineage"]
