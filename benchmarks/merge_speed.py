@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-METHODS = ["opcm", "average", "task_arithmetic", "ties", "magmax"]
+METHODS = ["opcm", "average", "task_arithmetic", "ties", "magmax", "iso_c", "tsv_m"]
 QUICK_SHAPE = {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 4}
 
 

@@ -105,7 +105,44 @@ def ties(base, experts, lam=0.3, keep=0.2):
     return merged
 
 
-METHODS = {"opcm": opcm, "average": average, "task_arithmetic": task_arithmetic, "ties": ties, "magmax": magmax}
+def iso_c(base, experts, scale=1.0):
+    """FusionBench's iso_c: every 2-D tensor's Σ τ with its singular values set to their mean."""
+    out = {}
+    for n in vision_names(base):
+        taus = [e[n].float() - base[n].float() for e in experts]
+        merged = sum(taus) / len(taus)
+        if merged.dim() == 2:
+            u, s, vh = torch.linalg.svd(merged * len(taus), full_matrices=False)
+            merged = u @ torch.diag(torch.full_like(s, float(s.mean()))) @ vh
+        out[n] = base[n].float() + scale * merged
+    return out
+
+
+def tsv_m(base, experts, scale=1.0):
+    """FusionBench's compute_and_sum_svd_mem_reduction: each τ's leading int(r/T) triplets,
+    concatenated, U and Vᵀ replaced by their polar factors."""
+    out = {}
+    for n in vision_names(base):
+        taus = [e[n].float() - base[n].float() for e in experts]
+        if taus[0].dim() != 2:
+            out[n] = base[n].float() + scale * sum(taus) / len(taus)
+            continue
+        r = min(taus[0].shape)
+        k = int(r * (1 / len(taus)))
+        u_cat = torch.zeros(taus[0].shape[0], r)
+        s_cat = torch.zeros(r)
+        vh_cat = torch.zeros(r, taus[0].shape[1])
+        for i, tau in enumerate(taus):
+            u, s, vh = torch.linalg.svd(tau, full_matrices=False)
+            u_cat[:, i * k:(i + 1) * k], s_cat[i * k:(i + 1) * k], vh_cat[i * k:(i + 1) * k] = u[:, :k], s[:k], vh[:k]
+        uu, _, uvh = torch.linalg.svd(u_cat, full_matrices=False)
+        vu, _, vvh = torch.linalg.svd(vh_cat, full_matrices=False)
+        out[n] = base[n].float() + scale * (uu @ uvh @ torch.diag(s_cat) @ vu @ vvh)
+    return out
+
+
+METHODS = {"opcm": opcm, "average": average, "task_arithmetic": task_arithmetic, "ties": ties, "magmax": magmax,
+           "iso_c": iso_c, "tsv_m": tsv_m}
 
 
 def main(argv):
