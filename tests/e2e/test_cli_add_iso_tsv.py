@@ -4,6 +4,7 @@ kept singular triplets) travels with the repo, and the continuation equals one r
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -48,6 +49,6 @@ def test_add_continues_the_merge_and_equals_one_run(method, seeded_hub, alice_to
     two = weights(tmp_path / "first")
     name = "vision_model.encoder.layers.1.self_attn.q_proj.weight"
     assert not torch.equal(continued[name], two[name])
-    state = json.loads(open(hf_hub_download(repo, "merge_state.json", token=alice_token)).read())
+    state = json.loads(Path(hf_hub_download(repo, "merge_state.json", token=alice_token)).read_text())
     assert state["method"] == method and state["step"] == 4
     assert state["hyperparameters"] == {"scaling_factor": 0.8}
