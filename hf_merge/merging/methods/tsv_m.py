@@ -57,6 +57,29 @@ def polar(matrix: torch.Tensor) -> torch.Tensor:
     return u @ vh
 
 
+def leading_triplets(tau: torch.Tensor, k: int) -> torch.Tensor:
+    """``tau``'s k leading singular triplets stacked as one ``(m + 1 + n) × k`` block: the columns
+    of U, the singular values, the rows of Vᵀ as columns."""
+    if not k:
+        return tau.new_zeros(sum(tau.shape) + 1, 0)
+    u, s, vh = torch.linalg.svd(tau, full_matrices=False)
+    return torch.cat([u[:, :k], s[None, :k], vh[:k].T])
+
+
+def add_block(factors: torch.Tensor, block: torch.Tensor, t: int) -> None:
+    """Step t in place on the stacked factors: shrink the t−1 kept blocks of ``int(r / (t−1))``
+    columns to their first ``k = int(r / t)``, each moved to ``[i·k, (i+1)·k)``, put ``block``
+    (the new expert's k triplets) at ``[(t−1)·k, t·k)`` and zero the rest."""
+    rank = factors.shape[1]
+    k = kept_rank(rank, t)
+    if t > 1:
+        previous = kept_rank(rank, t - 1)
+        for i in range(1, t - 1):  # block 0 stays where it is; the later ones move left
+            factors[:, i * k:(i + 1) * k] = factors[:, i * previous:i * previous + k].clone()
+    factors[:, (t - 1) * k:t * k] = block
+    factors[:, t * k:] = 0
+
+
 def split_factors(factors: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(U_cat, S_cat, V_cat)`` views of a stacked ``(rows + 1 + columns) × r`` factor matrix."""
     return factors[:rows], factors[rows], factors[rows + 1:]
@@ -91,36 +114,28 @@ class TSVM(MergeMethod):
     def _step(self, expert: Checkpoint) -> dict[str, float]:
         base = self.context.base
         t = self.step_count
+        matrices = [name for name in self.context.names if self._is_matrix(name)]
         for name in self.context.names:
+            if name in matrices:
+                continue
             tau = self._math(read_scratch(expert, name, 0)).sub_(self._math(read_scratch(base, name, 1)))
-            state = self._math(self.buffer[name])
-            if tau.dim() == 2:
-                self._add_triplets(state, tau, t)
-            else:  # divided, not multiplied by 1/t: rounded as the reference rounds
-                state.add_(tau.sub_(state).div_(t))
-            self._assign(name, state)
+            mean = self._math(self.buffer[name])
+            self._assign(name, mean.add_(tau.sub_(mean).div_(t)))  # divided by t, as the reference rounds
             self._done(name)
-        return {}
 
-    @staticmethod
-    def _add_triplets(factors: torch.Tensor, tau: torch.Tensor, t: int) -> int:
-        """Shrink the t−1 kept blocks of ``factors`` to ``k = int(r / t)`` triplets and add
-        ``tau``'s leading k as block t−1; returns k."""
-        rank = factors.shape[1]
-        k = kept_rank(rank, t)
-        if t > 1:
-            previous = kept_rank(rank, t - 1)
-            for i in range(1, t - 1):  # block 0 stays where it is; later ones move left
-                factors[:, i * k:(i + 1) * k] = factors[:, i * previous:i * previous + k].clone()
-        factors[:, t * k:] = 0
-        if k:
-            rows = tau.shape[0]
-            u, s, vh = torch.linalg.svd(tau, full_matrices=False)
-            block = slice((t - 1) * k, t * k)
-            factors[:rows, block] = u[:, :k]
-            factors[rows, block] = s[:k]
-            factors[rows + 1:, block] = vh[:k].T
-        return k
+        def leading(name: str) -> tuple[torch.Tensor, dict[str, float]]:
+            tau = self._math(read_scratch(expert, name, 0)).sub_(self._math(read_scratch(base, name, 1)))
+            return leading_triplets(tau, kept_rank(min(tau.shape), t)), {}
+
+        def keep(name: str, block: torch.Tensor, _: dict[str, float]) -> None:
+            factors = self._math(self.buffer[name])
+            add_block(factors, block, t)
+            self._assign(name, factors)
+            self._done(name)
+
+        # the SVDs, one per matrix, spread over threads (and processes) as OPCM's are
+        self.context.executor.map(matrices, leading, keep)
+        return {}
 
     def merged_task_vector(self, name: str) -> torch.Tensor:
         """The unscaled result for ``name`` (compute device and precision)."""
