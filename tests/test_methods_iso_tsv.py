@@ -9,12 +9,19 @@ result must equal the reference on the first t experts.
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from hf_merge.merging.engine import ContinualMerger, merge
 from hf_merge.merging.state import MergeState
+from hf_merge.testing.processes import sigkill_when
 
 STEPS = 4
 # float64 compute: the largest absolute difference of the continual merged task vector (before it
@@ -180,3 +187,43 @@ def test_two_then_resume_two_more_equals_four_at_once(method, tiny_base, tiny_ex
             assert got[name] == expected[name], name  # weights and the saved state, bit for bit
     left, right = MergeState.load(out), MergeState.load(clean)
     assert (left.step, left.method_state, left.hyperparameters) == (right.step, right.method_state, right.hyperparameters)
+
+
+_CHILD = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from hf_merge.merging.engine import merge
+    from hf_merge.merging.methods import tsv_m
+
+    marker, base, out, *experts = sys.argv[1:]
+    real = tsv_m.add_block
+
+    def add_block(factors, block, t):
+        if t == 3 and factors.shape[0] > 100:  # midway through step 3, some matrices already moved
+            Path(marker).write_text("now")
+            time.sleep(600)
+        return real(factors, block, t)
+
+    tsv_m.add_block = add_block
+    merge(base, experts, "tsv_m", out, checkpoint_every=1)
+    """
+)
+
+
+@pytest.mark.slow
+def test_tsv_m_killed_midway_through_step_three_resumes_to_the_clean_result(tiny_base, tiny_experts, tmp_path):
+    clean = merge(tiny_base, tiny_experts[:STEPS], "tsv_m", tmp_path / "clean").output_dir
+    out, marker = tmp_path / "out", tmp_path / "marker"
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(marker), str(tiny_base), str(out),
+                              *map(str, tiny_experts[:STEPS])], env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    sigkill_when(child, marker, what="step 3")
+    assert child.returncode == -signal.SIGKILL
+    merger = ContinualMerger.resume(out)
+    assert merger.step == 2  # the factors saved with step 2, not the half-moved ones in memory
+    with merger:
+        merger.add_all(tiny_experts[2:STEPS])
+    got, expected = files(out), files(clean)
+    for name in expected:
+        if name != "merge_state.json":
+            assert got[name] == expected[name], name
