@@ -14,8 +14,10 @@ lines 46-58, commit 54c9e8c):
 - merged ``θ0 + scaling_factor · result`` (``iso.py`` lines 52-58).
 
 The reference's ``exclude_keys`` is empty by default (``config/method/isotropic_merging/iso_c.yaml``)
-and is not offered here. Its default scale is 1.0 (same file, line 2); FusionBench calls it
-``scaling_factor`` as hf-merge does, so ``--scaling`` / ``--lambda`` set it.
+and is not offered here. Its default scale is 1.0 (same file, line 2), the default here too;
+FusionBench's published ViT-B/32 8-task figure (82.8 %) used 1.5 (``docs/modelpool/clip_vit.md``
+line 858). FusionBench calls it ``scaling_factor`` as hf-merge does, so ``--scaling`` / ``--lambda``
+set it.
 
 Everything above depends on the experts only through ``Σ τ_i`` and their number, so the continual
 form keeps the running sum (float, one model's size, saved next to the merge state) and the result
