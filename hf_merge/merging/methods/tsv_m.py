@@ -21,7 +21,9 @@ calls by default (``fusion_bench/method/task_singular_vector/TSVM.py`` lines 253
   list form of ``alpha`` (one weight per expert, before the SVD) and its ``exclude_keys`` (empty by
   default) are not offered.
 
-The paper's text keeps ``1/T`` of each task's rank too; the code is what is followed here.
+FusionBench's own description (``docs/algorithms/task_singular_vector.md``) agrees with this code;
+the code, not the paper's prose, is what is followed: ``floor(r · (1/T))`` in float arithmetic,
+the zero padding when ``T · k < r``, and the polar factors of the padded matrices.
 
 Continual form: ``int(r / t)`` never grows with t, so the k triplets kept of expert i at step t are
 the leading ones of what was kept at step t−1. The buffer of a 2-D tensor holds ``U_cat``,
