@@ -55,16 +55,16 @@ METHOD_DESCRIPTIONS: dict[str, tuple[str, str]] = {
     ),
     "iso_c": (
         "Iso-C",
-        "Iso-C sums the task vectors and, in every weight matrix, replaces each singular value of the sum "
-        "by their mean, an isotropic spectrum; kept as a running sum, so each step equals merging all "
-        "experts at once ([Marczak et al., 2025, arXiv:2502.04959](https://arxiv.org/abs/2502.04959)).",
+        ("Iso-C sums the task vectors and, in every weight matrix, replaces each singular value of the sum "
+         "by their mean, an isotropic spectrum; kept as a running sum, so each step equals merging all "
+         "experts at once ([Marczak et al., 2025, arXiv:2502.04959](https://arxiv.org/abs/2502.04959))."),
     ),
     "tsv_m": (
         "TSV-M",
-        "TSV-M keeps each expert's leading 1/T singular vectors per weight matrix and merges them with "
-        "orthogonalised singular vectors; the kept triplets are truncated at each step, so each step "
-        "equals merging all experts at once "
-        "([Gargiulo et al., 2025, arXiv:2412.00081](https://arxiv.org/abs/2412.00081)).",
+        ("TSV-M keeps each expert's leading 1/T singular vectors per weight matrix and merges them with "
+         "orthogonalised singular vectors; the kept triplets are truncated at each step, so each step "
+         "equals merging all experts at once "
+         "([Gargiulo et al., 2025, arXiv:2412.00081](https://arxiv.org/abs/2412.00081))."),
     ),
 }
 
