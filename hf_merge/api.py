@@ -7,7 +7,6 @@ the recipe and the model card -> push one commit -> publish the Space.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -19,7 +18,8 @@ from hf_merge.log import get_logger
 from hf_merge.output_folder import check_output_folder, weights_bytes
 from hf_merge.hub.preflight import check_models
 from hf_merge.progress import Phase
-from hf_merge.recipe import EvalSpec, MergeRecipe, _reference_key
+from hf_merge.recipe import EvalSpec, MergeRecipe, reference_key
+from hf_merge.recipe_overrides import build_recipe
 from hf_merge.hub import sources
 from hf_merge.hub.sources import resolve, split_reference
 from hf_merge.step_evaluation import average_accuracy, continued_tasks, evaluation_hook
@@ -71,7 +71,7 @@ def merge(recipe: MergeRecipe | str | Path | None = None, *, token: str | None =
         ...                experts=["tanganke/clip-vit-base-patch32_sun397", "tanganke/clip-vit-base-patch32_dtd"],
         ...                method="opcm", parameters={"alpha": 0.5}, push_to_hub="me/clip-opcm")
     """
-    recipe = _as_recipe(recipe, fields)
+    recipe = build_recipe(recipe, fields, source="arguments")
     token = hub.resolve_token(token)
     output_dir = recipe.output_dir()
     if (output_dir / STATE_FILENAME).exists():
@@ -138,6 +138,41 @@ def add(
     experts = [str(e) for e in experts]
     if not experts:
         raise RecipeError("`add` needs at least one new expert: --experts REPO[@REV] ...")
+    output_dir, source_repo = _fetch_merged(merged, output, token)
+    base_entry, done = lineage(load_state(output_dir))
+    recipe, tasks = _continued_recipe(
+        _recipe_of(output_dir), merged, done, experts, output_dir=output_dir, push_to_hub=push_to_hub or source_repo,
+        eval=eval, overrides={"allow_pickle": allow_pickle, "evict": evict, "space": space,
+                              "partial_download": partial_download},
+    )
+    base_reference = _pinned_base(base_entry, recipe.base)
+    hook = evaluation_hook(recipe.eval, tasks, recipe.experts, done=len(done), output_dir=output_dir,
+                           base=base_reference, token=token)
+    check_models(base_reference, experts, token=token, allow_pickle=recipe.allow_pickle,
+                 scope=recipe.scope, merged_names=load_state(output_dir).get("merged_names"))
+
+    from hf_merge.merging.engine import ContinualMerger
+
+    # The base pinned to the commit the merge started from (the engine refuses any other).
+    base = _resolve_base(base_reference, token=token, allow_pickle=recipe.allow_pickle)
+    licenses = _previous_licenses(output_dir)
+    base_name = base_entry.get("name") or base.name
+    if licenses.get(base_name) is None:
+        licenses[base_name] = read_license(base.path)
+    merger = ContinualMerger.resume(output_dir, base=base, on_step=_step_hook(hook, recipe), token=token,
+                                    allow_pickle=recipe.allow_pickle, checkpoint_every=_checkpoint_every(recipe))
+    with merger:
+        _merge_experts(merger, experts, recipe, token, licenses)
+    if not merger.executor.is_main_process:
+        return MergeResult(output_dir=output_dir, recipe=recipe, is_main_process=False)
+    _evaluate_final(hook, recipe, merger)
+    message = f"hf-merge: add {len(experts)} expert{'s' if len(experts) > 1 else ''} ({', '.join(experts)})"
+    return _publish(output_dir, recipe, token=token, licenses=licenses, create_pr=create_pr, commit_message=message)
+
+
+def _fetch_merged(merged: str | Path, output: str | Path | None, token: str | None) -> tuple[Path, str | None]:
+    """The merge folder to continue, ``(folder, repo it came from)``: a local folder (copied when
+    ``output`` names another), or a repo downloaded with its merge state."""
     local = Path(merged).expanduser()
     if local.is_dir():
         output_dir = Path(output) if output else local
@@ -161,48 +196,30 @@ def add(
         source_repo = repo_id
     if not (output_dir / STATE_FILENAME).is_file():
         raise MergeStateError(f"{merged} has no {STATE_FILENAME}: it was not made by hf-merge, so it cannot be continued")
+    return output_dir, source_repo
 
-    recipe = _recipe_of(output_dir)
-    base_entry, done = lineage(load_state(output_dir))
-    merged_keys = {_reference_key(_pinned_name(e)): _pinned_name(e) for e in done}
-    merged_keys[_reference_key(recipe.base)] = recipe.base
+
+def _continued_recipe(previous: MergeRecipe, merged: str | Path, done: list[dict[str, Any]], experts: list[str], *,
+                      output_dir: Path, push_to_hub: str | None, eval: EvalSpec | None,
+                      overrides: dict[str, Any]) -> tuple[MergeRecipe, list[str]]:
+    """The recipe extended with ``experts`` after the ``done`` ones, and the tasks to evaluate.
+
+    The merged part's order is fixed by the lineage (pinned to what was merged); new experts
+    follow in the order given; an expert merged already is refused.
+    """
+    merged_keys = {reference_key(_pinned_name(e)): _pinned_name(e) for e in done}
+    merged_keys[reference_key(previous.base)] = previous.base
     for expert in experts:
-        key = _reference_key(expert)
+        key = reference_key(expert)
         if key in merged_keys or (key[0], None) in merged_keys:
             raise RecipeError(f"expert {expert!r} is already merged in {merged}")
-    # The merged part's order is fixed by the lineage; new experts follow in the order given.
-    recipe.experts = [_pinned_name(e) for e in done] + experts
-    recipe.shuffle = False
-    recipe.push_to_hub = push_to_hub or source_repo
-    recipe.output = str(output_dir)
-    for name, value in (("allow_pickle", allow_pickle), ("evict", evict), ("space", space),
-                        ("partial_download", partial_download)):
-        if value is not None:
-            setattr(recipe, name, value)
-    tasks = continued_tasks(recipe, eval, len(done), len(experts))
-    recipe.validate()
-    hook = evaluation_hook(recipe.eval, tasks, recipe.experts, done=len(done), output_dir=output_dir,
-                            base=_pinned_base(base_entry, recipe.base), token=token)
-    check_models(_pinned_base(base_entry, recipe.base), experts, token=token, allow_pickle=recipe.allow_pickle,
-                 scope=recipe.scope, merged_names=load_state(output_dir).get("merged_names"))
-
-    from hf_merge.merging.engine import ContinualMerger
-
-    # The base pinned to the commit the merge started from (the engine refuses any other).
-    base = _resolve_base(_pinned_base(base_entry, recipe.base), token=token, allow_pickle=recipe.allow_pickle)
-    licenses = _previous_licenses(output_dir)
-    base_name = base_entry.get("name") or base.name
-    if licenses.get(base_name) is None:
-        licenses[base_name] = read_license(base.path)
-    merger = ContinualMerger.resume(output_dir, base=base, on_step=_step_hook(hook, recipe), token=token,
-                                    allow_pickle=recipe.allow_pickle, checkpoint_every=_checkpoint_every(recipe))
-    with merger:
-        _merge_experts(merger, experts, recipe, token, licenses)
-    if not merger.executor.is_main_process:
-        return MergeResult(output_dir=output_dir, recipe=recipe, is_main_process=False)
-    _evaluate_final(hook, recipe, merger)
-    message = f"hf-merge: add {len(experts)} expert{'s' if len(experts) > 1 else ''} ({', '.join(experts)})"
-    return _publish(output_dir, recipe, token=token, licenses=licenses, create_pr=create_pr, commit_message=message)
+    tasks, evaluation = continued_tasks(previous, eval, len(done), len(experts))
+    changes = {**overrides, "experts": [_pinned_name(e) for e in done] + experts, "shuffle": False,
+               "output": str(output_dir), "eval": evaluation}
+    recipe = build_recipe(previous, changes, source="the continued recipe")
+    if push_to_hub != recipe.push_to_hub:  # a local folder continued without --push-to-hub pushes nowhere
+        recipe = recipe.replace(push_to_hub=push_to_hub)
+    return recipe, tasks
 
 
 def push(output_dir: str | Path, repo_id: str, *, token: str | None = None, private: bool = False,
@@ -227,20 +244,6 @@ def card(output_dir: str | Path, *, repo_id: str | None = None, space: str | Non
 
 
 # ------------------------------------------------------------------------------------ internals
-def _as_recipe(recipe: MergeRecipe | str | Path | None, fields: dict[str, Any]) -> MergeRecipe:
-    if recipe is None:
-        return MergeRecipe.from_dict(fields, source="arguments")
-    if isinstance(recipe, (str, Path)):
-        recipe = MergeRecipe.load(recipe)
-    if fields:
-        data = recipe.to_dict()
-        if fields.get("method", recipe.method) != recipe.method and "parameters" not in fields:
-            data.pop("parameters", None)  # they belong to the recipe's method
-        data.update({k: v for k, v in fields.items() if v is not None})
-        return MergeRecipe.from_dict(data, source="recipe")
-    return recipe
-
-
 def _resolve_base(reference: str, *, token: str | None, allow_pickle: bool) -> Any:
     with Phase("Downloading the base", 1, unit="model") as phase:
         phase.describe(reference)
@@ -308,7 +311,7 @@ def _evaluate_final(hook: Any, recipe: MergeRecipe, merger: Any) -> None:
 def _publish(output_dir: Path, recipe: MergeRecipe, *, token: str | None, licenses: dict, create_pr: bool,
              commit_message: str | None = None) -> MergeResult:
     # The output folder is a local detail: the published recipe reproduces the merge anywhere.
-    dataclasses.replace(recipe, output=None).save(output_dir)
+    recipe.replace(output=None).save(output_dir)
     write_card(output_dir, repo_id=recipe.push_to_hub, licenses=licenses, space_id=recipe.space)
     _, steps = lineage(load_state(output_dir))
     result = MergeResult(output_dir=output_dir, recipe=recipe, steps=steps, accuracy=average_accuracy(output_dir, len(steps)))

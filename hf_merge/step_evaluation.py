@@ -99,20 +99,21 @@ class _FinalEvaluation:
         report.to_json(Path(output_dir) / EVAL_FILENAME)
 
 
-def continued_tasks(recipe: MergeRecipe, spec: EvalSpec | None, done: int, new: int) -> list[str]:
-    """Evaluation tasks for a continued merge: the recipe's, plus those given for the new experts."""
+def continued_tasks(recipe: MergeRecipe, spec: EvalSpec | None, done: int, new: int) -> tuple[list[str], EvalSpec | None]:
+    """Evaluation of a continued merge: ``(tasks, eval)``, the tasks evaluated (the recipe's, plus
+    those given for the new experts) and the recipe's new ``eval`` section (``None``: unchanged)."""
     if spec is None:
         if recipe.eval is None:
-            return []
+            return [], None
         if recipe.eval.every_step and len(recipe.eval.tasks) == done:
             logger.warning("No evaluation tasks given for the new experts (--eval TASK ...): evaluation skipped")
-            return []
-        return list(recipe.eval.tasks)
+            return [], None
+        return list(recipe.eval.tasks), None
     previous = list(recipe.eval.tasks) if recipe.eval is not None else []
     every_step = spec.every_step or (recipe.eval.every_step if recipe.eval is not None else False)
     tasks = previous + list(spec.tasks) if every_step and len(spec.tasks) == new and len(previous) == done else list(spec.tasks)
-    recipe.eval = EvalSpec(tasks=tasks, every_step=every_step, limit=spec.limit if spec.limit is not None else (recipe.eval.limit if recipe.eval else None))
-    return tasks
+    limit = spec.limit if spec.limit is not None else (recipe.eval.limit if recipe.eval else None)
+    return tasks, EvalSpec(tasks=tasks, every_step=every_step, limit=limit)
 
 
 def average_accuracy(output_dir: Path, n_steps: int) -> list[float | None]:

@@ -6,7 +6,7 @@ import pytest
 import yaml
 from huggingface_hub import ModelCard
 
-from hf_merge.publish.card import METHOD_DESCRIPTIONS, build_card, choose_license, read_license, write_card
+from hf_merge.publish.card import build_card, method_description, choose_license, read_license, write_card
 from hf_merge.evaluation import EvaluationReport
 from hf_merge.hub.client import endpoint
 from hf_merge.recipe import EvalSpec, MergeRecipe, known_methods
@@ -127,7 +127,7 @@ def test_regenerated_card_keeps_the_parents_licenses(tmp_path):
 
 @pytest.mark.parametrize("method", known_methods())
 def test_every_method_has_a_described_card(method, tmp_path):
-    title, summary = METHOD_DESCRIPTIONS[method]
+    title, summary = method_description(method)
     assert "arxiv.org/abs/" in summary
     folder = _result_folder(tmp_path, evaluated=False, method=method)
     card = build_card(folder, licenses=MIT)

@@ -36,14 +36,7 @@ def _register_merge(subparsers: Any) -> None:
     parser.add_argument("--config", metavar="RECIPE.yaml", help="Read the recipe from YAML; flags given here override it.")
     parser.add_argument("--base", metavar="REPO[@REV]", help="The pretrained model (repo id or local folder).")
     parser.add_argument("--experts", nargs="+", metavar="REPO[@REV]", help="Fine-tuned models, merged in this order.")
-    parser.add_argument("--method", help="Merge method: opcm (default), average, task_arithmetic, ties, magmax.")
-    method = parser.add_argument_group("method parameters (unset ones take the method's defaults)")
-    method.add_argument("--alpha", type=float, help="OPCM: share of the merged task vector's spectrum that is protected (0.5).")
-    method.add_argument("--scaling", "--lambda", dest="scaling", type=float, help="Task arithmetic / TIES / MagMax scaling factor λ.")
-    method.add_argument("--keep", type=float, help="TIES: fraction of task-vector entries kept (threshold, 0.2).")
-    method.add_argument("--zero-diagonal", dest="zero_diagonal", action="store_true", default=None, help="OPCM: zero the projected diagonal (default).")
-    method.add_argument("--no-zero-diagonal", dest="zero_diagonal", action="store_false", help="OPCM: keep the diagonal (the first reference release).")
-    method.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="Any other method parameter (repeatable).")
+    _add_method_flags(parser)
     parser.add_argument("--scope", choices=["vision", "text", "all"], help="Towers to merge (default: vision).")
     _add_eval_flags(parser)
     parser.add_argument("--output", "-o", metavar="DIR", help="Output folder (default: the repo name, or merged-<method>).")
@@ -79,37 +72,67 @@ def _add_hub_flags(parser: argparse.ArgumentParser, *, push_help: str = "Push th
     parser.add_argument("--create-pr", action="store_true", help="Push as a pull request.")
 
 
+def _add_method_flags(parser: argparse.ArgumentParser) -> None:
+    """``--method`` and each method parameter's flags, from the methods' own declarations."""
+    from hf_merge.merging.methods.registry import METHODS
+
+    listing = ", ".join(f"{name} ({cls.display_name or name})" for name, cls in METHODS.items())
+    parser.add_argument("--method", help=f"Merge method (default: opcm): {listing}.")
+    group = parser.add_argument_group("method parameters (unset ones take the method's defaults)")
+    for flags, declared in _flag_groups().items():
+        methods = ", ".join(method for method, _ in declared)
+        first = declared[0][1]
+        text = f"{methods}: {first.help}" if len({p.name for _, p in declared}) == 1 else f"{methods}: " + "; ".join(
+            f"{p.name}" for _, p in declared)
+        dest = _flag_dest(flags)
+        if first.type is bool:
+            group.add_argument(*flags, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            group.add_argument(*flags, dest=dest, type=first.type, default=None, metavar=first.name.upper(), help=text)
+    group.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="Any method parameter (repeatable).")
+
+
+def _flag_groups() -> dict[tuple[str, ...], list[tuple[str, Any]]]:
+    """``{flags: [(method, Parameter), ...]}``: a flag several methods declare is one option."""
+    from hf_merge.merging.methods.registry import METHODS
+
+    groups: dict[tuple[str, ...], list[tuple[str, Any]]] = {}
+    for name, cls in METHODS.items():
+        for parameter in cls.parameters:
+            if parameter.flags:
+                groups.setdefault(tuple(parameter.flags), []).append((name, parameter))
+    return groups
+
+
+def _flag_dest(flags: tuple[str, ...]) -> str:
+    return "method_flag_" + flags[0].lstrip("-").replace("-", "_")
+
+
 def run_merge(args: argparse.Namespace) -> int:
     _apply_quiet(args)
     from hf_merge.api import merge
     from hf_merge.errors import UsageError
     from hf_merge.recipe import MergeRecipe
+    from hf_merge.recipe_overrides import build_recipe
 
-    fields = _recipe_fields(args)
-    if args.config:
-        recipe = MergeRecipe.load(args.config)
-        data = recipe.to_dict()
-        # Parameters in the YAML belong to its method: switching method on the command line drops them.
-        same_method = fields.get("method", recipe.method) == recipe.method
-        parameters = dict(data.get("parameters") or {}) if same_method else {}
-        parameters.update(fields.pop("parameters", {}))
-        if "eval" in fields and data.get("eval"):
-            fields["eval"] = {**data["eval"], **fields["eval"]}
-        data.update(fields)
-        data["parameters"] = parameters
-        recipe = MergeRecipe.from_dict(data, source=args.config)
-    else:
+    base = MergeRecipe.load(args.config) if args.config else None
+    fields = _recipe_fields(args, method=args.method or (base.method if base is not None else None))
+    if base is None:
         missing = [flag for flag, key in (("--base", "base"), ("--experts", "experts")) if not fields.get(key)]
         if missing:
             raise UsageError(f"{' and '.join(missing)} required (or --config RECIPE.yaml)")
-        recipe = MergeRecipe.from_dict(fields, source="the command line")
+    recipe = build_recipe(base, fields, source=args.config or "the command line")
     result = merge(recipe, token=args.token, create_pr=args.create_pr)
     _print_summary(result, quiet=args.quiet)
     return 0
 
 
-def _recipe_fields(args: argparse.Namespace) -> dict[str, Any]:
-    """Recipe fields the user set on the command line (unset flags leave the YAML's values)."""
+def _recipe_fields(args: argparse.Namespace, method: str | None = None) -> dict[str, Any]:
+    """Recipe fields the user set on the command line (unset flags leave the YAML's values).
+
+    A parameter flag sets the parameter that ``method`` (default: the flags' ``--method``, else
+    opcm) declares with that flag.
+    """
     from hf_merge.errors import UsageError
 
     fields: dict[str, Any] = {}
@@ -118,10 +141,17 @@ def _recipe_fields(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, key, None)
         if value is not None:
             fields[key] = value
+    method = method or getattr(args, "method", None) or "opcm"
     parameters: dict[str, Any] = {}
-    for key in ("alpha", "scaling", "keep", "zero_diagonal"):
-        if getattr(args, key, None) is not None:
-            parameters[key] = getattr(args, key)
+    for flags, declared in _flag_groups().items():
+        value = getattr(args, _flag_dest(flags), None)
+        if value is None:
+            continue
+        mine = [parameter for owner, parameter in declared if owner == method]
+        if not mine:
+            owners = ", ".join(owner for owner, _ in declared)
+            raise UsageError(f"{flags[0]} is a parameter of {owners}, not of method {method!r}; see hf-merge merge --help")
+        parameters[mine[0].name] = value
     for item in args.param:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -147,11 +177,12 @@ def _eval_fields(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _parse_value(raw: str) -> Any:
-    import yaml
+    from hf_merge.errors import RecipeError
+    from hf_merge.io.yaml_file import load_yaml
 
     try:
-        return yaml.safe_load(raw)
-    except yaml.YAMLError:
+        return load_yaml(raw, source="--param")
+    except RecipeError:  # not YAML: the text itself
         return raw
 
 

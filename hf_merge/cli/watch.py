@@ -11,7 +11,9 @@ from hf_merge.cli import add_verbosity_flags
 
 
 def register(subparsers) -> None:
-    """Add ``watch`` to the ``hf-merge`` parser."""
+    """Add ``watch`` to the ``hf-merge`` parser (and the ``watch:`` section to every recipe read)."""
+    import hf_merge.watch.policy  # noqa: F401  (registers the section: any command may read a recipe with one)
+
     parser = subparsers.add_parser(
         "watch",
         help="Merge new fine-tunes of a merged repo's base as they appear (poll, --once, or --webhook).",

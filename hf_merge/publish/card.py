@@ -25,48 +25,18 @@ CARD_FILENAME = "README.md"
 PLOT_FILENAME = "accuracy.png"
 STATE_FILENAME = "merge_state.json"
 
-# One line on each method, with where it comes from: the card says what was done and why.
-METHOD_DESCRIPTIONS: dict[str, tuple[str, str]] = {
-    "opcm": (
-        "OPCM (orthogonal projection-based continual merging)",
-        "OPCM projects each new task vector onto the directions the merged model does not use yet, "
-        "so later experts interfere less with earlier ones, and rescales the sum to keep its norm "
-        "constant ([Tang et al., 2025, arXiv:2501.09522](https://arxiv.org/abs/2501.09522)).",
-    ),
-    "average": (
-        "continual averaging",
-        "Continual averaging keeps the running mean of the experts' weights, a model soup built one "
-        "model at a time ([Wortsman et al., 2022, arXiv:2203.05482](https://arxiv.org/abs/2203.05482)).",
-    ),
-    "task_arithmetic": (
-        "continual task arithmetic",
-        "Task arithmetic adds each expert's task vector (its difference from the base), scaled by λ, "
-        "to the merged model ([Ilharco et al., 2023, arXiv:2212.04089](https://arxiv.org/abs/2212.04089)).",
-    ),
-    "ties": (
-        "continual TIES-merging",
-        "TIES-merging trims task vectors to their largest entries, elects a sign per weight and adds "
-        "the agreeing values ([Yadav et al., 2023, arXiv:2306.01708](https://arxiv.org/abs/2306.01708)).",
-    ),
-    "magmax": (
-        "MagMax",
-        "MagMax keeps, for every weight, the task-vector entry of largest magnitude seen so far "
-        "([Marczak et al., 2024, arXiv:2407.06322](https://arxiv.org/abs/2407.06322)).",
-    ),
-    "iso_c": (
-        "Iso-C",
-        ("Iso-C sums the task vectors and, in every weight matrix, replaces each singular value of the sum "
-         "by their mean, an isotropic spectrum; kept as a running sum, so each step equals merging all "
-         "experts at once ([Marczak et al., 2025, arXiv:2502.04959](https://arxiv.org/abs/2502.04959))."),
-    ),
-    "tsv_m": (
-        "TSV-M",
-        ("TSV-M keeps each expert's leading 1/T singular vectors per weight matrix and merges them with "
-         "orthogonalised singular vectors; the kept triplets are truncated at each step, so each step "
-         "equals merging all experts at once "
-         "([Gargiulo et al., 2025, arXiv:2412.00081](https://arxiv.org/abs/2412.00081))."),
-    ),
-}
+def method_description(method: str) -> tuple[str, str]:
+    """``(title, summary)`` of a method for the card, from the method's own declaration: its
+    display name, and its one-line summary with the paper's link (an unknown method: its name)."""
+    from hf_merge.merging.methods.registry import METHODS
+
+    cls = METHODS.get(method)
+    if cls is None:
+        return method, f"Merged with the `{method}` method."
+    title = cls.display_name or method
+    paper = f" ([{title} paper, arXiv:{cls.paper.rsplit('/', 1)[-1]}]({cls.paper}))" if cls.paper else ""
+    return title, f"{cls.summary}{paper}"
+
 
 SCOPE_DESCRIPTIONS = {
     "vision": "vision tower and visual projection (the text tower is the base's)",
@@ -163,7 +133,7 @@ def build_card(
 
     accuracy = load_accuracy(output_dir)
     hub_base_models = [s["repo_id"] for s in [base, *experts] if s.get("repo_id")]
-    title, summary = METHOD_DESCRIPTIONS.get(method, (method, f"Merged with the `{method}` method."))
+    title, summary = method_description(method)
     model_id = repo_id or str(output_dir.resolve())
     model_name = (repo_id or output_dir.resolve().name).split("/")[-1]
 

@@ -21,7 +21,7 @@ from types import ModuleType
 from typing import Any
 
 from hf_merge.publish.accuracy_table import load_accuracy
-from hf_merge.publish.card import METHOD_DESCRIPTIONS, PLOT_FILENAME, STATE_FILENAME, lineage, load_state
+from hf_merge.publish.card import PLOT_FILENAME, method_description, STATE_FILENAME, lineage, load_state
 from hf_merge.errors import MergeStateError, SpaceError, UsageError
 from hf_merge.log import get_logger
 from hf_merge.resources import space_app_dir, templates_dir
@@ -206,7 +206,7 @@ def render_space_readme(config: dict[str, Any], space_id: str) -> str:
             source["url"] = "#"
     models = [model_id] + [s["repo_id"] for s in [base, *experts] if s.get("repo_id")]
     method = config.get("method") or ""
-    method_title = METHOD_DESCRIPTIONS.get(method, (method or "a merging method",))[0]
+    method_title = method_description(method)[0] if method else "a merging method"
     short = f"Zero-shot CLIP merged with {method or 'hf-merge'}"
     card_data = SpaceCardData(
         title=space_id.split("/")[-1][:60],

@@ -9,5 +9,6 @@
 - :mod:`.webhook`: the webhook mode, on ``huggingface_hub``'s ``WebhooksServer``.
 - :mod:`.space`: the watcher deployed as a Space.
 
-Nothing is imported here, so that :mod:`hf_merge.recipe` can use :mod:`.policy` without the rest.
+The watcher sits above the core: :mod:`.policy` registers the recipe's ``watch:`` section with
+:func:`hf_merge.recipe.register_section`, so the core never imports the watcher.
 """

@@ -20,11 +20,16 @@ and the quality gate (:mod:`hf_merge.watch.gate`).
 
 from __future__ import annotations
 
-import difflib
-from dataclasses import dataclass, field, fields
-from typing import Any, Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError, field_validator
+
+from hf_merge.declared import excerpt, one_line
 from hf_merge.errors import RecipeError
+from hf_merge.io.yaml_file import read_yaml
+from hf_merge.recipe_sections import register_section
 
 
 @dataclass(frozen=True)
@@ -38,8 +43,10 @@ class Refusal:
         return f"{self.kind}: {self.reason}"
 
 
-@dataclass
-class AdmissionPolicy:
+_POINTS = {"expects": "a number of accuracy points"}
+
+
+class AdmissionPolicy(BaseModel):
     """What a candidate must satisfy before it is merged.
 
     Attributes:
@@ -54,70 +61,65 @@ class AdmissionPolicy:
         eval_limit: Evaluate the gate on at most this many examples per task.
     """
 
-    allow_pickle: bool = False
+    model_config = ConfigDict(extra="forbid")
+
+    allow_pickle: StrictBool = False
     licenses: list[str] | None = None
     owners: list[str] | None = None
-    denied_owners: list[str] = field(default_factory=list)
-    required_tags: list[str] = field(default_factory=list)
-    tasks: dict[str, str] = field(default_factory=dict)
-    max_forgetting: float | None = None
-    min_gain: float | None = None
-    eval_limit: int | None = None
+    denied_owners: list[str] = Field(default_factory=list)
+    required_tags: list[str] = Field(default_factory=list)
+    tasks: dict[str, str] = Field(default_factory=dict)
+    max_forgetting: StrictFloat | None = Field(default=None, ge=0, json_schema_extra=_POINTS)
+    min_gain: StrictFloat | None = Field(default=None, json_schema_extra=_POINTS)
+    eval_limit: StrictInt | None = Field(default=None, ge=1,
+                                         json_schema_extra={"expects": "a positive integer", "expects_range": True})
 
-    def __post_init__(self) -> None:
-        self.validate()
+    def __init__(self, **data: Any) -> None:
+        source = str(data.pop("_source", "recipe"))
+        try:
+            super().__init__(**data)
+        except ValidationError as error:
+            raise one_line(error, type(self), source=source, prefix="watch.") from None
+
+    @field_validator("licenses", "owners", "denied_owners", "required_tags", mode="before")
+    @classmethod
+    def _names(cls, value: Any, info: Any) -> Any:
+        if value is None:
+            return None if info.field_name in ("licenses", "owners") else []
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+            raise ValueError(f"`watch.{info.field_name}` must be a list of names, got {excerpt(value)}")
+        return list(value)
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _tasks(cls, value: Any) -> Any:
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            raise ValueError(f"`watch.tasks` must map repo ids to task names, got {excerpt(value)}")
+        return dict(value)
 
     @property
     def has_gate(self) -> bool:
         """Whether candidates are evaluated before they are admitted."""
         return self.max_forgetting is not None or self.min_gain is not None
 
-    def validate(self) -> None:
-        """Check every field; :class:`RecipeError` naming the first bad one."""
-        if not isinstance(self.allow_pickle, bool):
-            raise RecipeError(f"`watch.allow_pickle` must be true or false, got {self.allow_pickle!r}")
-        for name in ("licenses", "owners"):
-            value = getattr(self, name)
-            if value is not None:
-                setattr(self, name, _string_list(name, value))
-        for name in ("denied_owners", "required_tags"):
-            setattr(self, name, _string_list(name, getattr(self, name) or []))
-        if not isinstance(self.tasks, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in self.tasks.items()):
-            raise RecipeError(f"`watch.tasks` must map repo ids to task names, got {self.tasks!r}")
-        self.tasks = dict(self.tasks)
-        for name in ("max_forgetting", "min_gain"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-                raise RecipeError(f"`watch.{name}` must be a number of accuracy points, got {value!r}")
-        if self.max_forgetting is not None and self.max_forgetting < 0:
-            raise RecipeError(f"`watch.max_forgetting` must be >= 0, got {self.max_forgetting!r}")
-        if self.eval_limit is not None and (isinstance(self.eval_limit, bool) or not isinstance(self.eval_limit, int) or self.eval_limit < 1):
-            raise RecipeError(f"`watch.eval_limit` must be a positive integer, got {self.eval_limit!r}")
-
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None, *, source: str = "recipe") -> "AdmissionPolicy":
+    def from_dict(cls, data: Mapping[str, Any] | None, *, source: str = "recipe") -> AdmissionPolicy:
         """Build from the ``watch:`` mapping; an unknown key is an error suggesting the closest one."""
         if data is None:
             return cls()
         if not isinstance(data, Mapping):
             raise RecipeError(f"`watch` in {source} must be a mapping of policy fields, got {type(data).__name__}")
-        valid = [f.name for f in fields(cls)]
-        for key in data:
-            if key not in valid:
-                matches = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.6)
-                hint = f"; did you mean 'watch.{matches[0]}'?" if matches else f" (valid: {', '.join(valid)})"
-                raise RecipeError(f"unknown key 'watch.{key}' in {source}{hint}")
-        return cls(**dict(data))
+        return cls(**{str(k): v for k, v in data.items()}, _source=source)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for ``recipe.yaml``; defaults are left out."""
-        data: dict[str, Any] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
-            if value != default:
-                data[f.name] = value
-        return data
+        defaults = type(self)()
+        return {name: getattr(self, name) for name in type(self).model_fields
+                if getattr(self, name) != getattr(defaults, name)}
 
     # ---- checks on metadata ------------------------------------------------------------------------
     def check_metadata(self, repo_id: str, *, license: str | None, tags: list[str]) -> Refusal | None:
@@ -136,27 +138,18 @@ class AdmissionPolicy:
         return None
 
 
-def _string_list(name: str, value: Any) -> list[str]:
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
-        raise RecipeError(f"`watch.{name}` must be a list of names, got {value!r}")
-    return list(value)
-
-
 def load_policy_file(path: str) -> AdmissionPolicy:
     """A policy file: a recipe with a ``watch:`` section, or that section's mapping alone."""
     from pathlib import Path
 
-    import yaml
-
     file = Path(path).expanduser()
     if not file.is_file():
         raise RecipeError(f"policy file {str(file)!r} does not exist")
-    try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as error:
-        raise RecipeError(f"{file.name} is not valid YAML: {str(error).strip().splitlines()[0]}") from None
+    data = read_yaml(file) or {}
     if not isinstance(data, Mapping):
         raise RecipeError(f"{file.name} must be a mapping with a `watch:` section")
     return AdmissionPolicy.from_dict(data["watch"] if "watch" in data else data, source=file.name)
+
+
+# The watcher owns the recipe's `watch:` section; the recipe knows it only through this registration.
+register_section("watch", lambda value, source: AdmissionPolicy.from_dict(value, source=source), AdmissionPolicy.to_dict)
