@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from hf_merge.hub import client as hub
-from hf_merge.publish.card import CARD_FILENAME, STATE_FILENAME, lineage, load_state, read_license, write_card
+from hf_merge.io.merge_folder import STATE_FILENAME, MergeFolder
+from hf_merge.publish.card import read_license, write_card
 from hf_merge.errors import MergeStateError, RecipeError, UsageError
 from hf_merge.log import get_logger
 from hf_merge.output_folder import check_output_folder, weights_bytes
@@ -74,7 +75,7 @@ def merge(recipe: MergeRecipe | str | Path | None = None, *, token: str | None =
     recipe = build_recipe(recipe, fields, source="arguments")
     token = hub.resolve_token(token)
     output_dir = recipe.output_dir()
-    if (output_dir / STATE_FILENAME).exists():
+    if MergeFolder(output_dir).has_state():
         raise UsageError(
             f"{output_dir} already holds a merge; continue it with `hf-merge add {output_dir} --experts ...` "
             "or choose another --output"
@@ -139,7 +140,8 @@ def add(
     if not experts:
         raise RecipeError("`add` needs at least one new expert: --experts REPO[@REV] ...")
     output_dir, source_repo = _fetch_merged(merged, output, token)
-    base_entry, done = lineage(load_state(output_dir))
+    folder = MergeFolder(output_dir)
+    base_entry, done = folder.lineage()
     recipe, tasks = _continued_recipe(
         _recipe_of(output_dir), merged, done, experts, output_dir=output_dir, push_to_hub=push_to_hub or source_repo,
         eval=eval, overrides={"allow_pickle": allow_pickle, "evict": evict, "space": space,
@@ -149,7 +151,7 @@ def add(
     hook = evaluation_hook(recipe.eval, tasks, recipe.experts, done=len(done), output_dir=output_dir,
                            base=base_reference, token=token)
     check_models(base_reference, experts, token=token, allow_pickle=recipe.allow_pickle,
-                 scope=recipe.scope, merged_names=load_state(output_dir).get("merged_names"))
+                 scope=recipe.scope, merged_names=folder.state().merged_names)
 
     from hf_merge.merging.engine import ContinualMerger
 
@@ -184,7 +186,7 @@ def _fetch_merged(merged: str | Path, output: str | Path | None, token: str | No
         repo_id, revision = split_reference(str(merged))
         output_dir = Path(output) if output else Path(repo_id.split("/")[-1])
         check_output_folder(output_dir)
-        if (output_dir / STATE_FILENAME).exists():
+        if MergeFolder(output_dir).has_state():
             raise UsageError(
                 f"{output_dir} already holds a merge: pass --output DIR to download {merged} elsewhere, "
                 f"or continue the local copy with `hf-merge add {output_dir} --experts ... --push-to-hub {repo_id}`"
@@ -194,7 +196,7 @@ def _fetch_merged(merged: str | Path, output: str | Path | None, token: str | No
             extra_patterns=hub.MERGE_RESULT_PATTERNS, local_dir=output_dir,
         )
         source_repo = repo_id
-    if not (output_dir / STATE_FILENAME).is_file():
+    if not MergeFolder(output_dir).has_state():
         raise MergeStateError(f"{merged} has no {STATE_FILENAME}: it was not made by hf-merge, so it cannot be continued")
     return output_dir, source_repo
 
@@ -226,9 +228,10 @@ def push(output_dir: str | Path, repo_id: str, *, token: str | None = None, priv
          create_pr: bool = False, commit_message: str | None = None) -> str:
     """Push a finished merge folder (again): what ``hf-merge push`` and a failed push's retry run."""
     output_dir = Path(output_dir)
-    if not (output_dir / STATE_FILENAME).is_file():
+    folder = MergeFolder(output_dir)
+    if not folder.has_state():
         raise UsageError(f"{output_dir} is not an hf-merge result (no {STATE_FILENAME})")
-    if (output_dir / CARD_FILENAME).is_file():
+    if folder.card_path.is_file():
         # The card's usage snippet names the repo; regenerate it if pushing somewhere new.
         write_card(output_dir, repo_id=repo_id, licenses=None)
     return hub.push_merge(output_dir, repo_id, token=hub.resolve_token(token), private=private,
@@ -238,8 +241,9 @@ def push(output_dir: str | Path, repo_id: str, *, token: str | None = None, priv
 def card(output_dir: str | Path, *, repo_id: str | None = None, space: str | None = None) -> Path:
     """(Re)generate ``README.md`` (and ``accuracy.png``) of a local merge folder."""
     output_dir = Path(output_dir)
-    if repo_id is None and (output_dir / "recipe.yaml").is_file():
-        repo_id = _recipe_of(output_dir).push_to_hub
+    if repo_id is None:
+        recipe = MergeRecipe.of_folder(output_dir)
+        repo_id = recipe.push_to_hub if recipe is not None else None
     return write_card(output_dir, repo_id=repo_id, licenses=None, space_id=space)
 
 
@@ -313,7 +317,7 @@ def _publish(output_dir: Path, recipe: MergeRecipe, *, token: str | None, licens
     # The output folder is a local detail: the published recipe reproduces the merge anywhere.
     recipe.replace(output=None).save(output_dir)
     write_card(output_dir, repo_id=recipe.push_to_hub, licenses=licenses, space_id=recipe.space)
-    _, steps = lineage(load_state(output_dir))
+    _, steps = MergeFolder(output_dir).lineage()
     result = MergeResult(output_dir=output_dir, recipe=recipe, steps=steps, accuracy=average_accuracy(output_dir, len(steps)))
     if recipe.push_to_hub:
         result.commit_url = hub.push_merge(output_dir, recipe.push_to_hub, token=token, private=recipe.private,
@@ -330,17 +334,19 @@ def _publish(output_dir: Path, recipe: MergeRecipe, *, token: str | None, licens
 
 
 def _recipe_of(output_dir: Path) -> MergeRecipe:
-    if (output_dir / "recipe.yaml").is_file():
-        return MergeRecipe.load(output_dir)
+    recipe = MergeRecipe.of_folder(output_dir)
+    if recipe is not None:
+        return recipe
     # A merge folder without a recipe (made with the engine directly): rebuild one from the state.
-    state = load_state(output_dir)
-    base, experts = lineage(state)
+    folder = MergeFolder(output_dir)
+    state = folder.state()
+    base, experts = folder.lineage()
     return MergeRecipe(
         base=_pinned_name(base) or str(base.get("path")),
         experts=[_pinned_name(e) for e in experts],
-        method=str(state.get("method", "opcm")),
+        method=str(state.method or "opcm"),
         parameters={},
-        scope=str(state.get("scope") or "vision"),
+        scope=str(state.scope or "vision"),
     )
 
 
@@ -360,13 +366,12 @@ def _pinned_name(entry: dict[str, Any]) -> str:
 
 
 def _previous_licenses(output_dir: Path) -> dict[str, str | None]:
-    from hf_merge.publish.card import _previous_licenses as recorded
-
-    state = load_state(output_dir)
-    base, experts = lineage(state)
-    for entry in [base, *experts]:
-        entry.setdefault("name", entry.get("repo_id") or entry.get("path") or "local folder")
-    return recorded(output_dir, [base, *experts])
+    """The parents' licences recorded by the previous run (unknown for parents not named there)."""
+    folder = MergeFolder(output_dir)
+    base, experts = folder.lineage()
+    recorded = folder.licenses()
+    names = [e.get("name") or e.get("repo_id") or e.get("path") or "local folder" for e in [base, *experts]]
+    return {str(name): recorded.get(str(name)) for name in names}
 
 
 def _copy_result(source: Path, destination: Path) -> None:

@@ -35,71 +35,18 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator, model_validator
 
 from hf_merge.declared import excerpt, one_line, suggest, unknown_key
-from hf_merge.errors import RecipeError, UsageError
+from hf_merge.errors import RecipeError
 from hf_merge.hub.repo_id import repo_id_problem
 from hf_merge.hub.sources import split_reference
+from hf_merge.io.merge_folder import RECIPE_FILENAME, MergeFolder
 from hf_merge.io.yaml_file import load_yaml, read_yaml
+from hf_merge.recipe_parameters import checked_parameters, known_methods, method_parameters
 from hf_merge.recipe_sections import sections as _sections
 
-RECIPE_FILENAME = "recipe.yaml"
-
 SCOPES = ("vision", "text", "all")
+__all__ = ["SCOPES", "EvalSpec", "MergeRecipe", "known_methods", "method_parameters", "reference_key"]
 
-# Spellings people use for the same knob (the paper writes λ for the scaling factor, TIES keeps
-# the top-k entries); an alias applies only where the method declares its target.
-_PARAMETER_ALIASES = {
-    "lambda": "scaling_factor", "lambda_": "scaling_factor", "lam": "scaling_factor", "scaling": "scaling_factor",
-    "keep": "threshold", "k": "threshold", "top_k": "threshold",
-}
 _CONFIG = ConfigDict(extra="forbid", validate_default=False, arbitrary_types_allowed=True)
-
-
-# ------------------------------------------------------------------------------------ methods
-def method_parameters(method: str) -> dict[str, Any]:
-    """The parameters ``method`` declares, with their defaults.
-
-    Raises:
-        RecipeError: ``method`` is not a known merge method (the message suggests the closest).
-    """
-    return dict(_method_class(method).defaults)
-
-
-def known_methods() -> list[str]:
-    """Names of every registered merge method."""
-    from hf_merge.merging.methods.registry import METHODS
-
-    return sorted(METHODS)
-
-
-def _method_class(method: str) -> Any:
-    from hf_merge.merging.methods.registry import METHODS
-
-    if method not in METHODS:
-        raise RecipeError(f"unknown merge method {excerpt(method)}{suggest(str(method), METHODS)}; "
-                          f"choose from {', '.join(sorted(METHODS))}")
-    return METHODS[method]
-
-
-def _checked_parameters(method: str, values: Any) -> dict[str, Any]:
-    """``values`` (only those set) checked by the method's declarations, aliases resolved."""
-    cls = _method_class(method)
-    if not isinstance(values, Mapping):
-        raise RecipeError(f"`parameters` must be a mapping of {method} parameters, got {excerpt(values)}")
-    declared = cls.defaults
-    named: dict[str, Any] = {}
-    for raw_name, value in values.items():
-        name = str(raw_name)
-        if name not in declared and _PARAMETER_ALIASES.get(name) in declared:
-            name = _PARAMETER_ALIASES[name]
-        if name not in declared:
-            valid = ", ".join(sorted(declared)) or "none"
-            raise RecipeError(f"unknown parameter {excerpt(raw_name)} for method {method!r}{suggest(name, declared)} (valid: {valid})")
-        named[name] = value
-    try:
-        checked = cls.check_parameters(named)
-    except UsageError as error:
-        raise RecipeError(str(error)) from None
-    return {name: checked[name] for name in named}
 
 
 # ------------------------------------------------------------------------------------ models
@@ -264,7 +211,7 @@ class MergeRecipe(BaseModel):
             if key in seen:
                 raise ValueError(f"expert {expert!r} is listed twice (also as {seen[key]!r}); each expert is merged once")
             seen[key] = expert
-        self.parameters = _checked_parameters(self.method, self.parameters)
+        self.parameters = checked_parameters(self.method, self.parameters)
         if self.eval is not None and not self.eval.tasks:
             raise ValueError("`eval` needs at least one task: `eval: {tasks: [...]}`")
         every = self.checkpoint_every
@@ -344,10 +291,15 @@ class MergeRecipe(BaseModel):
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
 
     def save(self, folder: str | Path) -> Path:
-        """Write ``recipe.yaml`` into ``folder``."""
-        path = Path(folder) / RECIPE_FILENAME
-        path.write_text(self.to_yaml(), encoding="utf-8")
-        return path
+        """Write the recipe into merge folder ``folder`` (its ``recipe.yaml``)."""
+        return MergeFolder(folder).write_recipe_text(self.to_yaml())
+
+    @classmethod
+    def of_folder(cls, folder: str | Path) -> MergeRecipe | None:
+        """The recipe a merge folder carries, or ``None`` when it has none."""
+        merge_folder = MergeFolder(folder)
+        data = merge_folder.recipe_data()
+        return None if data is None else cls.from_dict(data or {}, source=RECIPE_FILENAME)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str = "recipe") -> MergeRecipe:
@@ -370,10 +322,13 @@ class MergeRecipe(BaseModel):
 
     @classmethod
     def load(cls, path: str | Path) -> MergeRecipe:
-        """Read a YAML recipe file (or the ``recipe.yaml`` of a merge folder)."""
+        """Read a YAML recipe file (or the recipe of a merge folder)."""
         path = Path(path)
         if path.is_dir():
-            path = path / RECIPE_FILENAME
+            recipe = cls.of_folder(path)
+            if recipe is None:
+                raise RecipeError(f"{str(path)!r} holds no {RECIPE_FILENAME}")
+            return recipe
         if not path.is_file():
             raise RecipeError(f"recipe file {str(path)!r} does not exist")
         return cls.from_dict(read_yaml(path) or {}, source=path.name)

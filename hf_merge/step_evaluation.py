@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from hf_merge.publish.accuracy_table import EVAL_FILENAME, load_accuracy
+from hf_merge.io.merge_folder import MergeFolder
+from hf_merge.publish.accuracy_table import load_accuracy
 from hf_merge.errors import RecipeError
 from hf_merge.log import get_logger
 from hf_merge.recipe import EvalSpec, MergeRecipe
@@ -55,7 +56,7 @@ def evaluation_hook(
                 f"eval.every_step needs one task per expert, in merge order ({total} experts, {len(tasks)} tasks)"
             )
         report = None
-        if done and output_dir is not None and (output_dir / EVAL_FILENAME).is_file():
+        if done and output_dir is not None and MergeFolder(output_dir).has_results():
             report = EvaluationReport.from_json(output_dir)
             if report.num_steps != done:
                 report = None  # an older or partial evaluation cannot be continued row by row
@@ -76,7 +77,7 @@ class _FromStep:
         report = self.evaluator(step - self.offset, output_dir, state)
         # The saved rows keep the real step numbers, so the card's table and plot line up.
         report.steps[-1]["step"] = step
-        report.to_json(Path(output_dir) / EVAL_FILENAME)
+        MergeFolder(output_dir).write_results_text(report.to_json())
         return report
 
 
@@ -96,7 +97,7 @@ class _FinalEvaluation:
         report = EvaluationReport(limit=self.limit)
         report.add_step(1, results, unique)
         report.steps[0]["step"] = step  # one row: the final model after `step` experts
-        report.to_json(Path(output_dir) / EVAL_FILENAME)
+        MergeFolder(output_dir).write_results_text(report.to_json())
 
 
 def continued_tasks(recipe: MergeRecipe, spec: EvalSpec | None, done: int, new: int) -> tuple[list[str], EvalSpec | None]:

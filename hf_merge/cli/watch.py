@@ -12,7 +12,9 @@ from hf_merge.cli import add_verbosity_flags
 
 def register(subparsers) -> None:
     """Add ``watch`` to the ``hf-merge`` parser (and the ``watch:`` section to every recipe read)."""
-    import hf_merge.watch.policy  # noqa: F401  (registers the section: any command may read a recipe with one)
+    # The watcher's recipe and card sections: any command may read a recipe or write a card with them.
+    import hf_merge.watch.ledger  # noqa: F401
+    import hf_merge.watch.policy  # noqa: F401
 
     parser = subparsers.add_parser(
         "watch",

@@ -45,13 +45,19 @@ from hf_merge.errors import EvaluationError
 from hf_merge.log import get_logger
 from hf_merge.evaluation.runner import Evaluator
 from hf_merge.evaluation.tasks import Task, get_task
+from hf_merge.io.merge_folder import RESULTS_FILENAME, MergeFolder
 
 logger = get_logger(__name__)
 
-RESULTS_FILENAME = "eval_results.json"
 SCHEMA_VERSION = 1
 # Per-class lists are left out of the saved steps: they are large and the card does not use them.
 _SAVED_KEYS = ("accuracy", "top5_accuracy", "num_samples", "num_classes", "dataset")
+
+
+def backward_transfer(pairs: Sequence[tuple[float, float]]) -> float | None:
+    """BWT, the one definition: the mean of (final accuracy - accuracy right after the task was
+    merged) over the ``(when merged, final)`` pairs of the earlier tasks; ``None`` without any."""
+    return sum(final - first for first, final in pairs) / len(pairs) if pairs else None
 
 
 @dataclass
@@ -93,10 +99,7 @@ class EvaluationReport:
     @property
     def bwt(self) -> float | None:
         """Backward transfer: mean over i < T of (acc[T, i] - acc[i, i]); ``None`` while T < 2."""
-        last = self.num_steps
-        if last < 2:
-            return None
-        return sum(self.rows[-1][i] - self.rows[i][i] for i in range(last - 1)) / (last - 1)
+        return backward_transfer([(self.rows[i][i], self.rows[-1][i]) for i in range(self.num_steps - 1)])
 
     def add_step(self, step: int, results: dict[str, dict[str, Any]], tasks: Sequence[str]) -> None:
         """Record the results of step ``step`` (1-based) on ``tasks`` (the tasks of experts 1..step)."""
@@ -225,11 +228,11 @@ class ContinualEvaluator:
 
         ``tasks`` lists the tasks of every expert, the earlier ones included.
         """
-        path = Path(output_dir) / RESULTS_FILENAME
-        report = EvaluationReport.from_json(path) if path.is_file() else None
+        folder = MergeFolder(output_dir)
+        report = EvaluationReport.from_json(folder.path / RESULTS_FILENAME) if folder.has_results() else None
         if report is not None and report.tasks != [get_task(t).name for t in tasks][: len(report.tasks)]:
             raise EvaluationError(
-                f"{path}: the saved results are for tasks {report.tasks}, which do not start the given task list"
+                f"{folder.path / RESULTS_FILENAME}: the saved results are for tasks {report.tasks}, which do not start the given task list"
             )
         return cls(tasks, report=report, **options)
 
@@ -245,7 +248,7 @@ class ContinualEvaluator:
         # One task can be the task of several experts: evaluate it once.
         results = self.evaluator.evaluate(str(output_dir), tasks=list({t.name: t for t in current}.values()))
         self.report.add_step(step, results, [t.name for t in current])
-        self.report.to_json(Path(output_dir) / RESULTS_FILENAME)
+        MergeFolder(output_dir).write_results_text(self.report.to_json())
         logger.info(
             "Step %d: average accuracy %.4f over %d tasks%s", step, self.report.average_accuracy, step,
             f", BWT {self.report.bwt:+.4f}" if self.report.bwt is not None else "",

@@ -29,6 +29,7 @@ from huggingface_hub.errors import (
 from hf_merge.hub.conversion_pr import ConversionPR, find_conversion_pr, tensor_name_problem
 from hf_merge.errors import AuthenticationError, CheckpointError, HfMergeError, ModelNotFoundError, PushError
 from hf_merge.log import get_logger
+from hf_merge.io.merge_folder import RESULT_FILES
 
 logger = get_logger(__name__)
 
@@ -52,7 +53,7 @@ MODEL_PATTERNS = (
 )
 PICKLE_PATTERNS = ("*.bin", "pytorch_model.bin.index.json")
 # What continuing a merged repo additionally needs.
-MERGE_RESULT_PATTERNS = ("merge_state.json", "recipe.yaml", "eval_results.json", "accuracy.png", "watch_ledger.json")
+MERGE_RESULT_PATTERNS = RESULT_FILES
 
 # Files a push sends: the model (as from_pretrained reads it) and what documents and continues it.
 PUSH_PATTERNS = MODEL_PATTERNS + MERGE_RESULT_PATTERNS
@@ -211,9 +212,10 @@ def publishable_files(output_dir: str | Path) -> list[Path]:
     import fnmatch
 
     root = Path(output_dir)
+    patterns = PUSH_PATTERNS
     selected = []
     for path in sorted(root.iterdir()):
-        if path.is_file() and any(fnmatch.fnmatch(path.name, pattern) for pattern in PUSH_PATTERNS):
+        if path.is_file() and any(fnmatch.fnmatch(path.name, pattern) for pattern in patterns):
             selected.append(path.relative_to(root))
     return selected
 

@@ -20,99 +20,23 @@ import os
 import shutil
 import stat
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 from hf_merge.errors import MergeStateError
 from hf_merge.log import get_logger
+from hf_merge.io.merge_folder import FORMAT_VERSION, STATE_FILENAME, MergeState, fsync_dir
 
 logger = get_logger(__name__)
 
-STATE_NAME = "merge_state.json"
+STATE_NAME = STATE_FILENAME  # the name earlier versions exported
 STATE_TENSORS_NAME = "merge_state.safetensors"
-FORMAT_VERSION = 1
 _STAGING = ".hf-merge-staging"
 _PENDING = ".hf-merge-pending"
 _SPARE = ".hf-merge-spare"
 _MANIFEST = ".manifest.json"
 
-
-@dataclass
-class MergeState:
-    """What a resumed merge needs, as saved in ``<output>/merge_state.json``.
-
-    Attributes:
-        method: Registered method name (``"opcm"``, ``"average"``, ...).
-        hyperparameters: The method's hyperparameters, defaults filled in.
-        scope: Which tensors are merged (``"vision"``, ``"all"``, or a list of name prefixes).
-        step: How many experts have been merged.
-        base: Provenance of θ0 (``ModelSource.to_dict()``; ``local_path`` for a local folder).
-        lineage: One entry per merged expert, in order: provenance plus its ``step`` (1-based).
-        method_state: The method's own scalars (OPCM: ``prev_lambda``, ``norms``).
-        state_tensors: Name of the file holding tensors a method keeps besides the weights, if any.
-        merged_names: The tensors merged (decided by the first expert; ``None`` before it, and in
-            merges saved before this was recorded, where the whole scope was merged).
-        from_base: Tensors of the scope kept from the base, with the reason.
-    """
-
-    method: str
-    hyperparameters: dict[str, Any]
-    scope: str | list[str] = "vision"
-    step: int = 0
-    base: dict[str, Any] = field(default_factory=dict)
-    lineage: list[dict[str, Any]] = field(default_factory=list)
-    method_state: dict[str, Any] = field(default_factory=dict)
-    state_tensors: str | None = None
-    merged_names: list[str] | None = None
-    from_base: dict[str, str] | None = None
-    format_version: int = FORMAT_VERSION
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
-
-    def save(self, folder: str | Path) -> Path:
-        """Write ``merge_state.json`` into ``folder`` atomically (temp file, fsync, rename)."""
-        path = Path(folder) / STATE_NAME
-        _atomic_write_text(path, self.to_json())
-        return path
-
-    @classmethod
-    def load(cls, folder: str | Path) -> "MergeState":
-        """Read ``<folder>/merge_state.json``; :class:`MergeStateError` if missing or corrupt."""
-        path = Path(folder) / STATE_NAME
-        if not path.is_file():
-            raise MergeStateError(f"{path}: no merge state here; this folder was not written by a merge")
-        try:
-            data = json.loads(path.read_text())
-            if data.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
-                raise MergeStateError(f"{path}: written by a newer hf-merge; upgrade to continue this merge")
-            return cls(**data)
-        except (ValueError, TypeError) as err:
-            raise MergeStateError(f"{path}: corrupt merge state ({err})") from err
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems refuse fsync on directories; the rename is still atomic
-        pass
-    finally:
-        os.close(fd)
+__all__ = ["FORMAT_VERSION", "STATE_NAME", "STATE_TENSORS_NAME", "MergeState", "OutputTransaction", "discard_spare",
+           "is_sole_link", "recover", "recyclable"]
 
 
 def recover(output_dir: str | Path) -> None:
@@ -161,9 +85,9 @@ class OutputTransaction:
             if item.is_file():
                 with open(item, "rb+") as handle:
                     os.fsync(handle.fileno())
-        _fsync_dir(self.staging)
+        fsync_dir(self.staging)
         os.replace(self.staging, self.output_dir / _PENDING)  # the commit point
-        _fsync_dir(self.output_dir)
+        fsync_dir(self.output_dir)
         _roll_forward(self.output_dir)
 
     def abort(self) -> None:
@@ -215,6 +139,6 @@ def _roll_forward(output: Path) -> None:
     for stale in output.iterdir():
         if stale.is_file() and _is_weight_file(stale.name) and stale.name not in weight_files:
             stale.unlink()
-    _fsync_dir(output)
+    fsync_dir(output)
     manifest_path.unlink()
     pending.rmdir()

@@ -19,11 +19,12 @@ from pathlib import Path
 import torch
 
 from hf_merge.io.checkpoint import Checkpoint, TensorSpec
+from hf_merge.io.merge_folder import RESULTS_FILENAME
 from hf_merge.merging.state import STATE_NAME, MergeState, OutputTransaction, discard_spare
 from hf_merge.io.weights_writer import CheckpointWriter, WrittenFiles, save_tensors
 
 # Files of the base that make the output loadable with from_pretrained (config, processor, tokenizer).
-_NOT_COPIED = {"model.safetensors.index.json", STATE_NAME, "eval_results.json"}
+_NOT_COPIED = {"model.safetensors.index.json", STATE_NAME, RESULTS_FILENAME}
 
 
 class StepWriter:

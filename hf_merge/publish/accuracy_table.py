@@ -6,17 +6,15 @@ zero-shot and each expert's own accuracy as references; :func:`plot_accuracy` dr
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from hf_merge.evaluation.continual import backward_transfer
 from hf_merge.log import get_logger
+from hf_merge.io.merge_folder import MergeFolder
 
 logger = get_logger(__name__)
-
-EVAL_FILENAME = "eval_results.json"
-
 
 @dataclass
 class AccuracyTable:
@@ -46,30 +44,20 @@ class AccuracyTable:
         """Backward transfer: mean over earlier tasks of (final accuracy - accuracy when first merged)."""
         if self.reported_bwt is not None:
             return self.reported_bwt
-        if len(self.accuracy) < 2:
-            return None
-        final, deltas = self.final(), []
+        # Tasks first evaluated at the last step have no "before": only earlier ones count.
+        final, pairs = self.final(), []
         for task in self.tasks:
-            first = next((row[task] for row in self.accuracy if task in row), None)
-            if first is not None and task in final and self._first_step(task) < len(self.accuracy) - 1:
-                deltas.append(final[task] - first)
-        return sum(deltas) / len(deltas) if deltas else None
-
-    def _first_step(self, task: str) -> int:
-        return next(i for i, row in enumerate(self.accuracy) if task in row)
+            first = next((i for i, row in enumerate(self.accuracy) if task in row), None)
+            if first is not None and task in final and first < len(self.accuracy) - 1:
+                pairs.append((self.accuracy[first][task], final[task]))
+        return backward_transfer(pairs)
 
 
-def load_accuracy(output_dir: str | Path) -> AccuracyTable | None:
-    """Per-step accuracies from ``eval_results.json``, or ``None`` when the merge was not evaluated."""
-    path = Path(output_dir) / EVAL_FILENAME
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        logger.warning("Ignoring unreadable %s", path)
-        return None
-    return accuracy_from_report(data)
+def load_accuracy(output_dir: str | Path | MergeFolder) -> AccuracyTable | None:
+    """Per-step accuracies of a merge folder, or ``None`` when the merge was not evaluated."""
+    folder = output_dir if isinstance(output_dir, MergeFolder) else MergeFolder(output_dir)
+    data = folder.results_data()
+    return accuracy_from_report(data) if data is not None else None
 
 
 def accuracy_from_report(data: Mapping[str, Any]) -> AccuracyTable | None:

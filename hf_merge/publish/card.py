@@ -1,29 +1,29 @@
 """The model card of a merge result: Hub metadata + a README rendered from ``templates/model_card.md``.
 
-Everything on the card is read from the merge folder itself (``merge_state.json``, ``recipe.yaml``,
-``eval_results.json``), so ``hf-merge card DIR`` regenerates the same card at any time.
+Everything on the card is read from the merge folder itself (its state, recipe and evaluation
+results, through :class:`~hf_merge.io.merge_folder.MergeFolder`), so ``hf-merge card DIR``
+regenerates the same card at any time. Packages above this one add sections of their own with
+:func:`register_card_section` (the watcher lists the candidates it refused).
 """
 
 from __future__ import annotations
 
-import json
 import re
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from hf_merge.publish.accuracy_table import AccuracyTable, load_accuracy, plot_accuracy
-from hf_merge.errors import MergeStateError
+from hf_merge.errors import RecipeError
+from hf_merge.io.yaml_file import load_yaml
+from hf_merge.io.merge_folder import CARD_FILENAME, PLOT_FILENAME, MergeFolder, MergeState, lineage, parse_yaml_field
 from hf_merge.log import get_logger
 from hf_merge.resources import templates_dir
 
 logger = get_logger(__name__)
 _HUB_DATASET_ID = re.compile(r"[\w.-]+/[\w.-]+")
-
-CARD_FILENAME = "README.md"
-PLOT_FILENAME = "accuracy.png"
-STATE_FILENAME = "merge_state.json"
 
 def method_description(method: str) -> tuple[str, str]:
     """``(title, summary)`` of a method for the card, from the method's own declaration: its
@@ -38,6 +38,31 @@ def method_description(method: str) -> tuple[str, str]:
     return title, f"{cls.summary}{paper}"
 
 
+CardSection = Callable[[Path], Any]
+_CARD_SECTIONS: dict[str, CardSection] = {}
+
+
+def register_card_section(name: str, provider: CardSection) -> None:
+    """Give the card template a variable ``name``: ``provider(folder)`` computes it from the merge
+    folder (the watcher's ``considered``: the candidates it refused)."""
+    _CARD_SECTIONS[name] = provider
+
+
+def _card_sections(folder: Path) -> dict[str, Any]:
+    if not _LOADED_ENTRY_POINTS:
+        _LOADED_ENTRY_POINTS.append(True)
+        from importlib.metadata import entry_points
+
+        for entry in entry_points(group="hf_merge.card_sections"):
+            try:
+                entry.load()
+            except ImportError:  # an optional part not installed: its section stays out
+                continue
+    return {name: provider(folder) for name, provider in _CARD_SECTIONS.items()}
+
+
+_LOADED_ENTRY_POINTS: list[bool] = []
+
 SCOPE_DESCRIPTIONS = {
     "vision": "vision tower and visual projection (the text tower is the base's)",
     "text": "text tower and text projection (the vision tower is the base's)",
@@ -45,40 +70,34 @@ SCOPE_DESCRIPTIONS = {
 }
 
 
-
 # ------------------------------------------------------------------------------------ reading
-def load_state(output_dir: str | Path) -> dict[str, Any]:
-    """The merge state of a result folder as plain data (``merge_state.json``)."""
-    path = Path(output_dir) / STATE_FILENAME
-    if not path.is_file():
-        raise MergeStateError(f"{output_dir} has no {STATE_FILENAME}: it is not an hf-merge result")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise MergeStateError(f"{path} is corrupt ({error.msg} at line {error.lineno})") from None
-
-
-def lineage(state: Mapping[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """``(base, experts)`` provenance dicts (name, repo_id, commit_sha, step) from a merge state."""
-    base = dict(state.get("base") or {})
-    experts = []
-    for index, entry in enumerate(state.get("lineage") or state.get("experts") or [], start=1):
-        entry = dict(entry.get("source", entry)) | {"step": entry.get("step", index)}
-        experts.append(entry)
-    return base, experts
-
-
 def read_license(folder: str | Path | None) -> str | None:
-    """The ``license`` in the front matter of a model folder's README.md, if any."""
+    """The ``license`` in the front matter of a model folder's README.md, if it names one.
+
+    The front matter is someone else's YAML: it is read by the safe loader (size cap, no aliases)
+    and anything but a string licence reads as none declared.
+    """
     if folder is None:
         return None
     readme = Path(folder) / CARD_FILENAME
     if not readme.is_file():
         return None
     try:
-        return ModelCard.load(readme, ignore_metadata_errors=True).data.get("license")
-    except Exception:  # a malformed third-party README must not break the merge
+        data = load_yaml(_front_matter(readme.read_text(encoding="utf-8", errors="replace")), source=str(readme))
+    except RecipeError:  # a malformed third-party README must not break the merge
         return None
+    value = data.get("license") if isinstance(data, dict) else None
+    return value if isinstance(value, str) and value else None
+
+
+def _front_matter(text: str) -> str:
+    lines = text.lstrip("\ufeff").splitlines()
+    if not lines or lines[0].strip() != "---":
+        return ""
+    for index, line in enumerate(lines[1:], start=1):
+        if line.strip() == "---":
+            return "\n".join(lines[1:index])
+    return ""
 
 
 def choose_license(licenses: Mapping[str, str | None], base_name: str) -> tuple[str, str | None]:
@@ -116,22 +135,23 @@ def build_card(
     from hf_merge.hub.client import endpoint
 
     output_dir = Path(output_dir)
-    state = load_state(output_dir)
+    folder = MergeFolder(output_dir)
+    state = folder.state()
     base, experts = lineage(state)
     hub = endpoint()
     for source in [base, *experts]:
         _decorate(source, hub)
-    method = str(state.get("method", "opcm"))
-    hyperparameters = dict(state.get("hyperparameters") or {})
-    recipe_yaml = _recipe_yaml(output_dir)
-    scope = str(state.get("scope") or _recipe_field(recipe_yaml, "scope") or "vision")
+    method = str(state.method or "opcm")
+    hyperparameters = dict(state.hyperparameters or {})
+    recipe_yaml = folder.recipe_text()
+    scope = str(state.scope or parse_yaml_field(recipe_yaml, "scope") or "vision")
 
     if licenses is None:
-        licenses = _previous_licenses(output_dir, [base, *experts])
+        licenses = folder.licenses()
     licenses = {s["name"]: licenses.get(s["name"]) for s in [base, *experts]}
     license_, license_note = choose_license(licenses, base["name"])
 
-    accuracy = load_accuracy(output_dir)
+    accuracy = load_accuracy(folder)
     hub_base_models = [s["repo_id"] for s in [base, *experts] if s.get("repo_id")]
     title, summary = method_description(method)
     model_id = repo_id or str(output_dir.resolve())
@@ -163,28 +183,24 @@ def build_card(
         "recipe_yaml": recipe_yaml or "# no recipe.yaml in this folder\n",
         "space_id": space_id,
         "space_url": f"{hub}/spaces/{space_id}" if space_id else None,
-        "considered": _considered(output_dir),
+        "considered": [],
+        **_card_sections(output_dir),
     }
-    card = ModelCard.from_template(card_data, template_path=str(templates_dir() / "model_card.md"), **context)
-    # Parents' licenses, kept in a comment so that a regenerated card still knows them once the
-    # experts have been evicted from the cache.
-    card.text = card.text.rstrip("\n") + "\n\n<!-- hf-merge parent licenses: " + json.dumps(dict(licenses)) + " -->\n"
-    return card
+    return ModelCard.from_template(card_data, template_path=str(templates_dir() / "model_card.md"), **context)
 
 
 def write_card(output_dir: str | Path, **kwargs: Any) -> Path:
-    """Render the card with :func:`build_card` and save it as ``README.md`` in the folder."""
-    card = build_card(output_dir, **kwargs)
-    path = Path(output_dir) / CARD_FILENAME
-    card.save(path)
-    return path
-
-
-def _considered(output_dir: Path) -> list[dict[str, Any]]:
-    """Candidates ``hf-merge watch`` refused, from the folder's ``watch_ledger.json``."""
-    from hf_merge.watch.ledger import Ledger
-
-    return Ledger.load(output_dir).to_card()
+    """Render the card with :func:`build_card` and save it as ``README.md`` in the folder; the
+    parents' licences given are kept in the merge state, where a regenerated card finds them."""
+    folder = MergeFolder(output_dir)
+    # Licences read from an old card's comment move into the state now: the new card has no comment.
+    licenses = kwargs.pop("licenses", None)
+    licenses = dict(licenses) if licenses is not None else folder.licenses()
+    if licenses:
+        folder.record_licenses(licenses)
+    card = build_card(output_dir, licenses=licenses, **kwargs)
+    card.save(folder.card_path)
+    return folder.card_path
 
 
 def _decorate(source: dict[str, Any], hub: str) -> None:
@@ -204,9 +220,9 @@ def _decorate(source: dict[str, Any], hub: str) -> None:
         )
 
 
-def _tensor_context(output_dir: Path, state: Mapping[str, Any], scope: str) -> dict[str, Any] | None:
+def _tensor_context(output_dir: Path, state: MergeState, scope: str) -> dict[str, Any] | None:
     """Which tensors were merged and which came from the base, and why (None for old states)."""
-    merged = state.get("merged_names")
+    merged = state.merged_names
     if not merged:
         return None
     from hf_merge.io.checkpoint import Checkpoint
@@ -216,7 +232,7 @@ def _tensor_context(output_dir: Path, state: Mapping[str, Any], scope: str) -> d
             floating = {n: checkpoint.dtype(n).is_floating_point for n in checkpoint.names()}
     except Exception:  # a folder without weights (card regenerated elsewhere): no outside-scope list
         floating = dict.fromkeys(merged, True)
-    from_base = dict(state.get("from_base") or {})
+    from_base = dict(state.from_base or {})
     rest = [n for n in floating if n not in set(merged) and n not in from_base]
     outside = [n for n in rest if floating[n]]
     buffers = [n for n in rest if not floating[n]]
@@ -288,7 +304,7 @@ def _accuracy_context(accuracy: AccuracyTable, output_dir: Path, plot: bool) -> 
     bwt = accuracy.bwt()
     plot_name = None
     if plot:
-        plot_accuracy(accuracy, output_dir / PLOT_FILENAME)
+        plot_accuracy(accuracy, MergeFolder(output_dir).plot_path)
         plot_name = PLOT_FILENAME
     return {
         "tasks": accuracy.tasks,
@@ -299,38 +315,3 @@ def _accuracy_context(accuracy: AccuracyTable, output_dir: Path, plot: bool) -> 
         "limit": accuracy.limit,
         "plot": plot_name,
     }
-
-
-def _recipe_yaml(output_dir: Path) -> str | None:
-    path = output_dir / "recipe.yaml"
-    if not path.is_file():
-        return None
-    text = path.read_text(encoding="utf-8")
-    return text if text.endswith("\n") else text + "\n"
-
-
-def _recipe_field(recipe_yaml: str | None, key: str) -> Any:
-    if not recipe_yaml:
-        return None
-    import yaml
-
-    try:
-        data = yaml.safe_load(recipe_yaml) or {}
-    except yaml.YAMLError:
-        return None
-    return data.get(key) if isinstance(data, dict) else None
-
-
-def _previous_licenses(output_dir: Path, sources: Sequence[Mapping[str, Any]]) -> dict[str, str | None]:
-    """Parents' licenses as recorded by the folder's previous card (unknown for new parents)."""
-    recorded: dict[str, str | None] = {}
-    readme = output_dir / CARD_FILENAME
-    if readme.is_file():
-        text = readme.read_text(encoding="utf-8")
-        marker = "<!-- hf-merge parent licenses: "
-        if marker in text:
-            try:
-                recorded = json.loads(text.split(marker, 1)[1].split(" -->", 1)[0])
-            except (json.JSONDecodeError, IndexError):
-                recorded = {}
-    return {s["name"]: recorded.get(s["name"]) for s in sources}

@@ -21,7 +21,8 @@ from types import ModuleType
 from typing import Any
 
 from hf_merge.publish.accuracy_table import load_accuracy
-from hf_merge.publish.card import PLOT_FILENAME, method_description, STATE_FILENAME, lineage, load_state
+from hf_merge.io.merge_folder import PLOT_FILENAME, RESULTS_FILENAME, STATE_FILENAME, MergeFolder, lineage
+from hf_merge.publish.card import method_description
 from hf_merge.errors import MergeStateError, SpaceError, UsageError
 from hf_merge.log import get_logger
 from hf_merge.resources import space_app_dir, templates_dir
@@ -32,7 +33,7 @@ logger = get_logger(__name__)
 CONFIG_NAME = "space_config.json"
 CONFIG_VERSION = 1
 APP_FILES = ("app.py", "requirements.txt")
-MERGE_FILES = (STATE_FILENAME, "eval_results.json", PLOT_FILENAME)
+MERGE_FILES = (STATE_FILENAME, RESULTS_FILENAME, PLOT_FILENAME)
 # Class lists longer than this are left out of the dropdown (one request embeds them all).
 MAX_TASK_CLASSES = 1000
 DEFAULT_LABELS = "a red square, a blue circle, a green triangle, a yellow star, a cat, a dog"
@@ -64,13 +65,13 @@ def build_space_config(
     """
     folder, repo_id, commit_sha = _merge_files(merged, token=token, revision=revision, work_dir=work_dir)
     try:
-        state = load_state(folder)
+        state = MergeFolder(folder).state()
     except MergeStateError:
         logger.warning("%s has no readable %s: the Space will offer no comparisons", merged, STATE_FILENAME)
-        state = {}
-    base, experts = lineage(state) if state else ({}, [])
+        state = None
+    base, experts = lineage(state) if state is not None else ({}, [])
     accuracy = load_accuracy(folder)
-    method = str(state.get("method") or "")
+    method = str(state.method or "") if state is not None else ""
     model_ref = repo_id or str(Path(merged).resolve())
     config: dict[str, Any] = {
         "format_version": CONFIG_VERSION,

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from hf_merge.io.merge_folder import RESULTS_FILENAME, STATE_FILENAME
 from hf_merge.log import get_logger
 from hf_merge.zoo.tokenizer import bytes_to_unicode
 
@@ -354,7 +355,7 @@ def write_merge_result(
         "state_tensors": None,
         "format_version": 1,
     }
-    (out_dir / "merge_state.json").write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+    (out_dir / STATE_FILENAME).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
     if tasks:
         n = len(tasks)
         matrix = [[round(0.9 - 0.05 * t + 0.01 * i, 4) if i <= t else None for i in range(n)] for t in range(n)]
@@ -370,7 +371,7 @@ def write_merge_result(
                 {"step": t + 1, "results": {tasks[i]: {"accuracy": matrix[t][i]} for i in range(t + 1)}} for t in range(n)
             ],
         }
-        (out_dir / "eval_results.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        (out_dir / RESULTS_FILENAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         plot = Image.new("RGB", (64, 48), "white")
         ImageDraw.Draw(plot).line([(4, 40), (30, 20), (60, 10)], fill="black", width=2)
         plot.save(out_dir / "accuracy.png")

@@ -130,7 +130,9 @@ def lineage_of(repo_id: str) -> list[tuple[str, str]]:
 
     from huggingface_hub import hf_hub_download
 
-    state = json.loads(Path(hf_hub_download(repo_id, "merge_state.json", force_download=True)).read_text())
+    from hf_merge.io.merge_folder import STATE_FILENAME
+
+    state = json.loads(Path(hf_hub_download(repo_id, STATE_FILENAME, force_download=True)).read_text())
     return [(entry.get("repo_id"), entry.get("commit_sha")) for entry in state["lineage"]]
 
 

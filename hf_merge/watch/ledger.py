@@ -19,7 +19,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
 
-LEDGER_FILENAME = "watch_ledger.json"
+from hf_merge.io.merge_folder import LEDGER_FILENAME
+from hf_merge.publish.card import register_card_section
 FINAL_STATUSES = ("merged", "proposed", "refused")
 
 
@@ -111,3 +112,12 @@ class Ledger:
     def to_card(self) -> list[dict[str, Any]]:
         return [{"key": e.key, "repo_id": e.repo_id, "sha": e.sha, "reason": e.reason or "", "kind": e.kind or "",
                  "date": e.date[:10]} for e in self.refused()]
+
+
+def _considered(folder: Path) -> list[dict[str, Any]]:
+    """The card's list of candidates the watcher refused, from the folder's ledger."""
+    return Ledger.load(folder).to_card()
+
+
+# The card shows what the watcher refused; the card knows it only through this registration.
+register_card_section("considered", _considered)

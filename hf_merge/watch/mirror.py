@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from hf_merge.hub import client as hub
-from hf_merge.publish.card import STATE_FILENAME, lineage, load_state
+from hf_merge.io.merge_folder import STATE_FILENAME, MergeFolder
 from hf_merge.errors import MergeStateError
 from hf_merge.recipe import MergeRecipe
 
@@ -41,23 +41,23 @@ class Mirror:
         self.invalidate()
         download_model(repo_id, revision=head, token=token, allow_pickle=True,
                        extra_patterns=hub.MERGE_RESULT_PATTERNS, local_dir=self.path)
-        if not (self.path / STATE_FILENAME).is_file():
+        if not MergeFolder(self.path).has_state():
             raise MergeStateError(f"{repo_id} has no {STATE_FILENAME}: only a model made by hf-merge can be watched")
         (self.path / HEAD_FILE).write_text(head, encoding="utf-8")
 
     def merged_commits(self) -> set[tuple[str | None, str | None]]:
         """``(repo_id, commit_sha)`` of every expert in the lineage: what was merged, for certain."""
-        if not (self.path / STATE_FILENAME).is_file():
+        if not MergeFolder(self.path).has_state():
             return set()
-        _, experts = lineage(load_state(self.path))
+        _, experts = MergeFolder(self.path).lineage()
         return {(e.get("repo_id"), e.get("commit_sha")) for e in experts}
 
     def recipe(self) -> MergeRecipe | None:
-        return MergeRecipe.load(self.path) if (self.path / "recipe.yaml").is_file() else None
+        return MergeRecipe.of_folder(self.path)
 
     def base_id(self) -> str:
         """Repo id of the merge's base."""
-        entry = lineage(load_state(self.path))[0]
+        entry = MergeFolder(self.path).lineage()[0]
         if entry.get("repo_id"):
             return str(entry["repo_id"])
         recipe = self.recipe()
@@ -65,18 +65,15 @@ class Mirror:
 
     def base_reference(self) -> str:
         """The base pinned to the commit the merge started from."""
-        entry = lineage(load_state(self.path))[0]
+        entry = MergeFolder(self.path).lineage()[0]
         if entry.get("repo_id") and entry.get("commit_sha"):
             return f"{entry['repo_id']}@{entry['commit_sha']}"
         return self.base_id()
 
 
 def edit_recipe(folder: Path, **values: object) -> None:
-    """Set fields of the ``recipe.yaml`` in ``folder`` (a staging copy of the mirror)."""
-    path = folder / "recipe.yaml"
-    if not path.is_file():
+    """Set fields of the recipe in ``folder`` (a staging copy of the mirror), validated again."""
+    recipe = MergeRecipe.of_folder(folder)
+    if recipe is None:
         return
-    recipe = MergeRecipe.load(path)
-    for name, value in values.items():
-        setattr(recipe, name, value)
-    recipe.save(folder)
+    recipe.replace(**values).save(folder)

@@ -29,9 +29,7 @@ import os
 import threading
 from pathlib import Path
 
-import yaml
-
-from hf_merge.watch.policy import AdmissionPolicy
+from hf_merge.watch.policy import load_policy_file
 from hf_merge.watch.runner import Watcher
 from hf_merge.watch.webhook import create_webhook_server
 
@@ -43,7 +41,7 @@ def policy():
     path = HERE / "watch_policy.yaml"
     if not path.is_file():
         return None
-    return AdmissionPolicy.from_dict((yaml.safe_load(path.read_text()) or {{}}).get("watch"), source=path.name)
+    return load_policy_file(str(path))
 
 
 def build(work_dir=None):
