@@ -66,7 +66,7 @@ def timed_merge(base: Path, experts: list[Path], method: str, out: Path, device:
     """(seconds per expert, peak GPU memory in MiB) of one merge."""
     import torch
 
-    from hf_merge.merging.engine import merge
+    from hf_merge.merging.engine import merge_weights as merge
 
     if device == "cuda":
         torch.cuda.synchronize()

@@ -93,7 +93,7 @@ def child_streaming(method: str, out: str, base: str, experts: list[str], option
     so one float64 run gives the references of several expert counts)."""
     import torch
 
-    from hf_merge.merging.engine import merge
+    from hf_merge.merging.engine import merge_weights as merge
 
     options = dict(options or {})
     if "linalg" in options:  # read when the method is made, inside merge()

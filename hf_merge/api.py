@@ -18,6 +18,7 @@ from hf_merge.errors import MergeStateError, RecipeError, UsageError
 from hf_merge.log import get_logger
 from hf_merge.output_folder import check_output_folder, weights_bytes
 from hf_merge.hub.preflight import check_models
+from hf_merge.hub.push import push_merge
 from hf_merge.progress import Phase
 from hf_merge.recipe import EvalSpec, MergeRecipe, reference_key
 from hf_merge.recipe_overrides import build_recipe
@@ -234,7 +235,7 @@ def push(output_dir: str | Path, repo_id: str, *, token: str | None = None, priv
     if folder.card_path.is_file():
         # The card's usage snippet names the repo; regenerate it if pushing somewhere new.
         write_card(output_dir, repo_id=repo_id, licenses=None)
-    return hub.push_merge(output_dir, repo_id, token=hub.resolve_token(token), private=private,
+    return push_merge(output_dir, repo_id, token=hub.resolve_token(token), private=private,
                           create_pr=create_pr, commit_message=commit_message)
 
 
@@ -320,7 +321,7 @@ def _publish(output_dir: Path, recipe: MergeRecipe, *, token: str | None, licens
     _, steps = MergeFolder(output_dir).lineage()
     result = MergeResult(output_dir=output_dir, recipe=recipe, steps=steps, accuracy=average_accuracy(output_dir, len(steps)))
     if recipe.push_to_hub:
-        result.commit_url = hub.push_merge(output_dir, recipe.push_to_hub, token=token, private=recipe.private,
+        result.commit_url = push_merge(output_dir, recipe.push_to_hub, token=token, private=recipe.private,
                                            create_pr=create_pr, commit_message=commit_message)
         logger.info("Pushed %s", result.commit_url)
     if recipe.space:

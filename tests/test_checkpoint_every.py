@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from hf_merge.cli import build_parser
 from hf_merge.cli.merge import _recipe_fields
-from hf_merge.merging.engine import ContinualMerger, merge
+from hf_merge.merging.engine import ContinualMerger, merge_weights as merge
 from hf_merge.errors import CheckpointError, RecipeError, UsageError
 from hf_merge.recipe import EvalSpec, MergeRecipe
 from hf_merge.merging.state import MergeState
@@ -163,7 +163,7 @@ _CHILD = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from hf_merge.merging.engine import merge
+    from hf_merge.merging.engine import merge_weights as merge
     from hf_merge.merging.methods.average import ContinualAverage
 
     marker, base, out, *experts = sys.argv[1:]

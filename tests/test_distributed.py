@@ -20,7 +20,7 @@ _SCRIPT = textwrap.dedent(
     from pathlib import Path
     from accelerate import PartialState
     import hf_merge.merging.methods.opcm as opcm
-    from hf_merge.merging.engine import ContinualMerger, merge
+    from hf_merge.merging.engine import ContinualMerger, merge_weights as merge
     from hf_merge.errors import CheckpointError
 
     report, base, out, poisoned, last, *experts = sys.argv[1:]

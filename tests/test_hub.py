@@ -10,6 +10,7 @@ import pytest
 from huggingface_hub import constants
 
 from hf_merge.hub import client as hub, sources
+from hf_merge.hub.push import push_merge
 from hf_merge.errors import AuthenticationError, CheckpointError, ModelNotFoundError, PushError
 from hf_merge.hub.sources import resolve
 
@@ -139,7 +140,7 @@ def test_push_sends_one_commit_with_the_result_files(hub_api, alice_token, tiny_
     published = {str(p) for p in hub.publishable_files(folder)}
     assert {"model.safetensors", "config.json", "merge_state.json", "recipe.yaml", "README.md", "tokenizer.json"} <= published
     assert "scratch.log" not in published and ".hf-merge-staging" not in published
-    url = hub.push_merge(folder, "alice/hub-test-push", token=alice_token, commit_message="first")
+    url = push_merge(folder, "alice/hub-test-push", token=alice_token, commit_message="first")
     assert "alice/hub-test-push" in url
     commits = hub_api.list_repo_commits("alice/hub-test-push")
     assert [c.title for c in commits][0] == "first"
@@ -151,14 +152,14 @@ def test_refused_push_keeps_the_folder_and_gives_the_retry_command(bob_token, al
     folder = _fake_result(tiny_base, tmp_path / "result")
     before = sorted((p.name, p.stat().st_size) for p in folder.iterdir())
     with pytest.raises(PushError) as info:
-        hub.push_merge(folder, "alice/hub-test-refused", token=bob_token, private=True)
+        push_merge(folder, "alice/hub-test-refused", token=bob_token, private=True)
     error = info.value
     assert "403" in _one_line(error) and str(folder) in str(error)
     assert error.retry_command == f"hf-merge push {folder} --repo-id alice/hub-test-refused --private"
     assert bob_token not in str(error) and bob_token not in error.retry_command
     assert sorted((p.name, p.stat().st_size) for p in folder.iterdir()) == before
     assert not hub_api.repo_exists("alice/hub-test-refused")
-    hub.push_merge(folder, "alice/hub-test-refused", token=alice_token, private=True)
+    push_merge(folder, "alice/hub-test-refused", token=alice_token, private=True)
     assert hub_api.repo_info("alice/hub-test-refused").private
 
 
@@ -166,7 +167,7 @@ def test_push_to_unreachable_endpoint_is_a_push_error(tiny_base, tmp_path, monke
     folder = _fake_result(tiny_base, tmp_path / "result")
     monkeypatch.setattr(hub, "endpoint", lambda: "http://127.0.0.1:9")
     with pytest.raises(PushError) as info:
-        hub.push_merge(folder, "alice/unreachable", token="hf_secret_value")
+        push_merge(folder, "alice/unreachable", token="hf_secret_value")
     assert "intact" in _one_line(info.value) and "hf_secret_value" not in str(info.value)
     assert info.value.retry_command.startswith("hf-merge push ")
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hf_merge.merging.engine import merge
+from hf_merge.merging.engine import merge_weights as merge
 from hf_merge.errors import UsageError
 from hf_merge.merging.methods import linalg_backend
 from hf_merge.merging.methods.linalg_backend import Linalg, resolve

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hf_merge.merging.engine import merge
+from hf_merge.merging.engine import merge_weights as merge
 from hf_merge.merging.methods.base import squared_norm
 from hf_merge.merging.methods.opcm import project_task_vector, split_rank
 from hf_merge.merging.methods.ties import kth_smallest_magnitude

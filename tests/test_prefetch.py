@@ -147,7 +147,7 @@ def test_merged_result_is_the_same_with_and_without_prefetch_and_ranges(seeded_h
     from hf_merge.merging.state import MergeState
 
     experts = seeded_hub.experts[:3]
-    reference = engine.merge(seeded_hub.base_dir, seeded_hub.expert_dirs[:3], "opcm", tmp_path / "local")
+    reference = engine.merge_weights(seeded_hub.base_dir, seeded_hub.expert_dirs[:3], "opcm", tmp_path / "local")
     outputs = {}
     for label, partial in (("ranged", True), ("full", False)):
         result = merge(base=seeded_hub.base, experts=experts, method="opcm", output=str(tmp_path / label),

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from hf_merge import api
 from hf_merge.io.weights_writer import CheckpointWriter
 from hf_merge.hub.conversion_pr import CONVERSION_BOT, PR_TITLE
-from hf_merge.merging.engine import merge as engine_merge
+from hf_merge.merging.engine import merge_weights as engine_merge
 from hf_merge.errors import AuthenticationError, CheckpointError, IncompatibleExpertError
 from hf_merge.hub_server.storage import RepoRecord
 

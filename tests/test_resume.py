@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from hf_merge.merging.engine import ContinualMerger, merge
+from hf_merge.merging.engine import ContinualMerger, merge_weights as merge
 from hf_merge.errors import MergeStateError
 from hf_merge.merging.state import MergeState
 from hf_merge.testing.processes import sigkill_when
@@ -57,7 +57,7 @@ _CHILD = textwrap.dedent(
     """
     import json, os, sys, time
     from pathlib import Path
-    from hf_merge.merging.engine import merge
+    from hf_merge.merging.engine import merge_weights as merge
     from hf_merge.merging.methods.opcm import OPCM
 
     where, marker, base, out, *experts = sys.argv[1:]

@@ -289,7 +289,7 @@ def test_space_run_serves_a_local_folder(tiny_base, monkeypatch):
 
 def test_config_of_a_real_engine_merge(seeded_hub, tmp_path, app):
     """A folder written by the merge engine (OPCM over Hub repos) gives a Space with its lineage."""
-    from hf_merge.merging.engine import merge
+    from hf_merge.merging.engine import merge_weights as merge
 
     result = merge(seeded_hub.base, seeded_hub.experts[:2], method="opcm", output_dir=tmp_path / "out")
     config = build_space_config(result.output_dir, keep_local_paths=True)

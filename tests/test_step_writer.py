@@ -9,7 +9,7 @@ import pytest
 
 from hf_merge.io import durable_file
 from hf_merge.io.checkpoint import Checkpoint
-from hf_merge.merging.engine import ContinualMerger, merge
+from hf_merge.merging.engine import ContinualMerger, merge_weights as merge
 from hf_merge.io.weights_writer import WrittenFiles
 
 

@@ -11,7 +11,7 @@ from huggingface_hub.errors import HfHubHTTPError
 
 from hf_merge.hub import client as hub
 from hf_merge.errors import PushError
-from hf_merge.watch import publish
+from hf_merge.hub import push as publish
 from hf_merge.watch.publish import RetryPolicy, StaleParentError, push_files
 
 TOKEN = "hf_secret_token_never_logged_123"

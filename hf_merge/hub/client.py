@@ -15,7 +15,7 @@ from typing import Iterator, Sequence
 from urllib.parse import urlparse
 
 import huggingface_hub
-from huggingface_hub import CommitOperationAdd, HfApi, constants
+from huggingface_hub import HfApi, constants
 from huggingface_hub.errors import (
     GatedRepoError,
     HFValidationError,
@@ -27,7 +27,7 @@ from huggingface_hub.errors import (
 )
 
 from hf_merge.hub.conversion_pr import ConversionPR, find_conversion_pr, tensor_name_problem
-from hf_merge.errors import AuthenticationError, CheckpointError, HfMergeError, ModelNotFoundError, PushError
+from hf_merge.errors import AuthenticationError, CheckpointError, HfMergeError, ModelNotFoundError
 from hf_merge.log import get_logger
 from hf_merge.io.merge_folder import RESULT_FILES
 
@@ -234,44 +234,10 @@ def retry_command(
     return shlex.join(parts)
 
 
-def push_merge(
-    output_dir: str | Path,
-    repo_id: str,
-    token: str | None = None,
-    private: bool = False,
-    create_pr: bool = False,
-    commit_message: str | None = None,
-) -> str:
-    """Publish a merge folder as ONE commit: weights, config, processor, card, recipe, state, results.
-
-    Returns:
-        The commit URL (the pull request URL when ``create_pr``).
-
-    Raises:
-        PushError: The Hub refused or could not be reached; the folder is left untouched and
-            ``error.retry_command`` re-sends it.
-    """
-    output_dir = Path(output_dir)
-    retry = retry_command(output_dir, repo_id, private=private, create_pr=create_pr, commit_message=commit_message)
-    files = publishable_files(output_dir)
-    if not any(str(f).endswith(".safetensors") for f in files) or Path("config.json") not in files:
-        raise PushError(f"{output_dir} is not a merge result (no config.json or .safetensors weights)", retry)
-    token = resolve_token(token)
-    api = api_client(token)
-    message = commit_message or f"hf-merge: upload merged model ({len(files)} files)"
-    try:
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        operations = [CommitOperationAdd(path_in_repo=f.as_posix(), path_or_fileobj=str(output_dir / f)) for f in files]
-        logger.info("Pushing %d files to %s", len(operations), repo_id)
-        info = api.create_commit(repo_id, operations, commit_message=message, create_pr=create_pr, repo_type="model")
-    except Exception as error:
-        raise PushError(_push_failure(error, repo_id, output_dir, token), retry) from None
-    return info.pr_url if create_pr and info.pr_url else info.commit_url
-
-
-def _push_failure(error: Exception, repo_id: str, output_dir: Path, token: str | None) -> str:
+def push_failure(error: Exception, repo_id: str, output_dir: Path, token: str | None) -> str:
+    """One line on why a push of ``output_dir`` to ``repo_id`` failed (never the token itself)."""
     kept = f"the merged model is intact in {output_dir}"
-    status = _status(error)
+    status = status_of(error)
     if status in (401, 403) or isinstance(error, RepositoryNotFoundError):
         why = "no token was given" if not token else "the token was refused or lacks write access"
         return f"the Hub refused the push to {repo_id} ({status or 401}: {why}); {kept}"
@@ -279,7 +245,7 @@ def _push_failure(error: Exception, repo_id: str, output_dir: Path, token: str |
         return f"the Hub failed while receiving {repo_id} (server error {status}); {kept}"
     if status is not None:
         return f"the Hub rejected the push to {repo_id} (HTTP {status}: {_server_message(error)}); {kept}"
-    return f"could not push to {repo_id} at {endpoint()} ({_one_line(error)}); {kept}"
+    return f"could not push to {repo_id} at {endpoint()} ({one_line(error)}); {kept}"
 
 
 # ---------------------------------------------------------------------------------------- errors
@@ -305,33 +271,35 @@ def hub_errors(reference: str, *, token: str | None) -> Iterator[None]:
         hint = " (or it is private: pass --token, set HF_TOKEN or run `hf auth login`)" if not token else " (or the token has no access to it)"
         raise ModelNotFoundError(f"repository {reference} not found on {endpoint()}{hint}") from None
     except (OfflineModeIsEnabled, LocalEntryNotFoundError) as error:
-        raise ModelNotFoundError(f"cannot download {reference}: {_one_line(error)}") from None
+        raise ModelNotFoundError(f"cannot download {reference}: {one_line(error)}") from None
     except HfHubHTTPError as error:
-        status = _status(error)
+        status = status_of(error)
         if status == 401:
             raise AuthenticationError(f"the Hub refused the token while reading {reference} (401: invalid credentials)") from None
         if status == 403:
             raise AuthenticationError(f"the token has no access to {reference} (403 Forbidden)") from None
         raise ModelNotFoundError(f"cannot download {reference} (HTTP {status}: {_server_message(error)})") from None
     except OSError as error:  # network failures (connection refused, timeouts) are OSErrors in the client
-        raise ModelNotFoundError(f"cannot reach {endpoint()} to download {reference} ({_one_line(error)})") from None
+        raise ModelNotFoundError(f"cannot reach {endpoint()} to download {reference} ({one_line(error)})") from None
     except Exception as error:
         if type(error).__module__.startswith(("httpx", "httpcore")):
-            raise ModelNotFoundError(f"cannot reach {endpoint()} to download {reference} ({_one_line(error)})") from None
+            raise ModelNotFoundError(f"cannot reach {endpoint()} to download {reference} ({one_line(error)})") from None
         raise
 
 
-def _status(error: BaseException) -> int | None:
+def status_of(error: BaseException) -> int | None:
+    """The HTTP status of a Hub client error, or ``None`` when it has none (network, validation)."""
     response = getattr(error, "response", None)
     return getattr(response, "status_code", None) if response is not None else None
 
 
 def _server_message(error: BaseException) -> str:
     message = getattr(error, "server_message", None)
-    return _one_line(message) if message else "no details"
+    return one_line(message) if message else "no details"
 
 
-def _one_line(error: object) -> str:
+def one_line(error: object) -> str:
+    """The first line of an error's message, cut short: a Hub error can carry a whole response."""
     text = str(error).strip()
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     first = lines[0] if lines else type(error).__name__

@@ -83,8 +83,9 @@ def _model_of(reference: str, *, token: str | None, allow_pickle: bool) -> Tenso
 
 
 def _torch_dtype(name: str):
-    from hf_merge.io.checkpoint import _DTYPES
-
     import torch
 
-    return _DTYPES.get(name, torch.uint8)
+    from hf_merge.io.checkpoint import DTYPE_NAMES
+
+    by_name = {dtype_name: dtype for dtype, dtype_name in DTYPE_NAMES.items()}
+    return by_name.get(name, torch.uint8)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import stat
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -179,3 +180,13 @@ class DurableFile:
             self.close()
         else:
             self._release()
+
+
+def is_sole_link(path: Path) -> bool:
+    """``path`` is a regular file with no other name (not a symlink, not hard-linked from a
+    download cache): writing into it changes nothing but this file."""
+    try:
+        info = path.lstat()
+    except OSError:
+        return False
+    return stat.S_ISREG(info.st_mode) and info.st_nlink == 1

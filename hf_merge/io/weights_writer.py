@@ -36,7 +36,7 @@ from hf_merge.io.checkpoint import (
 )
 from hf_merge.io.durable_file import DurableFile, Fill
 from hf_merge.errors import CheckpointError
-from hf_merge.merging.state import is_sole_link
+from hf_merge.io.durable_file import is_sole_link
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from hf_merge.merging.methods import MergeContext, MergeMethod, get_method, rele
 from hf_merge.hub.sources import ModelSource, resolve
 from hf_merge.merging.state import STATE_NAME, STATE_TENSORS_NAME, MergeState, recover
 from hf_merge.merging.step_writer import PendingWrite, StepWriter
-from hf_merge.merging.step_results import MergeResult, StepResult
+from hf_merge.merging.step_results import EngineResult, StepResult
 from hf_merge.io.validation import MergePlan, check_compatible, linear_weight_names, merged_names, plan_merge
 
 logger = get_logger(__name__)
@@ -289,7 +289,7 @@ class ContinualMerger:
         if self.on_step is not None and self.executor.is_main_process:
             self.on_step(self.state.step, self.output_dir, self.state)
 
-    def result(self) -> MergeResult:
+    def result(self) -> EngineResult:
         """What has been merged so far in this run."""
         merge_s = sum(s.merge_seconds for s in self.steps)
         save_s = sum(s.save_seconds for s in self.steps)
@@ -300,7 +300,7 @@ class ContinualMerger:
             "total_seconds": self.setup_seconds + merge_s + save_s,
             "seconds_per_expert": (merge_s + save_s) / max(len(self.steps), 1),
         }
-        return MergeResult(self.output_dir, self.state, list(self.steps), timings)
+        return EngineResult(self.output_dir, self.state, list(self.steps), timings)
 
     def _save(self) -> None:
         if self.executor.is_main_process:
@@ -363,7 +363,7 @@ def _format(metrics: dict[str, float]) -> str:
     return " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
 
 
-def merge(
+def merge_weights(
     base: ModelRef,
     experts: Iterable[ModelRef],
     method: str = "opcm",
@@ -378,10 +378,10 @@ def merge(
     allow_pickle: bool = False,
     checkpoint_every: int | None = None,
     **hyperparameters: Any,
-) -> MergeResult:
-    """Merge ``experts`` into ``base`` in order with ``method`` and return the result.
+) -> EngineResult:
+    """Merge ``experts`` into ``base`` in order with ``method``: the weights only, no card or push.
 
-    Example: ``merge("openai/clip-vit-base-patch32", ["org/a", "org/b"], method="opcm", alpha=0.5)``.
+    Example: ``merge_weights("openai/clip-vit-base-patch32", ["org/a", "org/b"], alpha=0.5)`` (a whole recipe: api.merge).
     ``output_dir`` defaults to a new temporary folder. ``checkpoint_every`` as in
     :class:`ContinualMerger`. Extra keyword arguments are the method's hyperparameters.
     """

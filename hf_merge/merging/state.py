@@ -18,11 +18,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import stat
 from collections.abc import Iterable
 from pathlib import Path
 
 from hf_merge.errors import MergeStateError
+from hf_merge.io.durable_file import is_sole_link
 from hf_merge.log import get_logger
 from hf_merge.io.merge_folder import FORMAT_VERSION, STATE_FILENAME, MergeState, fsync_dir
 
@@ -92,16 +92,6 @@ class OutputTransaction:
 
     def abort(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)
-
-
-def is_sole_link(path: Path) -> bool:
-    """``path`` is a regular file with no other name (not a symlink, not hard-linked from a
-    download cache): writing into it changes nothing but this file."""
-    try:
-        info = path.lstat()
-    except OSError:
-        return False
-    return stat.S_ISREG(info.st_mode) and info.st_nlink == 1
 
 
 def recyclable(path: Path) -> bool:

@@ -1,4 +1,7 @@
-"""What the engine reports of a run: one :class:`StepResult` per merged expert, one :class:`MergeResult`."""
+"""What the engine reports of a run: one :class:`StepResult` per merged expert, one :class:`EngineResult`.
+
+(:class:`hf_merge.api.MergeResult` is what a whole recipe run reports: card, push and Space included.)
+"""
 
 from __future__ import annotations
 
@@ -28,8 +31,8 @@ class StepResult:
 
 
 @dataclass
-class MergeResult:
-    """The outcome of :func:`merge`: the output folder, its merge state and where the time went."""
+class EngineResult:
+    """The outcome of :func:`~hf_merge.merging.engine.merge_weights`: the output folder, its merge state and where the time went."""
 
     output_dir: Path
     state: MergeState

@@ -27,6 +27,8 @@ from hf_merge.errors import MergeStateError, SpaceError, UsageError
 from hf_merge.log import get_logger
 from hf_merge.resources import space_app_dir, templates_dir
 from hf_merge.publish.space_examples import write_task_examples
+from hf_merge.declared import excerpt
+from hf_merge.hub.repo_id import is_repo_id
 
 logger = get_logger(__name__)
 
@@ -98,8 +100,8 @@ def _merge_files(merged: str | Path, *, token, revision, work_dir) -> tuple[Path
     if path.is_dir():
         return path, None, None
     repo_id = str(merged)
-    if repo_id.count("/") != 1:
-        raise UsageError(f"{merged!r} is neither a local folder nor a repo id like USER/NAME")
+    if not is_repo_id(repo_id):
+        raise UsageError(f"{excerpt(merged)} is neither a local folder nor a repo id like USER/NAME")
     import huggingface_hub
 
     from hf_merge.hub.client import api_client, endpoint, hub_errors, resolve_token
@@ -263,11 +265,11 @@ def publish_space(
 
     if Path(merged_repo).expanduser().is_dir():
         raise UsageError(f"{merged_repo} is a local folder: push it first (hf-merge push), then publish its repo id")
-    if str(merged_repo).count("/") != 1:
-        raise UsageError(f"{merged_repo!r} is not a repo id like USER/NAME")
+    if not is_repo_id(str(merged_repo)):
+        raise UsageError(f"{excerpt(merged_repo)} is not a repo id like USER/NAME")
     space_id = space_id or merged_repo
-    if space_id.count("/") != 1:
-        raise UsageError(f"--space must look like USER/NAME, got {space_id!r}")
+    if not is_repo_id(space_id):
+        raise UsageError(f"--space must look like USER/NAME, got {excerpt(space_id)}")
     token = resolve_token(token)
     api = api_client(token)
     with tempfile.TemporaryDirectory(prefix="hf-merge-space-") as tmp:

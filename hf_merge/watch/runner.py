@@ -42,7 +42,8 @@ from hf_merge.watch.discovery import Candidate, Discovery, candidate_at
 from hf_merge.watch.ledger import LEDGER_FILENAME, Ledger, candidate_key
 from hf_merge.watch.mirror import HEAD_FILE, Mirror, edit_recipe
 from hf_merge.watch.policy import AdmissionPolicy, Refusal
-from hf_merge.watch.publish import RetryPolicy, StaleParentError, push_files, push_result
+from hf_merge.hub.push import RetryPolicy, StaleParentError, push_files
+from hf_merge.watch.publish import push_result
 
 logger = get_logger(__name__)
 

@@ -16,6 +16,8 @@ import yaml
 from hf_merge.errors import SpaceError, UsageError
 from hf_merge.log import get_logger
 from hf_merge.watch.policy import AdmissionPolicy
+from hf_merge.declared import excerpt
+from hf_merge.hub.repo_id import is_repo_id
 
 logger = get_logger(__name__)
 
@@ -145,8 +147,8 @@ def publish_watcher_space(merged_repo: str, space_id: str, *, token: str | None 
     """Create (or update) the watcher Space of ``merged_repo``; its URL. Secrets are set by the user."""
     from hf_merge.hub import client as hub
 
-    if space_id.count("/") != 1 or merged_repo.count("/") != 1:
-        raise UsageError(f"expected repo ids USER/NAME, got {merged_repo!r} and --space {space_id!r}")
+    if not is_repo_id(space_id) or not is_repo_id(merged_repo):
+        raise UsageError(f"expected repo ids USER/NAME, got {excerpt(merged_repo)} and --space {excerpt(space_id)}")
     token = hub.resolve_token(token)
     api = hub.api_client(token)
     with hub.hub_errors(merged_repo, token=token):
@@ -159,7 +161,7 @@ def publish_watcher_space(merged_repo: str, space_id: str, *, token: str | None 
                               commit_message=f"hf-merge watcher of {merged_repo}")
         except Exception as error:
             raise SpaceError(f"could not publish the watcher Space {space_id} at {hub.endpoint()}: "
-                             f"{hub._one_line(error)}") from None
+                             f"{hub.one_line(error)}") from None
     url = f"{hub.endpoint()}/spaces/{space_id}"
     logger.info("Published the watcher Space %s; set its secrets HF_TOKEN and WEBHOOK_SECRET", url)
     return url
