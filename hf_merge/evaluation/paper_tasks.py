@@ -13,14 +13,14 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import yaml
+from hf_merge.io.yaml_file import read_yaml
 
 _DATA_FILE = Path(__file__).with_name("paper_tasks.yaml")
 
 
 @lru_cache(maxsize=1)
 def _table() -> dict[str, Any]:
-    return yaml.safe_load(_DATA_FILE.read_text(encoding="utf-8"))
+    return read_yaml(_DATA_FILE)
 
 
 def paper_tasks() -> dict[str, dict[str, Any]]:
