@@ -1,4 +1,4 @@
-# The README's two commands: `make demo` (offline end-to-end demo) and `make test` (the test suite).
+# The README's two commands: `make demo` (offline end-to-end demo) and `make test` (lint, types, the test suite).
 # Each sets up .venv on first use; nothing needs to be installed beforehand but python3.
 PYTHON ?= python3
 VENV := .venv
@@ -32,7 +32,10 @@ zoo-data:
 demo: $(STAMP) zoo-data
 	$(BIN)/hf-merge demo
 
+# Lint and types first (the rule sets are in pyproject.toml), then the tests.
 test: $(STAMP) browser zoo-data
+	$(BIN)/ruff check hf_merge tests benchmarks
+	$(BIN)/mypy hf_merge
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

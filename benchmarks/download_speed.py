@@ -93,9 +93,9 @@ def publish(server, base: Path, experts: list[Path]) -> list[str]:
 def child(base: str, experts: list[str], ahead: int, partial: bool, out: str, method: str) -> dict:
     """One timed configuration (run in a fresh process with its own empty HF_HOME)."""
     from hf_merge.hub import sources
-    from hf_merge.merging.engine import ContinualMerger
     from hf_merge.hub.prefetch import Prefetcher
     from hf_merge.io.validation import SCOPES
+    from hf_merge.merging.engine import ContinualMerger
 
     prefixes = SCOPES["vision"] if partial else None
 

@@ -90,8 +90,8 @@ def decomposition_seconds(base: Path, experts: list[Path]) -> dict[str, float]:
     import torch
 
     from hf_merge.io.checkpoint import Checkpoint
-    from hf_merge.merging.methods.opcm_linalg import gram_pairs
     from hf_merge.io.validation import linear_weight_names, merged_names
+    from hf_merge.merging.methods.opcm_linalg import gram_pairs
 
     with Checkpoint.open(base) as b, Checkpoint.open(experts[0]) as e0, Checkpoint.open(experts[1]) as e1:
         names = sorted(linear_weight_names(b.config, merged_names(b, "vision")))

@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hf_merge.merging.engine import ContinualMerger
 from hf_merge.evaluation import Evaluator, HeadCache
+from hf_merge.merging.engine import ContinualMerger
 from hf_merge.zoo import ZooConfig, build_zoo, register_offline_tasks, task_name
 
 METHODS = ("opcm", "average", "task_arithmetic", "ties", "magmax")

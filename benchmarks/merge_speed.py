@@ -392,7 +392,8 @@ def render(rows: list[dict], accuracy: dict[int, dict[str, float]], context: dic
     lines += [
         "",
         "Streaming s/expert = the whole `merge()` call (opening and checking the checkpoints, merging, "
-        f"writing the steps that are written) / experts; its set-up alone took {setup:.2f} s on average. Naive s/expert = (loading + merging + writing once) / experts. svd+eigh s/step: time inside "
+        f"writing the steps that are written) / experts; its set-up alone took {setup:.2f} s on average. "
+        "Naive s/expert = (loading + merging + writing once) / experts. svd+eigh s/step: time inside "
         "`torch.linalg.svd` / the backend's `eigh` per OPCM step (steps 2..n), summed over the worker threads, "
         "timed in the same run. linalg: where the Gram paths' products and `eigh` ran (torch's MKL or numpy's "
         "OpenBLAS; see hf_merge/merging/methods/linalg_backend.py). "
@@ -418,7 +419,7 @@ def render(rows: list[dict], accuracy: dict[int, dict[str, float]], context: dic
                          f"| {naive / stream:.2f} | {synced / stream:.2f} | {naive_median:.2f} / {synced_median:.2f} |")
     if accuracy:
         found = [label for diffs in accuracy.values() for label in diffs]
-        labels = ["naive (float32 full SVD)"] + [l for l in dict.fromkeys(found) if not l.startswith("naive")]
+        labels = ["naive (float32 full SVD)"] + [label for label in dict.fromkeys(found) if not label.startswith("naive")]
         lines += [
             "",
             "OPCM, max |merged − float64 OPCM| over all weights, side by side:",
@@ -427,7 +428,7 @@ def render(rows: list[dict], accuracy: dict[int, dict[str, float]], context: dic
             "|---|" + "---|" * len(labels),
         ]
         for n, diffs in sorted(accuracy.items()):
-            lines.append(f"| {n} | " + " | ".join(f"{diffs[l]:.1e}" if l in diffs else "-" for l in labels) + " |")
+            lines.append(f"| {n} | " + " | ".join(f"{diffs[label]:.1e}" if label in diffs else "-" for label in labels) + " |")
     lines.append("")
     return "\n".join(lines)
 

@@ -7,23 +7,24 @@ the recipe and the model card -> push one commit -> publish the Space.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from hf_merge.hub import client as hub
-from hf_merge.io.merge_folder import STATE_FILENAME, MergeFolder
-from hf_merge.publish.card import read_license, write_card
 from hf_merge.errors import MergeStateError, RecipeError, UsageError
-from hf_merge.log import get_logger
-from hf_merge.output_folder import check_output_folder, weights_bytes
+from hf_merge.hub import client as hub
+from hf_merge.hub import sources
 from hf_merge.hub.preflight import check_models
 from hf_merge.hub.push import push_merge
+from hf_merge.hub.sources import resolve, split_reference
+from hf_merge.io.merge_folder import STATE_FILENAME, MergeFolder
+from hf_merge.log import get_logger
+from hf_merge.output_folder import check_output_folder, weights_bytes
 from hf_merge.progress import Phase
+from hf_merge.publish.card import read_license, write_card
 from hf_merge.recipe import EvalSpec, MergeRecipe, reference_key
 from hf_merge.recipe_overrides import build_recipe
-from hf_merge.hub import sources
-from hf_merge.hub.sources import resolve, split_reference
 from hf_merge.step_evaluation import average_accuracy, continued_tasks, evaluation_hook
 
 logger = get_logger(__name__)

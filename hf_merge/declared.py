@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
+from pydantic.json_schema import JsonDict
 
 from hf_merge.errors import RecipeError
 
@@ -37,6 +38,9 @@ _TYPE_WORDS = {
     "model_type": "a mapping",
     "model_attributes_type": "a mapping",
 }
+#: Field metadata of a count that starts at 1: one message for a wrong type and a value below 1.
+POSITIVE_INTEGER: JsonDict = {"expects": "a positive integer", "expects_range": True}
+
 _RANGE_WORDS = {"greater_than_equal": (">=", "ge"), "greater_than": (">", "gt"), "less_than_equal": ("<=", "le"),
                 "less_than": ("<", "lt")}
 

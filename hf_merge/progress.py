@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any
 
 from hf_merge.log import get_logger
 
@@ -66,11 +67,11 @@ class Phase:
 
     def __init__(self, name: str, total: int, *, unit: str = "step"):
         self.name, self.total, self.unit, self.done = name, total, unit, 0
-        self._bar = None
-        self._redirect = None
+        self._bar: Any = None  # a tqdm bar while one is shown
+        self._redirect: Any = None  # tqdm's logging redirect while a bar is shown
         self._client_bars = client_bars_off()
 
-    def __enter__(self) -> "Phase":
+    def __enter__(self) -> Phase:
         global _active_phases
         _active_phases += 1
         self._client_bars.__enter__()
@@ -99,7 +100,7 @@ class Phase:
         else:
             logger.info("%s %d/%d%s", self.name, self.done, self.total, f": {label}" if label else "")
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, *exc: Any) -> None:
         global _active_phases
         if self._bar is not None:
             self._bar.close()

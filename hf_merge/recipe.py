@@ -34,7 +34,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, field_validator, model_validator
 
-from hf_merge.declared import excerpt, one_line, suggest, unknown_key
+from hf_merge.declared import POSITIVE_INTEGER, excerpt, one_line, suggest, unknown_key
 from hf_merge.errors import RecipeError
 from hf_merge.hub.repo_id import repo_id_problem
 from hf_merge.hub.sources import split_reference
@@ -64,7 +64,7 @@ class EvalSpec(BaseModel):
 
     tasks: list[str] = Field(default_factory=list)
     every_step: StrictBool = False
-    limit: StrictInt | None = Field(default=None, ge=1, json_schema_extra={"expects": "a positive integer", "expects_range": True})
+    limit: StrictInt | None = Field(default=None, ge=1, json_schema_extra=POSITIVE_INTEGER)
 
     @field_validator("tasks", mode="before")
     @classmethod
@@ -77,9 +77,6 @@ class EvalSpec(BaseModel):
         if self.limit is not None:
             data["limit"] = self.limit
         return data
-
-
-_POSITIVE = {"expects": "a positive integer", "expects_range": True}
 
 
 class MergeRecipe(BaseModel):
@@ -127,7 +124,7 @@ class MergeRecipe(BaseModel):
     allow_pickle: StrictBool = False
     evict: StrictBool = False
     partial_download: StrictBool = True
-    checkpoint_every: StrictInt | None = Field(default=None, ge=1, json_schema_extra=_POSITIVE)
+    checkpoint_every: StrictInt | None = Field(default=None, ge=1, json_schema_extra=POSITIVE_INTEGER)
     sections: dict[str, Any] = Field(default_factory=dict)
 
     def __init__(self, **data: Any) -> None:

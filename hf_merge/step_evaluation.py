@@ -7,13 +7,14 @@ model is scored. A continued merge (``hf-merge add``) extends the saved per-step
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
-from hf_merge.io.merge_folder import MergeFolder
-from hf_merge.publish.accuracy_table import load_accuracy
 from hf_merge.errors import RecipeError
+from hf_merge.io.merge_folder import MergeFolder
 from hf_merge.log import get_logger
+from hf_merge.publish.accuracy_table import load_accuracy
 from hf_merge.recipe import EvalSpec, MergeRecipe
 
 logger = get_logger(__name__)
@@ -33,8 +34,8 @@ def evaluation_hook(
     """
     if spec is None or not tasks:
         return None
-    from hf_merge.evaluation import ContinualEvaluator, EvaluationReport, get_task
     from hf_merge.errors import EvaluationError
+    from hf_merge.evaluation import ContinualEvaluator, EvaluationReport, get_task
 
     for task in tasks:
         try:
@@ -122,5 +123,5 @@ def average_accuracy(output_dir: Path, n_steps: int) -> list[float | None]:
     table = load_accuracy(output_dir)
     if table is None:
         return [None] * n_steps
-    by_step = dict(zip(table.steps, table.averages()))
+    by_step = dict(zip(table.steps, table.averages(), strict=False))
     return [by_step.get(step) for step in range(1, n_steps + 1)]

@@ -100,11 +100,10 @@ class ZeroShotModel:
         from transformers import CLIPModel, CLIPProcessor
 
         token = os.environ.get("HF_TOKEN") or None
-        kwargs = {"revision": revision, "token": token}
         self.reference = reference
         # use_safetensors: refuse pickled weights; remote code is never enabled.
-        self.model = CLIPModel.from_pretrained(reference, use_safetensors=True, **kwargs).eval()
-        self.processor = CLIPProcessor.from_pretrained(reference, **kwargs)
+        self.model = CLIPModel.from_pretrained(reference, use_safetensors=True, revision=revision or "main", token=token).eval()
+        self.processor = CLIPProcessor.from_pretrained(reference, revision=revision or "main", token=token)
         self._text_cache: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -286,7 +285,8 @@ def build_demo(config: dict[str, Any], bank: ModelBank | None = None) -> gr.Bloc
                     merged_output = gr.Label(label="Merged model", elem_id="merged_output")
                     compare_caption = gr.Markdown(elem_id="compare_caption")
                     compare_output = gr.Label(label="Comparison model", elem_id="compare_output")
-            task.change(show_task, task, labels, api_name=False)
+            # No API endpoint: gradio (5 and 6) handles False at run time; its annotation omits it.
+            task.change(show_task, task, labels, api_name=False)  # type: ignore[arg-type]
             button.click(
                 classify,
                 [image, labels, task, top_k, compare],

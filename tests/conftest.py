@@ -12,9 +12,6 @@ import tempfile
 
 from hf_merge.testing.net import free_port
 
-
-
-
 os.environ["HF_ENDPOINT"] = f"http://127.0.0.1:{free_port()}"
 os.environ["HF_HUB_DISABLE_XET"] = "1"
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="hf-merge-tests-home-")

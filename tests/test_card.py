@@ -6,11 +6,11 @@ import pytest
 import yaml
 from huggingface_hub import ModelCard
 
-from hf_merge.publish.card import build_card, method_description, choose_license, read_license, write_card
 from hf_merge.evaluation import EvaluationReport
 from hf_merge.hub.client import endpoint
-from hf_merge.recipe import EvalSpec, MergeRecipe, known_methods
 from hf_merge.merging.state import MergeState
+from hf_merge.publish.card import build_card, choose_license, method_description, read_license, write_card
+from hf_merge.recipe import EvalSpec, MergeRecipe, known_methods
 
 BASE = "openai/clip-vit-base-patch32"
 EXPERTS = ["org/clip-sun397", "org/clip-dtd", "org/clip-mnist"]
@@ -24,7 +24,7 @@ def _result_folder(tmp_path, *, evaluated=True, method="opcm"):
         hyperparameters={"alpha": 0.5, "zero_diagonal": True} if method == "opcm" else {},
         base={"repo_id": BASE, "revision": None, "commit_sha": "f" * 40, "name": BASE},
         lineage=[{"repo_id": r, "revision": None, "commit_sha": s, "name": r, "step": i}
-                 for i, (r, s) in enumerate(zip(EXPERTS, SHAS), start=1)],
+                 for i, (r, s) in enumerate(zip(EXPERTS, SHAS, strict=False), start=1)],
         step=3,
     )
     state.save(tmp_path)
@@ -33,7 +33,7 @@ def _result_folder(tmp_path, *, evaluated=True, method="opcm"):
         report = EvaluationReport(limit=100)
         rows = [[0.9], [0.8, 0.7], [0.75, 0.65, 0.95]]
         for step, row in enumerate(rows, start=1):
-            results = {t: {"accuracy": a, "dataset": f"tanganke/{t}"} for t, a in zip(TASKS, row)}
+            results = {t: {"accuracy": a, "dataset": f"tanganke/{t}"} for t, a in zip(TASKS, row, strict=False)}
             report.add_step(step, results, TASKS[:step])
         report.to_json(tmp_path / "eval_results.json")
     return tmp_path
@@ -65,7 +65,7 @@ def test_body_sections(tmp_path):
     text = build_card(folder, repo_id="me/merged", licenses=MIT, space_id="me/merged-demo").text
     assert "https://arxiv.org/abs/2501.09522" in text
     assert "| alpha | `0.5` |" in text and "| zero_diagonal | `True` |" in text
-    for step, (repo, sha) in enumerate(zip(EXPERTS, SHAS), start=1):
+    for step, (repo, sha) in enumerate(zip(EXPERTS, SHAS, strict=False), start=1):
         assert f"| {step} | [{repo}]({endpoint()}/{repo}/tree/{sha}) | `{sha}` |" in text
     assert "| 3 | 75.0 | 65.0 | 95.0 | **78.3** |" in text
     assert "| 2 | 80.0 | 70.0 | – | **75.0** |" in text

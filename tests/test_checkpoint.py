@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from hf_merge.errors import CheckpointError
 from hf_merge.io.checkpoint import Checkpoint, TensorSpec, all_finite, parse_size
 from hf_merge.io.weights_writer import CheckpointWriter
-from hf_merge.errors import CheckpointError
 
 
 def sample_tensors() -> dict[str, torch.Tensor]:

@@ -14,10 +14,11 @@ from safetensors.torch import load_file, save_file
 
 from hf_merge.cli import build_parser
 from hf_merge.cli.merge import _recipe_fields
-from hf_merge.merging.engine import ContinualMerger, merge_weights as merge
 from hf_merge.errors import CheckpointError, RecipeError, UsageError
-from hf_merge.recipe import EvalSpec, MergeRecipe
+from hf_merge.merging.engine import ContinualMerger
+from hf_merge.merging.engine import merge_weights as merge
 from hf_merge.merging.state import MergeState
+from hf_merge.recipe import EvalSpec, MergeRecipe
 from hf_merge.testing.processes import sigkill_when
 
 

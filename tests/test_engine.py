@@ -9,10 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from hf_merge.io.weights_writer import CheckpointWriter
-from hf_merge.merging.engine import ContinualMerger, EngineResult as MergeResult, merge_weights as merge
 from hf_merge.errors import CheckpointError, IncompatibleExpertError, MergeStateError, UsageError
 from hf_merge.hub.sources import ModelSource
+from hf_merge.io.weights_writer import CheckpointWriter
+from hf_merge.merging.engine import ContinualMerger
+from hf_merge.merging.engine import EngineResult as MergeResult
+from hf_merge.merging.engine import merge_weights as merge
 from hf_merge.merging.state import MergeState
 from hf_merge.testing.tiny_clip import build_tiny_clip
 

@@ -181,7 +181,7 @@ def test_synthetic_colors_is_deterministic_and_balanced():
     images, labels = solid_colors(n_per_class=3)
     again, _ = solid_colors(n_per_class=3)
     assert len(images) == 3 * len(COLOR_NAMES) and labels[: len(COLOR_NAMES)] == list(range(len(COLOR_NAMES)))
-    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images, again))
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images, again, strict=False))
     red = np.asarray(images[0]).reshape(-1, 3).mean(axis=0)
     assert red[0] > 180 and red[1] < 60 and red[2] < 60
     data = load_task_data(get_task("synthetic/colors"), limit=16)

@@ -52,7 +52,7 @@ def test_add_batch_equals_one_compute():
     batched = metric.compute(top_k=2, num_classes=3)
     assert batched == ZeroShotAccuracy().compute(predictions=RANKED, references=REFERENCES, top_k=2, num_classes=3)
     single = ZeroShotAccuracy(keep_in_memory=True)
-    for p, r in zip([0, 2, 1], [0, 1, 1]):
+    for p, r in zip([0, 2, 1], [0, 1, 1], strict=False):
         single.add(prediction=p, reference=r)
     assert single.compute()["accuracy"] == pytest.approx(2 / 3)
 

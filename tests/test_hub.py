@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 from huggingface_hub import constants
 
-from hf_merge.hub import client as hub, sources
-from hf_merge.hub.push import push_merge
 from hf_merge.errors import AuthenticationError, CheckpointError, ModelNotFoundError, PushError
+from hf_merge.hub import client as hub
+from hf_merge.hub import sources
+from hf_merge.hub.push import push_merge
 from hf_merge.hub.sources import resolve
 
 

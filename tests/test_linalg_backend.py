@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hf_merge.merging.engine import merge_weights as merge
 from hf_merge.errors import UsageError
+from hf_merge.merging.engine import merge_weights as merge
 from hf_merge.merging.methods import linalg_backend
 from hf_merge.merging.methods.linalg_backend import Linalg, resolve
 from hf_merge.merging.methods.opcm import OPCM
@@ -105,8 +105,8 @@ def test_environment_variable_and_auto_choose_the_backend(monkeypatch):
         resolve()
     monkeypatch.delenv("HF_MERGE_LINALG")
     for mkl, intel, expected in [(True, False, OPENBLAS), (True, True, TORCH), (False, False, TORCH)]:
-        monkeypatch.setattr(linalg_backend, "torch_blas_is_mkl", lambda: mkl)
-        monkeypatch.setattr(linalg_backend, "intel_cpu", lambda: intel)
+        monkeypatch.setattr(linalg_backend, "torch_blas_is_mkl", lambda mkl=mkl: mkl)
+        monkeypatch.setattr(linalg_backend, "intel_cpu", lambda intel=intel: intel)
         assert resolve() == expected, (mkl, intel)
 
 

@@ -209,7 +209,7 @@ def test_alpha_is_monotonic_in_rank_and_removed_energy(models):
     ranks = [split_rank(s, a) for a in alphas]
     assert ranks == sorted(ranks) and ranks[0] < ranks[-1]
     kept = [float(project_task_vector(delta, tau, alpha=a).norm()) for a in alphas]
-    assert all(later <= earlier + 1e-12 for earlier, later in zip(kept, kept[1:]))
+    assert all(later <= earlier + 1e-12 for earlier, later in zip(kept, kept[1:], strict=False))
     assert kept[-1] < kept[0] < float(tau.norm())
 
 

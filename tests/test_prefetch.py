@@ -10,12 +10,12 @@ import pytest
 import torch
 from huggingface_hub import constants
 
-from hf_merge.hub import ranged, sources
-from hf_merge.io.checkpoint import Checkpoint
 from hf_merge.errors import ModelNotFoundError
+from hf_merge.hub import ranged, sources
 from hf_merge.hub.prefetch import THREAD_PREFIX, Prefetcher
 from hf_merge.hub.sources import ModelSource
 from hf_merge.hub.transfer import Transfer
+from hf_merge.io.checkpoint import Checkpoint
 from hf_merge.io.validation import SCOPES
 
 
@@ -103,7 +103,7 @@ def test_an_error_while_merging_cancels_the_download_in_flight(tmp_path):
     fake.finish(0)
     with pytest.raises(RuntimeError, match="merge failed"):
         with Prefetcher(range(3), fake) as fetched:
-            for source in fetched:
+            for _source in fetched:
                 fake.wait_started(2)
                 raise RuntimeError("merge failed")  # expert 1 is still downloading (never released)
     assert _prefetch_threads() == []
@@ -142,8 +142,8 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def test_merged_result_is_the_same_with_and_without_prefetch_and_ranges(seeded_hub, tmp_path):
-    from hf_merge.merging import engine
     from hf_merge.api import merge
+    from hf_merge.merging import engine
     from hf_merge.merging.state import MergeState
 
     experts = seeded_hub.experts[:3]

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_merge.hub import ranged, sources
-from hf_merge.io.checkpoint import Checkpoint
-from hf_merge.io.weights_writer import CheckpointWriter
 from hf_merge.errors import UsageError
-from hf_merge.hub_server.server import HubRequestHandler
+from hf_merge.hub import ranged, sources
 from hf_merge.hub.transfer import Transfer
+from hf_merge.hub_server.server import HubRequestHandler
+from hf_merge.io.checkpoint import Checkpoint
 from hf_merge.io.validation import SCOPES
+from hf_merge.io.weights_writer import CheckpointWriter
 
 VISION = SCOPES["vision"]
 

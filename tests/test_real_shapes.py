@@ -14,11 +14,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hf_merge import api
-from hf_merge.io.weights_writer import CheckpointWriter
-from hf_merge.hub.conversion_pr import CONVERSION_BOT, PR_TITLE
-from hf_merge.merging.engine import merge_weights as engine_merge
 from hf_merge.errors import AuthenticationError, CheckpointError, IncompatibleExpertError
+from hf_merge.hub.conversion_pr import CONVERSION_BOT, PR_TITLE
 from hf_merge.hub_server.storage import RepoRecord
+from hf_merge.io.weights_writer import CheckpointWriter
+from hf_merge.merging.engine import merge_weights as engine_merge
 
 VISION_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
                  "patch_size", "num_channels", "hidden_act", "projection_dim", "layer_norm_eps")
@@ -239,7 +239,8 @@ def test_conversion_pr_supplies_safetensors(pickle_base, tiny_experts, alice_tok
 
 
 def test_conversion_pr_with_other_tensor_names_is_refused(pickle_base, tiny_experts, alice_token, tmp_path):
-    with pytest.raises(CheckpointError, match=r"conversion pull request refs/pr/1 lacks tensor 'vision_model.post_layernorm.bias'.*refused; pass --allow-pickle") as caught:
+    expected = r"conversion pull request refs/pr/1 lacks tensor 'vision_model.post_layernorm.bias'.*refused; pass --allow-pickle"
+    with pytest.raises(CheckpointError, match=expected) as caught:
         api.merge(base="alice/pickle-clip-bad-pr", experts=[str(tiny_experts[0])], output=str(tmp_path / "out"), token=alice_token)
     assert "\n" not in str(caught.value)
 

@@ -10,8 +10,9 @@ import textwrap
 
 import pytest
 
-from hf_merge.merging.engine import ContinualMerger, merge_weights as merge
 from hf_merge.errors import MergeStateError
+from hf_merge.merging.engine import ContinualMerger
+from hf_merge.merging.engine import merge_weights as merge
 from hf_merge.merging.state import MergeState
 from hf_merge.testing.processes import sigkill_when
 

@@ -14,8 +14,8 @@ from huggingface_hub import SpaceCard, snapshot_download
 from PIL import Image
 
 from hf_merge.cli import main as cli_main
-from hf_merge.resources import space_app_dir
 from hf_merge.publish.space import build_space_config, insert_space_link, load_app_module
+from hf_merge.resources import space_app_dir
 from hf_merge.testing.net import free_port
 
 EXAMPLE = space_app_dir() / "examples" / "red_square.png"
@@ -32,7 +32,7 @@ def reference_probabilities(folder: str | Path, image: Image.Image, labels: list
     inputs = processor(text=[f"a photo of a {label}." for label in labels], images=image, return_tensors="pt", padding=True)
     with torch.no_grad():
         probabilities = model(**inputs).logits_per_image.softmax(dim=-1)[0]
-    return dict(zip(labels, probabilities.tolist()))
+    return dict(zip(labels, probabilities.tolist(), strict=False))
 
 
 @pytest.fixture(scope="module")

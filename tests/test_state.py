@@ -6,11 +6,10 @@ import json
 import os
 
 import pytest
-
-from hf_merge.errors import MergeStateError
 import torch
 from safetensors.torch import load_file
 
+from hf_merge.errors import MergeStateError
 from hf_merge.io.weights_writer import CheckpointWriter
 from hf_merge.merging.state import STATE_NAME, MergeState, OutputTransaction, discard_spare, recover
 

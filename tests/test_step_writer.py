@@ -9,8 +9,9 @@ import pytest
 
 from hf_merge.io import durable_file
 from hf_merge.io.checkpoint import Checkpoint
-from hf_merge.merging.engine import ContinualMerger, merge_weights as merge
 from hf_merge.io.weights_writer import WrittenFiles
+from hf_merge.merging.engine import ContinualMerger
+from hf_merge.merging.engine import merge_weights as merge
 
 
 @pytest.fixture

@@ -71,7 +71,7 @@ class _ReferenceBPE:
     def _bpe(self, token: str) -> list[str]:
         word = tuple(token[:-1]) + (token[-1] + END_OF_WORD,)
         while len(word) > 1:
-            pairs = {(a, b) for a, b in zip(word, word[1:])}
+            pairs = {(a, b) for a, b in zip(word, word[1:], strict=False)}
             bigram = min(pairs, key=lambda pair: self.ranks.get(pair, float("inf")))
             if bigram not in self.ranks:
                 break

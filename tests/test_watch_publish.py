@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 from huggingface_hub.errors import HfHubHTTPError
 
-from hf_merge.hub import client as hub
 from hf_merge.errors import PushError
+from hf_merge.hub import client as hub
 from hf_merge.hub import push as publish
 from hf_merge.watch.publish import RetryPolicy, StaleParentError, push_files
 

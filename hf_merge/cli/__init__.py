@@ -12,7 +12,7 @@ import argparse
 import importlib
 import logging
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from hf_merge.errors import HfMergeError
 from hf_merge.log import set_verbosity

@@ -299,13 +299,13 @@ def _print_summary(result: Any, *, quiet: bool) -> None:
         return
     if not quiet:
         rows = [("step", "expert", "commit", "avg acc")]
-        for entry, accuracy in zip(result.steps, result.accuracy or [None] * len(result.steps)):
+        for entry, accuracy in zip(result.steps, result.accuracy or [None] * len(result.steps), strict=False):
             sha = (entry.get("commit_sha") or "local")[:10]
             rows.append((str(entry.get("step")), str(entry.get("name") or entry.get("repo_id")), sha,
                          f"{100 * accuracy:.1f}" if accuracy is not None else "-"))
         widths = [max(len(row[i]) for row in rows) for i in range(4)]
         for row in rows:
-            print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+            print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)).rstrip())
     print(f"output: {result.output_dir}")
     if result.commit_url:
         print(f"pushed: {result.commit_url}")

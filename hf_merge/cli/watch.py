@@ -6,8 +6,8 @@ import argparse
 import os
 from pathlib import Path
 
-from hf_merge.errors import UsageError
 from hf_merge.cli import add_verbosity_flags
+from hf_merge.errors import UsageError
 
 
 def register(subparsers) -> None:

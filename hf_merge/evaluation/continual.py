@@ -37,15 +37,16 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from hf_merge.errors import EvaluationError
-from hf_merge.log import get_logger
 from hf_merge.evaluation.runner import Evaluator
 from hf_merge.evaluation.tasks import Task, get_task
 from hf_merge.io.merge_folder import RESULTS_FILENAME, MergeFolder
+from hf_merge.log import get_logger
 
 logger = get_logger(__name__)
 
@@ -138,7 +139,7 @@ class EvaluationReport:
         return text
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "EvaluationReport":
+    def from_dict(cls, data: dict[str, Any]) -> EvaluationReport:
         """Inverse of :meth:`to_dict`."""
         version = data.get("schema_version")
         if version != SCHEMA_VERSION:
@@ -156,7 +157,7 @@ class EvaluationReport:
         )
 
     @classmethod
-    def from_json(cls, source: str | Path) -> "EvaluationReport":
+    def from_json(cls, source: str | Path) -> EvaluationReport:
         """Read a report from a JSON string, a file, or a folder holding ``eval_results.json``."""
         if isinstance(source, Path) or (isinstance(source, str) and not source.lstrip().startswith("{")):
             path = Path(source)
@@ -223,7 +224,7 @@ class ContinualEvaluator:
                 setattr(self.report, name, values + [None] * (len(self.tasks) - len(values)))
 
     @classmethod
-    def resume(cls, output_dir: str | Path, tasks: Sequence[str | Task], **options: Any) -> "ContinualEvaluator":
+    def resume(cls, output_dir: str | Path, tasks: Sequence[str | Task], **options: Any) -> ContinualEvaluator:
         """Continue the report saved in ``output_dir`` (if any), e.g. when more experts are added later.
 
         ``tasks`` lists the tasks of every expert, the earlier ones included.

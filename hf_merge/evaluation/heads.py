@@ -15,11 +15,15 @@ import hashlib
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from hf_merge.log import get_logger
 from hf_merge.evaluation.tasks import Task
+from hf_merge.log import get_logger
+
+if TYPE_CHECKING:
+    from transformers import CLIPModel
 
 logger = get_logger(__name__)
 
@@ -45,7 +49,7 @@ class ZeroShotHead:
         return self.logit_scale * image_embeds @ self.weight.to(image_embeds.device).T
 
 
-def text_tower_fingerprint(model: torch.nn.Module) -> str:
+def text_tower_fingerprint(model: CLIPModel) -> str:
     """SHA-256 of every text-tower and text-projection tensor (names, shapes, dtypes, bytes)."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
@@ -59,7 +63,7 @@ def text_tower_fingerprint(model: torch.nn.Module) -> str:
 
 @torch.no_grad()
 def class_embeddings(
-    model: torch.nn.Module, tokenizer, task: Task, *, batch_size: int = 256, device: torch.device | str | None = None
+    model: CLIPModel, tokenizer, task: Task, *, batch_size: int = 256, device: torch.device | str | None = None
 ) -> torch.Tensor:
     """``(num_classes, dim)`` unit-norm class embeddings of ``task`` (see the module docstring)."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -74,7 +78,7 @@ def class_embeddings(
     return torch.nn.functional.normalize(per_prompt.mean(dim=1), dim=-1).cpu()
 
 
-def build_head(model: torch.nn.Module, tokenizer, task: Task, **kwargs) -> ZeroShotHead:
+def build_head(model: CLIPModel, tokenizer, task: Task, **kwargs) -> ZeroShotHead:
     """The zero-shot head of ``task`` for ``model`` (no cache)."""
     weight = class_embeddings(model, tokenizer, task, **kwargs)
     return ZeroShotHead(weight=weight, logit_scale=float(model.logit_scale.detach().exp().item()))
@@ -95,7 +99,7 @@ class HeadCache:
         self._fingerprints: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.misses = 0
 
-    def fingerprint(self, model: torch.nn.Module) -> str:
+    def fingerprint(self, model: CLIPModel) -> str:
         """Text-tower fingerprint, remembered per model object while its weights keep their version."""
         # Hashing a ViT-L text tower takes a second; a model evaluated on 20 tasks is hashed once.
         version = sum(p._version for p in model.parameters())
@@ -105,7 +109,7 @@ class HeadCache:
             self._fingerprints[model] = known
         return known[1]
 
-    def get(self, model: torch.nn.Module, tokenizer, task: Task, **kwargs) -> ZeroShotHead:
+    def get(self, model: CLIPModel, tokenizer, task: Task, **kwargs) -> ZeroShotHead:
         """The head of ``task`` for ``model``, computed on first use."""
         key = self._key(model, tokenizer, task)
         weight = self._heads.get(key)
@@ -126,7 +130,7 @@ class HeadCache:
                 save_file({"weight": weight.contiguous()}, str(self.cache_dir / f"{key}.safetensors"))
         return ZeroShotHead(weight=weight, logit_scale=float(model.logit_scale.detach().exp().item()))
 
-    def _key(self, model: torch.nn.Module, tokenizer, task: Task) -> str:
+    def _key(self, model: CLIPModel, tokenizer, task: Task) -> str:
         digest = hashlib.sha256(self.fingerprint(model).encode())
         digest.update(repr((task.name, task.classes, task.templates)).encode())
         # The tokenizer is part of the text pipeline: hash what it makes of the first prompts.

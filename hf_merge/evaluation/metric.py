@@ -76,18 +76,18 @@ def accuracy_scores(
     top1 = [(p[0] if p else -1) if ranked else p for p in predictions]
     total = len(references)
     result: dict[str, Any] = {
-        "accuracy": sum(int(p == r) for p, r in zip(top1, references)) / total if total else 0.0
+        "accuracy": sum(int(p == r) for p, r in zip(top1, references, strict=False)) / total if total else 0.0
     }
     if ranked:
-        hits = sum(int(r in list(p)[:top_k]) for p, r in zip(predictions, references))
+        hits = sum(int(r in list(p)[:top_k]) for p, r in zip(predictions, references, strict=False))
         result[f"top{top_k}_accuracy"] = hits / total if total else 0.0
     seen = [int(r) for r in references] + [int(p) for p in top1 if p is not None and p >= 0]
     size = num_classes if num_classes is not None else (max(seen) + 1 if seen else 0)
     correct, count = [0] * size, [0] * size
-    for p, r in zip(top1, references):
+    for p, r in zip(top1, references, strict=False):
         if 0 <= r < size:
             count[r] += 1
             correct[r] += int(p == r)
-    result["per_class_accuracy"] = [c / n if n else None for c, n in zip(correct, count)]
+    result["per_class_accuracy"] = [c / n if n else None for c, n in zip(correct, count, strict=False)]
     result["num_samples"] = total
     return result

@@ -9,18 +9,19 @@ Images are encoded in batches on the Accelerate device (``accelerate.PartialStat
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from hf_merge.errors import EvaluationError
-from hf_merge.log import get_logger
-from hf_merge.progress import inner_bar_allowed
 from hf_merge.evaluation.datasets import load_task_data
 from hf_merge.evaluation.heads import HeadCache
 from hf_merge.evaluation.metric import ZeroShotAccuracy
 from hf_merge.evaluation.tasks import Task, get_task
+from hf_merge.log import get_logger
+from hf_merge.progress import inner_bar_allowed
 
 logger = get_logger(__name__)
 
@@ -33,7 +34,7 @@ def default_device() -> torch.device:
 
 
 def load_clip(
-    model: str | Path, *, device: torch.device | str | None = None, token: str | bool | None = None,
+    model: str | Path, *, device: torch.device | str | None = None, token: str | None = None,
     base: Any = None,
 ) -> tuple[Any, Any]:
     """Load ``(CLIPModel, CLIPProcessor)`` from a folder, ``repo_id`` or ``repo_id@revision``.
@@ -115,7 +116,7 @@ class Evaluator:
         batch_size: int = 64,
         device: torch.device | str | None = None,
         head_cache: HeadCache | None = None,
-        token: str | bool | None = None,
+        token: str | None = None,
     ):
         self.token = token
         self.tasks = [get_task(t) for t in tasks]
@@ -179,7 +180,7 @@ def evaluate_model(
     *,
     batch_size: int = 64,
     device: torch.device | str | None = None,
-    token: str | bool | None = None,
+    token: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Evaluate one model (folder, ``repo_id[@revision]`` or ``CLIPModel``) on ``tasks``.
 

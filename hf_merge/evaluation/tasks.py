@@ -125,7 +125,7 @@ class Task:
     @classmethod
     def from_image_folder(
         cls, path: str | Path, *, name: str | None = None, templates: tuple[str, ...] = ("a photo of a {}.",)
-    ) -> "Task":
+    ) -> Task:
         """A task whose classes are the sub-folders of ``path`` (sorted), e.g. for ``hf-merge eval``."""
         folder = Path(path).expanduser()
         if not folder.is_dir():

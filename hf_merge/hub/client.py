@@ -8,28 +8,28 @@ only ever passed to the client: it is not logged, printed, or written to any fil
 from __future__ import annotations
 
 import shlex
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 from urllib.parse import urlparse
 
 import huggingface_hub
 from huggingface_hub import HfApi, constants
 from huggingface_hub.errors import (
     GatedRepoError,
-    HFValidationError,
     HfHubHTTPError,
+    HFValidationError,
     LocalEntryNotFoundError,
     OfflineModeIsEnabled,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
 
-from hf_merge.hub.conversion_pr import ConversionPR, find_conversion_pr, tensor_name_problem
 from hf_merge.errors import AuthenticationError, CheckpointError, HfMergeError, ModelNotFoundError
-from hf_merge.log import get_logger
+from hf_merge.hub.conversion_pr import ConversionPR, find_conversion_pr, tensor_name_problem
 from hf_merge.io.merge_folder import RESULT_FILES
+from hf_merge.log import get_logger
 
 logger = get_logger(__name__)
 
@@ -115,7 +115,7 @@ def fetch_config(repo_id: str, revision: str | None = None, token: str | None = 
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
-def check_model(repo_id: str, revision: str | None = None, token: str | None = None, allow_pickle: bool = False) -> "WeightsRevision":
+def check_model(repo_id: str, revision: str | None = None, token: str | None = None, allow_pickle: bool = False) -> WeightsRevision:
     """Check that a repo exists, is readable with ``token`` and has usable weights; return where
     they are (see :func:`resolve_weights`)."""
     token = resolve_token(token)

@@ -19,9 +19,9 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from hf_merge.log import get_logger
 from hf_merge.hub.sources import ModelSource, split_reference
 from hf_merge.hub.transfer import DownloadCancelled, Transfer
+from hf_merge.log import get_logger
 
 logger = get_logger(__name__)
 
@@ -120,7 +120,7 @@ class Prefetcher:
             logger.debug("prefetch of %s failed after the merge stopped: %s", pending.reference, pending.error)
         _remove_incomplete(pending.reference)
 
-    def __enter__(self) -> "Prefetcher":
+    def __enter__(self) -> Prefetcher:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -8,14 +8,14 @@ checked the same way, and their headers are read in full, so a truncated file fa
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from hf_merge.hub import client as hub
-from hf_merge.io.checkpoint import Checkpoint
 from hf_merge.errors import IncompatibleExpertError
-from hf_merge.log import get_logger
+from hf_merge.hub import client as hub
 from hf_merge.hub.sources import split_reference
+from hf_merge.io.checkpoint import Checkpoint
 from hf_merge.io.validation import (
     TensorHeaders,
     check_architecture,
@@ -23,6 +23,7 @@ from hf_merge.io.validation import (
     config_difference,
     plan_merge,
 )
+from hf_merge.log import get_logger
 
 logger = get_logger(__name__)
 

@@ -31,11 +31,11 @@ from urllib.parse import urlsplit
 import huggingface_hub
 from huggingface_hub import constants
 
-from hf_merge.hub import client as hub
 from hf_merge.errors import CheckpointError
+from hf_merge.hub import client as hub
+from hf_merge.hub.transfer import Transfer
 from hf_merge.log import get_logger
 from hf_merge.sizes import format_size
-from hf_merge.hub.transfer import Transfer
 
 logger = get_logger(__name__)
 

@@ -7,9 +7,10 @@ record. Local folders work wherever a repo id does, as in ``from_pretrained``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import huggingface_hub
 
@@ -46,7 +47,7 @@ class ModelSource:
     conversion_pr: dict[str, Any] | None = None
 
     @classmethod
-    def local(cls, path: str | Path) -> "ModelSource":
+    def local(cls, path: str | Path) -> ModelSource:
         """A plain local folder, with no Hub provenance."""
         return cls(path=Path(path).expanduser().resolve())
 
@@ -77,10 +78,10 @@ def split_reference(reference: str) -> tuple[str, str | None]:
 def resolve(
     reference: str | Path | ModelSource,
     *,
-    token: str | bool | None = None,
+    token: str | None = None,
     allow_pickle: bool = False,
     tensor_prefixes: Sequence[str] | None = None,
-    transfer: "Transfer | None" = None,
+    transfer: Transfer | None = None,
 ) -> ModelSource:
     """Resolve a folder path, ``repo_id`` or ``repo_id@revision`` to a local snapshot.
 
@@ -107,7 +108,7 @@ def download_model(
     extra_patterns: Sequence[str] = (),
     local_dir: str | Path | None = None,
     tensor_prefixes: Sequence[str] | None = None,
-    transfer: "Transfer | None" = None,
+    transfer: Transfer | None = None,
 ) -> ModelSource:
     """Download the files of a model repo that a merge needs and pin the commit they came from.
 

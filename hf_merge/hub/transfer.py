@@ -52,7 +52,7 @@ class Transfer:
 
         transfer = self
 
-        class _CancellableProgress(tqdm):  # type: ignore[misc, valid-type]
+        class _CancellableProgress(tqdm):
             def update(self, n: Any = 1) -> Any:
                 transfer.check()
                 return super().update(n)

@@ -11,7 +11,6 @@ import json
 import threading
 from typing import Any
 
-
 from hf_merge.errors import RecipeError
 from hf_merge.hub_server.storage import Commit, HubStorage, RepoRecord, TreeEntry
 from hf_merge.io.yaml_file import load_yaml

@@ -15,8 +15,9 @@ import struct
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
+from io import FileIO
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 
@@ -97,10 +98,10 @@ class SafetensorsFile:
                     f"but the file has {file_size} bytes; download it again"
                 )
             self.tensors[name] = TensorInfo(_DTYPES[entry["dtype"]], tuple(entry["shape"]), data_start + begin, data_start + end)
-        self._file: BinaryIO | None = None
+        self._file: FileIO | None = None
         self._opening = threading.Lock()
 
-    def _handle(self) -> BinaryIO:
+    def _handle(self) -> FileIO:
         with self._opening:  # positioned reads share the handle; a second thread must not open another
             if self._file is None:
                 self._file = open(self.path, "rb", buffering=0)
@@ -112,7 +113,8 @@ class SafetensorsFile:
         info = self.tensors[name]
         tensor = faulted_empty(info.shape, info.dtype) if out is None else out
         if info.end > info.start:
-            self.read_raw(name, memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+            # numpy arrays have the buffer protocol, but numpy's stubs do not declare `__buffer__`.
+            self.read_raw(name, memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))  # type: ignore[arg-type]
         return tensor
 
     def read_raw(self, name: str, out: memoryview, start: int = 0) -> None:
@@ -126,7 +128,7 @@ class SafetensorsFile:
             self._file = None
 
 
-def _read_exactly(handle: BinaryIO, out: memoryview, offset: int, path: Path) -> None:
+def _read_exactly(handle: FileIO, out: memoryview, offset: int, path: Path) -> None:
     done = 0
     while done < len(out):
         if hasattr(os, "preadv"):  # positioned: no seek, and safe for several readers of one handle
@@ -154,7 +156,7 @@ class Checkpoint:
         self._label = str(path)
 
     @classmethod
-    def open(cls, path: str | Path, allow_pickle: bool = False) -> "Checkpoint":
+    def open(cls, path: str | Path, allow_pickle: bool = False) -> Checkpoint:
         """Open a snapshot folder (``config.json`` + single or sharded safetensors).
 
         ``pytorch_model.bin`` is read only with ``allow_pickle=True``, and then with
@@ -264,7 +266,7 @@ class Checkpoint:
         for handle in self._files:
             handle.close()
 
-    def __enter__(self) -> "Checkpoint":
+    def __enter__(self) -> Checkpoint:
         return self
 
     def __exit__(self, *exc: object) -> None:

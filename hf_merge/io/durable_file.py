@@ -70,7 +70,8 @@ class DurableFile:
 
     def write(self, data: object) -> None:
         """Append ``data`` (bytes, bytearray, memoryview, a numpy array's memory)."""
-        source = memoryview(data).cast("B")
+        # numpy arrays have the buffer protocol, but numpy's stubs do not declare `__buffer__`.
+        source = memoryview(data).cast("B")  # type: ignore[arg-type]
 
         def copy(view: memoryview, start: int) -> None:
             view[:] = source[start : start + len(view)]
@@ -172,7 +173,7 @@ class DurableFile:
                 except BufferError:  # a failed write's traceback still holds a view of it; freed with that
                     pass
 
-    def __enter__(self) -> "DurableFile":
+    def __enter__(self) -> DurableFile:
         return self
 
     def __exit__(self, exc_type: object, *exc: object) -> None:

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from hf_merge.errors import CheckpointError
 from hf_merge.io.checkpoint import (
     DTYPE_NAMES,
     SAFE_WEIGHTS_INDEX_NAME,
@@ -34,9 +35,7 @@ from hf_merge.io.checkpoint import (
     TensorSpec,
     parse_size,
 )
-from hf_merge.io.durable_file import DurableFile, Fill
-from hf_merge.errors import CheckpointError
-from hf_merge.io.durable_file import is_sole_link
+from hf_merge.io.durable_file import DurableFile, Fill, is_sole_link
 
 
 @dataclass(frozen=True)
@@ -73,7 +72,7 @@ class WrittenFiles:
             return frozenset()
         known = self._files.pop((info.st_dev, info.st_ino), None)  # it is about to be rewritten
         unchanged = known is not None and (known.mtime_ns, known.size, known.header) == (info.st_mtime_ns, info.st_size, header)
-        return known.copied if unchanged and is_sole_link(path) else frozenset()
+        return known.copied if known is not None and unchanged and is_sole_link(path) else frozenset()
 
 
 class CheckpointWriter:
@@ -184,7 +183,10 @@ def write_safetensors(
         view[:] = header[start : start + len(view)]
 
     def copy_stored(name: str) -> Fill:
-        return lambda view, start: source.read_raw(name, view, start)
+        if source is None:
+            raise ValueError(f"tensor {name!r} is to be copied from the source, but no source was given")
+        reader = source
+        return lambda view, start: reader.read_raw(name, view, start)
 
     pieces = [_Piece(len(header), copy_header, bool(held))]
     for spec in specs:
@@ -199,7 +201,7 @@ def write_safetensors(
             for piece in run:
                 if piece.fill is not None:
                     handle.write_from(piece.length, piece.fill)
-                else:
+                elif piece.spec is not None:
                     _write_tensor(handle, piece.spec, fetch(piece.spec.name))
     if written is not None:
         written.remember(path, header, copied & {s.name for s in specs})
@@ -222,9 +224,9 @@ def _joined(pieces: list[_Piece]) -> Fill:
 
     def fill(view: memoryview, start: int) -> None:
         end = start + len(view)
-        for piece, begin in zip(pieces, starts):
+        for piece, begin in zip(pieces, starts, strict=False):
             low, high = max(start, begin), min(end, begin + piece.length)
-            if low < high:
+            if low < high and piece.fill is not None:  # a held run copies bytes only (every piece has a fill)
                 piece.fill(view[low - start : high - start], low - begin)
 
     return fill

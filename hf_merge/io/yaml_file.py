@@ -24,7 +24,7 @@ MAX_YAML_BYTES = 1 << 20
 class _NoAliasLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` that refuses an alias where it would be composed (before any expansion)."""
 
-    def compose_node(self, parent: Any, index: Any) -> Any:  # type: ignore[override]
+    def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
             mark = event.start_mark

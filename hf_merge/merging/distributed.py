@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -44,11 +45,11 @@ class Executor:
     device: torch.device
     process_index: int = 0
     num_processes: int = 1
-    _state: object | None = None
+    _state: Any = None  # accelerate's PartialState when several processes run
     threads: int = 0
 
     @classmethod
-    def from_accelerate(cls, device: str | torch.device | None = None) -> "Executor":
+    def from_accelerate(cls, device: str | torch.device | None = None) -> Executor:
         """Use ``accelerate.PartialState`` (one process unless started by ``accelerate launch``)."""
         from accelerate import PartialState
         from accelerate.utils import parse_flag_from_env
@@ -64,7 +65,7 @@ class Executor:
         return cls(chosen, state.process_index, state.num_processes, state)
 
     @classmethod
-    def local(cls, device: str | torch.device = "cpu") -> "Executor":
+    def local(cls, device: str | torch.device = "cpu") -> Executor:
         return cls(torch.device(device))
 
     @property
@@ -73,7 +74,7 @@ class Executor:
 
     def wait_for_everyone(self) -> None:
         if self.num_processes > 1:
-            self._state.wait_for_everyone()  # type: ignore[union-attr]
+            self._state.wait_for_everyone()
 
     def cpu_workers(self) -> int:
         """How many tensors :meth:`map` computes at once in this process."""
@@ -105,7 +106,7 @@ class Executor:
         from accelerate.utils import gather_object
 
         state = self._state
-        with state.split_between_processes(list(names)) as mine:  # type: ignore[union-attr]
+        with state.split_between_processes(list(names)) as mine:
             mine = list(mine)
         local = {}
         failure: tuple[bool, str] | None = None

@@ -17,16 +17,16 @@ from typing import Any
 
 import torch
 
-from hf_merge.io.checkpoint import Checkpoint, SafetensorsFile
-from hf_merge.merging.distributed import Executor
 from hf_merge.errors import CheckpointError, MergeStateError, UsageError
-from hf_merge.log import get_logger
-from hf_merge.merging.methods import MergeContext, MergeMethod, get_method, release_scratch
 from hf_merge.hub.sources import ModelSource, resolve
-from hf_merge.merging.state import STATE_NAME, STATE_TENSORS_NAME, MergeState, recover
-from hf_merge.merging.step_writer import PendingWrite, StepWriter
-from hf_merge.merging.step_results import EngineResult, StepResult
+from hf_merge.io.checkpoint import Checkpoint, SafetensorsFile
 from hf_merge.io.validation import MergePlan, check_compatible, linear_weight_names, merged_names, plan_merge
+from hf_merge.log import get_logger
+from hf_merge.merging.distributed import Executor
+from hf_merge.merging.methods import MergeContext, MergeMethod, get_method, release_scratch
+from hf_merge.merging.state import STATE_NAME, STATE_TENSORS_NAME, MergeState, recover
+from hf_merge.merging.step_results import EngineResult, StepResult
+from hf_merge.merging.step_writer import PendingWrite, StepWriter
 
 logger = get_logger(__name__)
 
@@ -68,7 +68,7 @@ class ContinualMerger:
         device: str | torch.device | None = None,
         compute_dtype: str = "float32",
         max_shard_size: int | str = "5GB",
-        token: str | bool | None = None,
+        token: str | None = None,
         allow_pickle: bool = False,
         checkpoint_every: int | None = None,
         _saved: MergeState | None = None,
@@ -130,7 +130,7 @@ class ContinualMerger:
     def _plan(self, plan: MergePlan) -> None:
         """Fix the merged tensor names for the run and initialise the method on them."""
         self.names = plan.names
-        self.method: MergeMethod = get_method(self.method_name)(**self.hyperparameters)
+        self.method = get_method(self.method_name)(**self.hyperparameters)
         self.context = MergeContext(
             base=self.base,
             names=self.names,
@@ -145,7 +145,7 @@ class ContinualMerger:
         self.state.from_base = dict(plan.from_base)
 
     @classmethod
-    def resume(cls, output_dir: str | Path, base: ModelRef | None = None, **options: Any) -> "ContinualMerger":
+    def resume(cls, output_dir: str | Path, base: ModelRef | None = None, **options: Any) -> ContinualMerger:
         """Continue the merge saved in ``output_dir`` (its method, hyperparameters and scope).
 
         ``base`` defaults to the one recorded in the state (repo id at its commit, else its folder).
@@ -322,7 +322,7 @@ class ContinualMerger:
         self.base.close()
         release_scratch()
 
-    def __enter__(self) -> "ContinualMerger":
+    def __enter__(self) -> ContinualMerger:
         return self
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
@@ -374,7 +374,7 @@ def merge_weights(
     device: str | torch.device | None = None,
     compute_dtype: str = "float32",
     max_shard_size: int | str = "5GB",
-    token: str | bool | None = None,
+    token: str | None = None,
     allow_pickle: bool = False,
     checkpoint_every: int | None = None,
     **hyperparameters: Any,

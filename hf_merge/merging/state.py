@@ -23,8 +23,8 @@ from pathlib import Path
 
 from hf_merge.errors import MergeStateError
 from hf_merge.io.durable_file import is_sole_link
-from hf_merge.log import get_logger
 from hf_merge.io.merge_folder import FORMAT_VERSION, STATE_FILENAME, MergeState, fsync_dir
+from hf_merge.log import get_logger
 
 logger = get_logger(__name__)
 

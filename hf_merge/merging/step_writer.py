@@ -20,8 +20,8 @@ import torch
 
 from hf_merge.io.checkpoint import Checkpoint, TensorSpec
 from hf_merge.io.merge_folder import RESULTS_FILENAME
-from hf_merge.merging.state import STATE_NAME, MergeState, OutputTransaction, discard_spare
 from hf_merge.io.weights_writer import CheckpointWriter, WrittenFiles, save_tensors
+from hf_merge.merging.state import STATE_NAME, MergeState, OutputTransaction, discard_spare
 
 # Files of the base that make the output loadable with from_pretrained (config, processor, tokenizer).
 _NOT_COPIED = {"model.safetensors.index.json", STATE_NAME, RESULTS_FILENAME}
@@ -49,7 +49,7 @@ class StepWriter:
         self.written = WrittenFiles()
         self.writes = writes
 
-    def start(self, merged: list[str], output: Callable[[str], torch.Tensor]) -> "PendingWrite":
+    def start(self, merged: list[str], output: Callable[[str], torch.Tensor]) -> PendingWrite:
         """Begin writing a step: its weight files in a background thread, the tensors outside the
         merge first, each merged one (``output(name)``) as soon as :meth:`PendingWrite.ready` says it
         is final, so the disk works while the step computes; :meth:`PendingWrite.finish` writes the
@@ -101,6 +101,8 @@ class PendingWrite:
             if self._error is not None:
                 raise self._error
             if state_tensors is not None:
+                if state.state_tensors is None:
+                    raise ValueError("state tensors given, but the merge state names no file for them")
                 save_tensors(staging / state.state_tensors, state_tensors)
             for item in writer.base_folder.iterdir():
                 if item.is_file() and item.suffix in {".json", ".txt", ".model"} and item.name not in _NOT_COPIED:

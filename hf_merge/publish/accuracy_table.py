@@ -6,13 +6,14 @@ zero-shot and each expert's own accuracy as references; :func:`plot_accuracy` dr
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from hf_merge.evaluation.continual import backward_transfer
-from hf_merge.log import get_logger
 from hf_merge.io.merge_folder import MergeFolder
+from hf_merge.log import get_logger
 
 logger = get_logger(__name__)
 
@@ -84,15 +85,15 @@ def accuracy_from_report(data: Mapping[str, Any]) -> AccuracyTable | None:
         for task, metrics in (step.get("results") or {}).items():
             if isinstance(metrics, Mapping) and metrics.get("dataset"):
                 datasets[str(task)] = str(metrics["dataset"])
-    label_datasets = {label: datasets.get(task, task) for label, task in zip(labels, tasks)}
+    label_datasets = {label: datasets.get(task, task) for label, task in zip(labels, tasks, strict=False)}
     table = AccuracyTable(
         tasks=labels, steps=steps, accuracy=rows, limit=data.get("limit"), datasets=label_datasets,
-        task_of=dict(zip(labels, tasks)),
+        task_of=dict(zip(labels, tasks, strict=False)),
     )
     if data.get("bwt") is not None:
         table.reported_bwt = float(data["bwt"])
     for name, values in (("base", data.get("base_accuracy")), ("experts", data.get("expert_accuracy"))):
-        setattr(table, name, {label: _fraction(v) for label, v in zip(labels, values or []) if v is not None})
+        setattr(table, name, {label: _fraction(v) for label, v in zip(labels, values or [], strict=False) if v is not None})
     return table
 
 
@@ -124,9 +125,9 @@ def plot_accuracy(accuracy: AccuracyTable, path: str | Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     for task in accuracy.tasks:
-        points = [(s, 100 * row[task]) for s, row in zip(accuracy.steps, accuracy.accuracy) if task in row]
+        points = [(s, 100 * row[task]) for s, row in zip(accuracy.steps, accuracy.accuracy, strict=False) if task in row]
         if points:
-            ax.plot(*zip(*points), marker="o", linewidth=1, alpha=0.7, label=task)
+            ax.plot(*zip(*points, strict=False), marker="o", linewidth=1, alpha=0.7, label=task)
     ax.plot(accuracy.steps, [100 * a for a in accuracy.averages()], color="black", linewidth=2.5, marker="s", label="average")
     if accuracy.base:
         # The bar a merge has to clear: the base's zero-shot average over the same tasks.

@@ -15,11 +15,11 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from hf_merge.publish.accuracy_table import AccuracyTable, load_accuracy, plot_accuracy
 from hf_merge.errors import RecipeError
-from hf_merge.io.yaml_file import load_yaml
 from hf_merge.io.merge_folder import CARD_FILENAME, PLOT_FILENAME, MergeFolder, MergeState, lineage, parse_yaml_field
+from hf_merge.io.yaml_file import load_yaml
 from hf_merge.log import get_logger
+from hf_merge.publish.accuracy_table import AccuracyTable, load_accuracy, plot_accuracy
 from hf_merge.resources import templates_dir
 
 logger = get_logger(__name__)
@@ -292,7 +292,7 @@ def _eval_results(accuracy: AccuracyTable) -> list[EvalResult]:
 def _accuracy_context(accuracy: AccuracyTable, output_dir: Path, plot: bool) -> dict[str, Any]:
     averages = accuracy.averages()
     rows = []
-    for step, row, average in zip(accuracy.steps, accuracy.accuracy, averages):
+    for step, row, average in zip(accuracy.steps, accuracy.accuracy, averages, strict=False):
         cells = [f"{100 * row[t]:.1f}" if t in row else "–" for t in accuracy.tasks]
         rows.append({"step": step, "cells": cells, "average": f"{100 * average:.1f}"})
     references = []

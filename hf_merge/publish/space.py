@@ -20,15 +20,15 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from hf_merge.publish.accuracy_table import load_accuracy
-from hf_merge.io.merge_folder import PLOT_FILENAME, RESULTS_FILENAME, STATE_FILENAME, MergeFolder, lineage
-from hf_merge.publish.card import method_description
-from hf_merge.errors import MergeStateError, SpaceError, UsageError
-from hf_merge.log import get_logger
-from hf_merge.resources import space_app_dir, templates_dir
-from hf_merge.publish.space_examples import write_task_examples
 from hf_merge.declared import excerpt
+from hf_merge.errors import MergeStateError, SpaceError, UsageError
 from hf_merge.hub.repo_id import is_repo_id
+from hf_merge.io.merge_folder import PLOT_FILENAME, RESULTS_FILENAME, STATE_FILENAME, MergeFolder, lineage
+from hf_merge.log import get_logger
+from hf_merge.publish.accuracy_table import load_accuracy
+from hf_merge.publish.card import method_description
+from hf_merge.publish.space_examples import write_task_examples
+from hf_merge.resources import space_app_dir, templates_dir
 
 logger = get_logger(__name__)
 
@@ -155,7 +155,7 @@ def _accuracy(table) -> dict[str, Any] | None:
         return None
     rows = [
         {"step": step, "accuracy": [row.get(task) for task in table.tasks], "average": average}
-        for step, row, average in zip(table.steps, table.accuracy, table.averages())
+        for step, row, average in zip(table.steps, table.accuracy, table.averages(), strict=False)
     ]
     return {"tasks": list(table.tasks), "rows": rows, "bwt": table.bwt(), "limit": table.limit}
 

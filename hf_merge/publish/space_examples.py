@@ -57,10 +57,11 @@ def write_task_examples(task_names: list[str], out_dir: str | Path, *, per_task:
             picks = _distinct_labels(data.labels, per_task)
             images = [data.images(i, i + 1)[0] for i in picks]
         except Exception as error:  # the Space still works without this task's examples
-            logger.info("No example images of task %s in the Space (%s)", task_name, str(error).splitlines()[0] if str(error) else type(error).__name__)
+            why = str(error).splitlines()[0] if str(error) else type(error).__name__
+            logger.info("No example images of task %s in the Space (%s)", task_name, why)
             continue
         folder.mkdir(parents=True, exist_ok=True)
-        for n, (index, image) in enumerate(zip(picks, images)):
+        for n, (index, image) in enumerate(zip(picks, images, strict=False)):
             image = image.copy()
             image.thumbnail((MAX_SIDE, MAX_SIDE))
             name = f"{EXAMPLES_DIR}/{_slug(task_name)}-{n}.png"

@@ -7,6 +7,7 @@ use `seeded_hub` and never see a local path.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -102,7 +103,7 @@ def seeded_merged_repo(seeded_hub, hub_api, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def space_url(seeded_merged_repo, tmp_path_factory) -> str:
+def space_url(seeded_merged_repo, tmp_path_factory) -> Iterator[str]:
     """The Space app of ``alice/tiny-clip-merged``, served locally; its URL."""
     from hf_merge.publish.space import create_space_app
     from hf_merge.testing.net import free_port

@@ -131,7 +131,7 @@ def build_replica_files(cache_dir: str | Path) -> Path:
         model, tokenizer = _write_base(staging / BASE_ID)
         for dataset in REAL_DATASETS:
             write_dataset(dataset, staging / "datasets" / dataset.repo_id)
-        for task, repo_id in zip(TASKS, EXPERT_IDS):
+        for task, repo_id in zip(TASKS, EXPERT_IDS, strict=False):
             dataset = next(d for d in REAL_DATASETS if d.task == task)
             _write_expert(model, tokenizer, task, dataset, staging / repo_id)
         try:

@@ -341,7 +341,7 @@ def write_merge_result(
         if path.is_file() and path.name not in ("model.safetensors", "README.md"):
             shutil.copy2(path, out_dir / path.name)
     tensors = [load_file(Path(d) / "model.safetensors") for d in expert_dirs]
-    merged = {name: sum(t[name] for t in tensors) / len(tensors) for name in tensors[0]}
+    merged = {name: sum((t[name] for t in tensors), torch.zeros_like(tensors[0][name])) / len(tensors) for name in tensors[0]}
     save_file(merged, out_dir / "model.safetensors", metadata={"format": "pt"})
     lineage = [dict(entry, step=i + 1, revision=None) for i, entry in enumerate(experts)]
     state = {

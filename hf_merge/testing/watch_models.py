@@ -86,7 +86,7 @@ def prediction_task(model_dir: Path, name: str, out_dir: Path, *, per_class: int
     with torch.no_grad():
         pixels = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
         predicted = head.logits(model.get_image_features(pixel_values=pixels).pooler_output).argmax(-1).tolist()
-    for index, (image, label) in enumerate(zip(images, predicted)):
+    for index, (image, label) in enumerate(zip(images, predicted, strict=False)):
         folder = out_dir / COLOR_NAMES[label]
         folder.mkdir(parents=True, exist_ok=True)
         image.save(folder / f"{index:03d}.png")

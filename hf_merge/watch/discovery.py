@@ -11,13 +11,14 @@ Each candidate is pinned to the commit the Hub reported, so what is checked is w
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
-from hf_merge.hub import client as hub
 from hf_merge.errors import UsageError
+from hf_merge.hub import client as hub
 from hf_merge.hub.sources import split_reference
 
 
@@ -112,7 +113,7 @@ class Discovery:
                 if info.id not in found and info.id not in self.exclude and info.sha:
                     found[info.id] = from_model_info(info, source)
 
-        queries = [({"filter": f"base_model:finetune:{self.base}"}, "base_model")]
+        queries: list[tuple[dict[str, Any], str]] = [({"filter": f"base_model:finetune:{self.base}"}, "base_model")]
         queries += [({"author": author}, "author") for author in self.authors]
         queries += [({"search": text}, "search") for text in self.searches]
         with hub.hub_errors(f"models of {self.base}", token=token):

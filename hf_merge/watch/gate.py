@@ -14,9 +14,10 @@ The candidate's task comes from the policy (``watch.tasks``), else its card's ``
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from hf_merge.errors import EvaluationError
 from hf_merge.log import get_logger
@@ -102,7 +103,7 @@ def run_gate(
     if result.old_before is not None and result.old_after is not None:
         drop = result.old_before - result.old_after
         logger.info("Gate: merged tasks %.1f -> %.1f (%+.1f points)", result.old_before, result.old_after, -drop)
-        if drop > policy.max_forgetting + 1e-9:
+        if policy.max_forgetting is not None and drop > policy.max_forgetting + 1e-9:
             result.refusal = Refusal(
                 "quality", f"forgetting {drop:.1f} points on the merged tasks ({result.old_before:.1f} -> "
                 f"{result.old_after:.1f}), more than max_forgetting {policy.max_forgetting:g}")
@@ -110,7 +111,7 @@ def run_gate(
     if result.new_after is not None and result.new_base is not None:
         gain = result.new_after - result.new_base
         logger.info("Gate: %s %.1f vs base %.1f (%+.1f points)", new_task, result.new_after, result.new_base, gain)
-        if gain < policy.min_gain - 1e-9:
+        if policy.min_gain is not None and gain < policy.min_gain - 1e-9:
             result.refusal = Refusal(
                 "quality", f"gain {gain:+.1f} points on {new_task} over the base ({result.new_base:.1f} -> "
                 f"{result.new_after:.1f}), less than min_gain {policy.min_gain:g}")

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from hf_merge.io.merge_folder import LEDGER_FILENAME
 from hf_merge.publish.card import register_card_section
+
 FINAL_STATUSES = ("merged", "proposed", "refused")
 
 
@@ -57,7 +59,7 @@ class Ledger:
         self.entries: dict[str, LedgerEntry] = {e.key: e for e in entries}
 
     @classmethod
-    def load(cls, folder: str | Path) -> "Ledger":
+    def load(cls, folder: str | Path) -> Ledger:
         """The ledger of a folder; empty when it has none (or an unreadable one, which is logged)."""
         path = Path(folder) / LEDGER_FILENAME
         if not path.is_file():
@@ -95,7 +97,7 @@ class Ledger:
         self.entries[entry.key] = entry
         return entry
 
-    def update(self, other: "Ledger") -> bool:
+    def update(self, other: Ledger) -> bool:
         """Take the other ledger's final entries that this one lacks; whether anything changed."""
         changed = False
         for key, entry in other.entries.items():

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from hf_merge.errors import MergeStateError
 from hf_merge.hub import client as hub
 from hf_merge.io.merge_folder import STATE_FILENAME, MergeFolder
-from hf_merge.errors import MergeStateError
 from hf_merge.recipe import MergeRecipe
 
 HEAD_FILE = ".watch-head"

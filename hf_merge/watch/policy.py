@@ -25,8 +25,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError, field_validator
+from pydantic.json_schema import JsonDict
 
-from hf_merge.declared import excerpt, one_line
+from hf_merge.declared import POSITIVE_INTEGER, excerpt, one_line
 from hf_merge.errors import RecipeError
 from hf_merge.io.yaml_file import read_yaml
 from hf_merge.recipe_sections import register_section
@@ -43,7 +44,7 @@ class Refusal:
         return f"{self.kind}: {self.reason}"
 
 
-_POINTS = {"expects": "a number of accuracy points"}
+_POINTS: JsonDict = {"expects": "a number of accuracy points"}
 
 
 class AdmissionPolicy(BaseModel):
@@ -71,8 +72,7 @@ class AdmissionPolicy(BaseModel):
     tasks: dict[str, str] = Field(default_factory=dict)
     max_forgetting: StrictFloat | None = Field(default=None, ge=0, json_schema_extra=_POINTS)
     min_gain: StrictFloat | None = Field(default=None, json_schema_extra=_POINTS)
-    eval_limit: StrictInt | None = Field(default=None, ge=1,
-                                         json_schema_extra={"expects": "a positive integer", "expects_range": True})
+    eval_limit: StrictInt | None = Field(default=None, ge=1, json_schema_extra=POSITIVE_INTEGER)
 
     def __init__(self, **data: Any) -> None:
         source = str(data.pop("_source", "recipe"))

@@ -22,12 +22,11 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
 
-from hf_merge.hub import client as hub
 from hf_merge.errors import (
     CheckpointError,
     HfMergeError,
@@ -36,13 +35,14 @@ from hf_merge.errors import (
     ModelNotFoundError,
     PushError,
 )
+from hf_merge.hub import client as hub
+from hf_merge.hub.push import RetryPolicy, StaleParentError, push_files
 from hf_merge.log import get_logger
 from hf_merge.recipe import EvalSpec
 from hf_merge.watch.discovery import Candidate, Discovery, candidate_at
 from hf_merge.watch.ledger import LEDGER_FILENAME, Ledger, candidate_key
 from hf_merge.watch.mirror import HEAD_FILE, Mirror, edit_recipe
 from hf_merge.watch.policy import AdmissionPolicy, Refusal
-from hf_merge.hub.push import RetryPolicy, StaleParentError, push_files
 from hf_merge.watch.publish import push_result
 
 logger = get_logger(__name__)
@@ -223,9 +223,10 @@ class Watcher:
         task = candidate_task(candidate.repo_id, candidate.card, policy)
         spec = None
         done = len(self.mirror.merged_commits())
-        evaluated = recipe is not None and recipe.eval is not None
-        if evaluated and recipe.eval.every_step and task and len(recipe.eval.tasks) == done:
-            spec = EvalSpec(tasks=[task], every_step=True, limit=recipe.eval.limit)
+        evaluation = recipe.eval if recipe is not None else None
+        evaluated = evaluation is not None
+        if evaluation is not None and evaluation.every_step and task and len(evaluation.tasks) == done:
+            spec = EvalSpec(tasks=[task], every_step=True, limit=evaluation.limit)
         shutil.copytree(self.mirror.path, pending, ignore=shutil.ignore_patterns(".cache", HEAD_FILE, ".hf-merge-*"))
         # `add` on a local folder pushes nothing; the watcher pushes once the gate has admitted it.
         # Without a task for the candidate the per-step table cannot grow a row: evaluation is
@@ -233,7 +234,7 @@ class Watcher:
         edit_recipe(pending, push_to_hub=None, space=None, **({} if spec or not evaluated else {"eval": None}))
         add(pending, [candidate.reference], token=self.token, eval=spec, allow_pickle=policy.allow_pickle)
         if spec is None and evaluated:
-            edit_recipe(pending, eval=recipe.eval)
+            edit_recipe(pending, eval=evaluation)
         return task
 
     def _gate(self, pending: Path, candidate: Candidate, policy: AdmissionPolicy, task: str | None) -> Refusal | None:
@@ -329,7 +330,7 @@ class Watcher:
         self.mirror.update(self.merged_repo, head, self.token)
         self.ledger.update(Ledger.load(self.mirror.path))
         merged = self.mirror.merged_commits()
-        for key, entry in list(self.ledger.entries.items()):
+        for _key, entry in list(self.ledger.entries.items()):
             if (entry.repo_id, entry.sha) in merged and entry.status != "merged":
                 self.ledger.record(entry.repo_id, entry.sha, "merged")
         self.ledger.save(self.work_dir)

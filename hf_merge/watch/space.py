@@ -13,11 +13,11 @@ from pathlib import Path
 
 import yaml
 
+from hf_merge.declared import excerpt
 from hf_merge.errors import SpaceError, UsageError
+from hf_merge.hub.repo_id import is_repo_id
 from hf_merge.log import get_logger
 from hf_merge.watch.policy import AdmissionPolicy
-from hf_merge.declared import excerpt
-from hf_merge.hub.repo_id import is_repo_id
 
 logger = get_logger(__name__)
 

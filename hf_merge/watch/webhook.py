@@ -72,7 +72,7 @@ class DeliveryQueue:
     def __init__(self, watcher: Watcher):
         self.watcher = watcher
         self.done: list[Delivery] = []
-        self._queue: "queue.Queue[Delivery]" = queue.Queue()
+        self._queue: queue.Queue[Delivery] = queue.Queue()
         self._counter = itertools.count(1)
         self._order_lock = threading.Lock()
         self._worker = threading.Thread(target=self._work, name="hf-merge-watch-webhooks", daemon=True)
@@ -139,8 +139,12 @@ def create_webhook_server(watcher: Watcher, *, secret: str | None) -> tuple[Any,
     deliveries = DeliveryQueue(watcher)
     with gr.Blocks(title=f"hf-merge watch {watcher.merged_repo}") as ui:
         gr.Markdown(f"# hf-merge watcher of `{watcher.merged_repo}`\n\nThe Hub's webhook posts to `/webhooks/{WEBHOOK_PATH}`.")
-    server = WebhooksServer(ui=ui, webhook_secret=secret)
-    server.ui = ui  # our own handle: `server.ui.close()` stops this app and no other Gradio app
+
+    class _Server(WebhooksServer):
+        ui: Any  # our own handle: `server.ui.close()` stops this app and no other Gradio app
+
+    server = _Server(ui=ui, webhook_secret=secret)
+    server.ui = ui
 
     async def watch(request: Request):
         # The server already refused a missing or wrong secret; this compare is constant-time.

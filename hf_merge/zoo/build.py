@@ -15,7 +15,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-
 from hf_merge.errors import HfMergeError, PushError
 from hf_merge.log import get_logger
 from hf_merge.zoo.cache import cache_root
@@ -48,7 +47,7 @@ class ZooConfig:
     seed: int = 0
 
     @classmethod
-    def tiny(cls) -> "ZooConfig":
+    def tiny(cls) -> ZooConfig:
         """A miniature zoo for tests: same pipeline, seconds to build."""
         return cls(
             shape=ModelShape(vision_width=32, vision_layers=1, text_width=32, text_layers=1, heads=2,

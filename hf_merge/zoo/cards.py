@@ -15,13 +15,13 @@ _NOTICE = (
 )
 
 
-def _shape_line(config: "ZooConfig") -> str:
+def _shape_line(config: ZooConfig) -> str:
     s = config.shape
     return (f"{s.image_size} px images, patch {s.patch_size}, vision {s.vision_width} wide x {s.vision_layers} layers, "
             f"text {s.text_width} wide x {s.text_layers} layers, projection {s.projection_dim}")
 
 
-def base_card(config: "ZooConfig", metrics: dict[str, dict[str, float]]) -> str:
+def base_card(config: ZooConfig, metrics: dict[str, dict[str, float]]) -> str:
     rows = "\n".join(f"| {t} | {m['zero_shot_test'] * 100:.1f} |" for t, m in metrics.items())
     return f"""---
 license: apache-2.0
@@ -51,7 +51,7 @@ evaluation tasks**; it learned their class words from other pictures of the same
 """
 
 
-def expert_card(config: "ZooConfig", task: str, metrics: dict[str, float]) -> str:
+def expert_card(config: ZooConfig, task: str, metrics: dict[str, float]) -> str:
     info = TASKS[task]
     ft = config.finetune
     scope = "the whole vision tower" if ft.last_layers <= 0 else f"the last {ft.last_layers} vision blocks"

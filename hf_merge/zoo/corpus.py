@@ -93,7 +93,7 @@ def _font_files() -> list[str]:
 
 
 def _render_digits(rng: np.random.Generator) -> list[tuple[np.ndarray, int, str]]:
-    fonts: list[tuple[str, ImageFont.FreeTypeFont]] = [("a plain font", ImageFont.load_default(size=48))]
+    fonts: list[tuple[str, ImageFont.FreeTypeFont | ImageFont.ImageFont]] = [("a plain font", ImageFont.load_default(size=48))]
     for path in _font_files():
         fonts.append((Path(path).stem.replace("-", " ").lower(), ImageFont.truetype(path, 48)))
     out = []
@@ -198,7 +198,7 @@ def build_corpus(seed: int = 0, scale: float = 1.0, general: bool = True) -> Cor
         add_items(list(idx_class), lambda i, m=idx_class: pick("object").format(c=m[i]), n)
 
     tex_class: dict[int, str] = {}
-    for cls, fn in zip(TASKS["textures"].classnames, (_brick, _grass, _gravel)):
+    for cls, fn in zip(TASKS["textures"].classnames, (_brick, _grass, _gravel), strict=False):
         for _ in range(60):
             tex_class[len(bank)] = cls
             bank.append(_grey3(fn(rng)))

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import gzip
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from importlib import util as importlib_util
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -67,7 +67,7 @@ TASKS: dict[str, TaskInfo] = {
 }
 
 
-def _to_rgb32(grey: np.ndarray, resample: int = Image.BILINEAR) -> np.ndarray:
+def _to_rgb32(grey: np.ndarray, resample: Image.Resampling = Image.Resampling.BILINEAR) -> np.ndarray:
     """(N, H, W) grey in [0, 255] -> (N, 32, 32, 3) uint8."""
     grey = np.asarray(grey)
     if grey.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
@@ -137,7 +137,7 @@ def _shuffled_splits(x: np.ndarray, y: np.ndarray, sizes: tuple[int, int, int], 
         raise HfMergeError(f"Split sizes {sizes} exceed the {len(x)} available images.")
     cuts = {"train": order[:n_train], "val": order[n_train : n_train + n_val],
             "test": order[n_train + n_val : n_train + n_val + n_test]}
-    resample = Image.NEAREST if nearest else Image.BILINEAR
+    resample = Image.Resampling.NEAREST if nearest else Image.Resampling.BILINEAR
     return {s: (_to_rgb32(x[idx], resample), y[idx].astype(np.int64)) for s, idx in cuts.items()}
 
 
@@ -145,7 +145,7 @@ def _texture_splits(seed: int):
     from skimage import data as skdata
 
     rng = np.random.default_rng(seed)
-    out = {s: ([], []) for s in SPLITS}
+    out: dict[str, tuple[list[np.ndarray], list[int]]] = {s: ([], []) for s in SPLITS}
     # Rows of each 512x512 photo: 0-299 train, 300-399 val, 400-511 test; 48 px patches, stride 16.
     bands = {"train": (0, 300), "val": (300, 400), "test": (400, 512)}
     for label, fn in enumerate((skdata.brick, skdata.grass, skdata.gravel)):
@@ -168,7 +168,7 @@ _RAW: dict[str, Callable[[], tuple[np.ndarray, np.ndarray]]] = {
 }
 
 
-@lru_cache(maxsize=None)
+@cache
 def _task_splits(name: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     if name not in TASKS:
         raise HfMergeError(f"Unknown offline task {name!r}; available: {', '.join(TASKS)}.")

@@ -49,7 +49,7 @@ def finetune(base, heads: torch.Tensor, images: np.ndarray, labels: np.ndarray, 
     y = torch.as_tensor(labels)
     scale = model.logit_scale.exp().detach()
     model.train()
-    for step in range(config.steps):
+    for _step in range(config.steps):
         sel = torch.randint(0, len(pixels), (config.batch_size,), generator=gen)
         x = pixels[sel]
         # +-2 px shifts: cheap augmentation that keeps small tasks from being memorised.
@@ -58,7 +58,7 @@ def finetune(base, heads: torch.Tensor, images: np.ndarray, labels: np.ndarray, 
         logits = scale * image_embeddings(model, x) @ heads.T
         loss = F.cross_entropy(logits, y[sel])
         if config.l2sp > 0:
-            loss = loss + config.l2sp * sum(((p - a) ** 2).sum() for (_, p), a in zip(params, anchors))
+            loss = loss + config.l2sp * sum(((p - a) ** 2).sum() for (_, p), a in zip(params, anchors, strict=False))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

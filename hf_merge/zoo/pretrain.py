@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,7 +38,7 @@ def augment(bank: torch.Tensor, pixelate: torch.Tensor, size: int, gen: torch.Ge
     shift = (torch.rand(n, 2, generator=gen) - 0.5) * 0.3
     cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
     theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
-    grid = F.affine_grid(theta, (n, 3, 64, 64), align_corners=False)
+    grid = F.affine_grid(theta, [n, 3, 64, 64], align_corners=False)
     if elastic > 0:
         # A smooth random displacement field: printed glyphs and emoji wobble like handwriting.
         coarse = (torch.rand(n, 2, 5, 5, generator=gen) - 0.5) * (2 * elastic)
@@ -52,7 +53,7 @@ def augment(bank: torch.Tensor, pixelate: torch.Tensor, size: int, gen: torch.Ge
 
 
 def pretrain(corpus: Corpus, tokenizer, shape: ModelShape, config: PretrainConfig, seed: int = 0,
-             extra_texts: list[str] = ()):
+             extra_texts: Sequence[str] = ()):
     """Train a CLIP model from scratch on ``corpus``; returns a full-vocabulary ``CLIPModel``.
 
     ``extra_texts`` (the tasks' prompts) only reserve their tokens in the compact vocabulary, so that

@@ -36,7 +36,7 @@ def bytes_to_unicode() -> dict[int, str]:
             printable.append(byte)
             codes.append(256 + extra)
             extra += 1
-    return dict(zip(printable, (chr(code) for code in codes)))
+    return dict(zip(printable, (chr(code) for code in codes), strict=False))
 
 
 def bpe_merges_path() -> Path:

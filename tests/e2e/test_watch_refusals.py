@@ -61,7 +61,8 @@ def test_refused_candidates_are_recorded_with_their_reasons_and_change_no_weight
     outcomes = {o.repo_id: o for o in watcher.run_once()}
 
     assert {r: (o.status, o.sha) for r, o in outcomes.items()} == {r: ("refused", sha) for r, sha in shas.items()}
-    assert outcomes["carol/refuse-arch"].reason.startswith("architecture:") and "hidden_size is 48 instead of 32" in outcomes["carol/refuse-arch"].reason
+    arch = outcomes["carol/refuse-arch"].reason
+    assert arch.startswith("architecture:") and "hidden_size is 48 instead of 32" in arch
     assert outcomes["carol/refuse-pickle"].reason.startswith("weights:") and "only pickle weights" in outcomes["carol/refuse-pickle"].reason
     assert outcomes["carol/refuse-nan"].reason.startswith("weights:") and "NaN" in outcomes["carol/refuse-nan"].reason
     assert outcomes["carol/refuse-license"].reason == "license: license 'gpl-3.0' is not allowed (mit, apache-2.0)"

@@ -19,9 +19,9 @@ from typing import Any, ClassVar
 
 import torch
 
+from hf_merge.errors import UsageError
 from hf_merge.io.checkpoint import Checkpoint, TensorSpec, faulted_empty
 from hf_merge.merging.distributed import Executor
-from hf_merge.errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -174,18 +174,26 @@ class MergeMethod(ABC):
         self.validate()
         self.step_count = 0
         self.buffer: dict[str, torch.Tensor] = {}
-        self.context: MergeContext | None = None
+        self._context: MergeContext | None = None
         #: Set by the engine while a step that will be written runs: called with each merged name
         #: whose output is final for the step, so it can be written while the step goes on.
         self.ready: Callable[[str], None] | None = None
 
+    @property
+    def context(self) -> MergeContext:
+        """The merge this method takes part in (set by :meth:`init`)."""
+        if self._context is None:
+            raise RuntimeError(f"{type(self).__name__}.init(context) must run before the method is used")
+        return self._context
+
     def validate(self) -> None:
         """Checks across parameters that their declarations cannot express; :class:`UsageError`."""
+        return None  # a hook: most methods have no such checks
 
     # -- the interface -------------------------------------------------------------------------
     def init(self, context: MergeContext) -> None:
         """Start from θ0: the buffer holds a copy of every merged base tensor."""
-        self.context = context
+        self._context = context
         self.buffer = {name: self._initial_buffer(name) for name in context.names}
 
     def step(self, expert: Checkpoint) -> dict[str, float]:
@@ -195,6 +203,7 @@ class MergeMethod(ABC):
 
     def finalize(self) -> None:
         """Complete the merged weights after the last step (continual methods: nothing to do)."""
+        return None
 
     def output(self, name: str) -> torch.Tensor:
         """The merged tensor ``name`` in the base checkpoint's dtype."""
@@ -221,7 +230,7 @@ class MergeMethod(ABC):
         return {}
 
     def _load_extra_state(self, state: Mapping[str, Any]) -> None:
-        pass
+        return None  # methods without scalars of their own keep nothing
 
     def _initial_buffer(self, name: str) -> torch.Tensor:
         return self.context.base.get(name)

@@ -74,7 +74,7 @@ class Linalg:
         n = d.shape[1]
         gram = torch.zeros(n, n, dtype=d.dtype, device=d.device)
         edges = [n * i // _GRAM_BLOCKS for i in range(_GRAM_BLOCKS + 1)]
-        for lo, hi in zip(edges, edges[1:]):
+        for lo, hi in zip(edges, edges[1:], strict=False):
             if hi > lo:
                 gram[lo:, lo:hi] = d[:, lo:].T @ d[:, lo:hi]
         return gram
@@ -151,7 +151,11 @@ class _threads_for_this_call:
     """OpenBLAS on the calling thread at torch's current thread count, restored after."""
 
     def __enter__(self) -> None:
-        self._before = numpy_openblas().openblas_set_num_threads_local(max(torch.get_num_threads(), 1))
+        lib = numpy_openblas()
+        if lib is None:  # only used once numpy's OpenBLAS was found
+            raise RuntimeError("numpy's OpenBLAS is not available")
+        self._lib = lib
+        self._before = self._lib.openblas_set_num_threads_local(max(torch.get_num_threads(), 1))
 
     def __exit__(self, *exc: object) -> None:
-        numpy_openblas().openblas_set_num_threads_local(self._before)
+        self._lib.openblas_set_num_threads_local(self._before)

@@ -219,10 +219,11 @@ def project_task_vector(
         raise ValueError(f"decomposition must be one of {', '.join(DECOMPOSITIONS)}, got {decomposition!r}")
     if not inplace:
         tau = tau.clone()
-    options = {"alpha": alpha, "zero_diagonal": zero_diagonal, "split_index_base": split_index_base}
     if decomposition == "svd" or not reduced_svd or (project_zero_delta and not bool(delta.any())):
-        return project_svd(delta, tau, reduced_svd=reduced_svd, project_zero_delta=project_zero_delta, **options)
+        return project_svd(delta, tau, reduced_svd=reduced_svd, project_zero_delta=project_zero_delta, alpha=alpha,
+                           zero_diagonal=zero_diagonal, split_index_base=split_index_base)
     # float64 inputs (svd_dtype float64) keep float64 throughout whatever was asked
     gram_dtype = torch.float32 if decomposition == "gram32" and delta.dtype != torch.float64 else torch.float64
     vectors_dtype = torch.float64 if decomposition == "gram64" else delta.dtype
-    return project_gram(delta, tau, gram_dtype=gram_dtype, vectors_dtype=vectors_dtype, linalg=linalg, **options)
+    return project_gram(delta, tau, gram_dtype=gram_dtype, vectors_dtype=vectors_dtype, linalg=linalg, alpha=alpha,
+                        zero_diagonal=zero_diagonal, split_index_base=split_index_base)

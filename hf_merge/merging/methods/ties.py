@@ -36,7 +36,7 @@ def _magnitude_bits(groups: Iterator[tuple[torch.Tensor, ...]], batch: int = 1 <
             continue
         if not pending:
             pending = [[] for _ in group]
-        for bucket, tensor in zip(pending, bits):
+        for bucket, tensor in zip(pending, bits, strict=False):
             bucket.append(tensor)
         size += group[0].numel()
         if size >= batch:
@@ -53,7 +53,7 @@ def kth_smallest_magnitudes(groups: Callable[[], Iterator[tuple[torch.Tensor, ..
     for bits_all in _magnitude_bits(groups()):
         if not high:
             high = [torch.zeros(_HIGH_BINS, dtype=torch.int64) for _ in bits_all]
-        for hist, bits in zip(high, bits_all):
+        for hist, bits in zip(high, bits_all, strict=False):
             hist += torch.bincount(bits >> 16, minlength=_HIGH_BINS).cpu()
     buckets, below = [], []
     for hist in high:
@@ -63,11 +63,11 @@ def kth_smallest_magnitudes(groups: Callable[[], Iterator[tuple[torch.Tensor, ..
         below.append(int(cumulative[bucket - 1]) if bucket > 0 else 0)
     low = [torch.zeros(_LOW_BINS, dtype=torch.int64) for _ in high]
     for bits_all in _magnitude_bits(groups()):
-        for hist, bits, bucket in zip(low, bits_all, buckets):
+        for hist, bits, bucket in zip(low, bits_all, buckets, strict=False):
             inside = bits[(bits >> 16) == bucket] & 0xFFFF
             hist += torch.bincount(inside, minlength=_LOW_BINS).cpu()
     values = []
-    for hist, bucket, before in zip(low, buckets, below):
+    for hist, bucket, before in zip(low, buckets, below, strict=False):
         offset = int(torch.searchsorted(hist.cumsum(0), torch.tensor(k - before)))
         values.append(float(torch.tensor([(bucket << 16) | offset], dtype=torch.int32).view(torch.float32)))
     return values
