@@ -139,12 +139,10 @@ def create_webhook_server(watcher: Watcher, *, secret: str | None) -> tuple[Any,
     deliveries = DeliveryQueue(watcher)
     with gr.Blocks(title=f"hf-merge watch {watcher.merged_repo}") as ui:
         gr.Markdown(f"# hf-merge watcher of `{watcher.merged_repo}`\n\nThe Hub's webhook posts to `/webhooks/{WEBHOOK_PATH}`.")
-
-    class _Server(WebhooksServer):
-        ui: Any  # our own handle: `server.ui.close()` stops this app and no other Gradio app
-
-    server = _Server(ui=ui, webhook_secret=secret)
-    server.ui = ui
+    server = WebhooksServer(ui=ui, webhook_secret=secret)
+    # Our own handle: `server.ui.close()` stops this app and no other Gradio app. WebhooksServer is
+    # wrapped by huggingface_hub's `experimental` decorator, so it cannot be subclassed to declare it.
+    setattr(server, "ui", ui)  # noqa: B010
 
     async def watch(request: Request):
         # The server already refused a missing or wrong secret; this compare is constant-time.
