@@ -67,3 +67,22 @@ def test_refusals_and_a_moved_repo_are_not_retried(monkeypatch, folder):
     with pytest.raises(PushError, match="server error 500"):
         _push(monkeypatch, folder, [500] * 4, sleeps)
     assert sleeps == [1.0, 2.0, 3.0]  # only the last push waited, and gave up after 4 attempts
+
+
+def test_merge_and_add_push_through_the_same_retrying_path(monkeypatch, tmp_path):
+    """``push_merge`` (merge, add, push) retries a server error like the watcher's pushes do."""
+    from hf_merge.hub.push import push_merge
+
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    api = _Api([503])
+    api.create_repo = lambda *args, **kwargs: None
+    sleeps: list[float] = []
+    monkeypatch.setattr(hub, "api_client", lambda token: api)
+    monkeypatch.setattr(publish.time, "sleep", sleeps.append)
+    url = push_merge(tmp_path, "alice/m", token=TOKEN, retry=RetryPolicy(attempts=3, first_delay_s=1.0))
+    assert url == "http://hub/commit/1" and sleeps == [1.0] and len(api.calls) == 2
+    api.failures = [403]
+    with pytest.raises(PushError) as error:
+        push_merge(tmp_path, "alice/m", token=TOKEN, retry=RetryPolicy(attempts=3, first_delay_s=1.0))
+    assert error.value.retry_command == f"hf-merge push {tmp_path} --repo-id alice/m" and sleeps == [1.0]
