@@ -96,3 +96,13 @@ def test_reading_to_show_tolerates_an_early_state_resuming_does_not(tmp_path):
         MergeState.load(tmp_path)
     with pytest.raises(MergeStateError, match="not an hf-merge result"):
         MergeFolder(tmp_path / "missing").state()
+
+
+def test_recording_licences_keeps_keys_this_version_does_not_know(tmp_path):
+    folder = _folder(tmp_path)
+    data = json.loads((folder / STATE_FILENAME).read_text()) | {"written_by_a_later_version": [1, 2]}
+    (folder / STATE_FILENAME).write_text(json.dumps(data))
+    MergeFolder(folder).record_licenses({BASE: "mit", EXPERT: None})
+    saved = json.loads((folder / STATE_FILENAME).read_text())
+    assert saved["written_by_a_later_version"] == [1, 2] and saved["parent_licenses"] == {BASE: "mit", EXPERT: None}
+    assert MergeFolder(folder).licenses() == {BASE: "mit", EXPERT: None}

@@ -156,10 +156,17 @@ class MergeFolder:
         return self._legacy_licenses()
 
     def record_licenses(self, licenses: dict[str, str | None]) -> None:
-        """Keep the parents' licences in the merge state."""
-        state = self.state(strict=True)
-        state.parent_licenses = {str(k): (v if isinstance(v, str) else None) for k, v in licenses.items()}
-        self.write_state(state)
+        """Keep the parents' licences in the merge state (every other key of the file as it was,
+        so a state written by another version keeps what this one does not know)."""
+        path = self.path / STATE_FILENAME
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise MergeStateError(f"{path}: cannot record the parents' licences ({error})") from None
+        if not isinstance(data, dict):
+            raise MergeStateError(f"{path}: corrupt merge state (not a JSON object)")
+        data["parent_licenses"] = {str(k): (v if isinstance(v, str) else None) for k, v in licenses.items()}
+        atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
     def _legacy_licenses(self) -> dict[str, str | None]:
         readme = self.path / CARD_FILENAME
