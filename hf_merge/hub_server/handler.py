@@ -21,7 +21,7 @@ from hf_merge.hub_server.routes import HubApi
 from hf_merge.log import get_logger
 
 if TYPE_CHECKING:
-    from hf_merge.hub_server.server import _HubHTTPServer
+    from hf_merge.hub_server.server import HubHTTPServer
 
 logger = get_logger(__name__)
 
@@ -38,14 +38,15 @@ class HubRequestHandler(BaseHTTPRequestHandler):
     ``/api/whoami-v2``, ``/api/repos/{create,delete}``, ``/api/validate-yaml``, ``/api/{t}``,
     ``/api/{t}/{ns}/{name}[/revision/{rev}]``, ``…/preupload/{rev}``, ``…/commit/{rev}``,
     ``…/branch/{b}``, ``…/tag/{rev}``, ``…/tree/{rev}[/{path}]``, ``…/refs``, ``…/commits/{rev}``,
-    ``…/paths-info/{rev}``, ``…/discussions[/{num}]``, ``…/settings``, ``/api/settings/webhooks[/{id}]``, ``/{p}{ns}/{name}.git/info/lfs/objects/batch``,
+    ``…/paths-info/{rev}``, ``…/discussions[/{num}]``, ``…/settings``, ``/api/settings/webhooks[/{id}]``,
+    ``/{p}{ns}/{name}.git/info/lfs/objects/batch``,
     ``/lfs-upload/{ticket}`` and ``/{p}{ns}/{name}/resolve/{rev}/{path}``;
     ``POST …/discussions/{num}/merge|status``.
     """
 
     protocol_version = "HTTP/1.1"
     server_version = "hf-merge-local-hub"
-    server: _HubHTTPServer
+    server: HubHTTPServer
 
     def setup(self) -> None:
         super().setup()

@@ -33,7 +33,9 @@ logger = get_logger(__name__)
 _BUSY = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
 
 
-class _HubHTTPServer(ThreadingHTTPServer):
+class HubHTTPServer(ThreadingHTTPServer):
+    """The HTTP server of :class:`LocalHubServer`: the API, the byte meter and the limits its handlers read."""
+
     daemon_threads = True
     request_queue_size = 128  # many client threads open connections at once
 
@@ -93,7 +95,7 @@ class LocalHubServer:
         self.limits = limits or HubLimits()
         self.api = HubApi(self.root, tokens or {}, orgs)
         self._meter = Meter(bandwidth_bytes_per_s)
-        self._httpd = _HubHTTPServer((host, port), self.api, self._meter, self.limits)
+        self._httpd = HubHTTPServer((host, port), self.api, self._meter, self.limits)
         self.port = int(self._httpd.server_address[1])
         self._thread: threading.Thread | None = None
 

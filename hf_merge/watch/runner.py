@@ -224,16 +224,15 @@ class Watcher:
         spec = None
         done = len(self.mirror.merged_commits())
         evaluation = recipe.eval if recipe is not None else None
-        evaluated = evaluation is not None
         if evaluation is not None and evaluation.every_step and task and len(evaluation.tasks) == done:
             spec = EvalSpec(tasks=[task], every_step=True, limit=evaluation.limit)
         shutil.copytree(self.mirror.path, pending, ignore=shutil.ignore_patterns(".cache", HEAD_FILE, ".hf-merge-*"))
         # `add` on a local folder pushes nothing; the watcher pushes once the gate has admitted it.
         # Without a task for the candidate the per-step table cannot grow a row: evaluation is
         # skipped for this step (the previous rows stay) and the recipe's settings are restored after.
-        edit_recipe(pending, push_to_hub=None, space=None, **({} if spec or not evaluated else {"eval": None}))
+        edit_recipe(pending, push_to_hub=None, space=None, **({} if spec or evaluation is None else {"eval": None}))
         add(pending, [candidate.reference], token=self.token, eval=spec, allow_pickle=policy.allow_pickle)
-        if spec is None and evaluated:
+        if spec is None and evaluation is not None:
             edit_recipe(pending, eval=evaluation)
         return task
 
