@@ -19,7 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hf_merge.merging.engine import ContinualMerger, merge
+from hf_merge.merging.engine import ContinualMerger
+from hf_merge.merging.engine import merge_weights as merge
 from hf_merge.merging.state import MergeState
 from hf_merge.testing.processes import sigkill_when
 
@@ -193,7 +194,7 @@ _CHILD = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from hf_merge.merging.engine import merge
+    from hf_merge.merging.engine import merge_weights as merge
     from hf_merge.merging.methods import tsv_m
 
     marker, base, out, *experts = sys.argv[1:]
