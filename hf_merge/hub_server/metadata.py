@@ -11,9 +11,9 @@ import json
 import threading
 from typing import Any
 
-from hf_merge.errors import RecipeError
+import yaml
+
 from hf_merge.hub_server.storage import Commit, HubStorage, RepoRecord, TreeEntry
-from hf_merge.io.yaml_file import load_yaml
 
 _URL_PREFIXES = {"model": "", "dataset": "datasets/", "space": "spaces/"}
 
@@ -34,9 +34,9 @@ def parse_front_matter(text: str) -> dict[str, Any]:
         return {}
     for index, line in enumerate(lines[1:], start=1):
         if line.strip() == "---":
-            try:  # anyone's README: capped, no aliases (hf_merge.io.yaml_file)
-                data = load_yaml("\n".join(lines[1:index]), source="metadata")
-            except RecipeError as error:
+            try:
+                data = yaml.safe_load("\n".join(lines[1:index]))
+            except yaml.YAMLError as error:
                 raise ValueError(f"Invalid YAML in metadata: {error}") from error
             if data is None:
                 return {}
