@@ -18,6 +18,7 @@ from hf_merge.errors import MergeStateError, RecipeError, UsageError
 from hf_merge.log import get_logger
 from hf_merge.output_folder import check_output_folder, weights_bytes
 from hf_merge.hub.preflight import check_models
+from hf_merge.hub.repo_ids import check_names
 from hf_merge.progress import Phase
 from hf_merge.recipe import EvalSpec, MergeRecipe, _reference_key
 from hf_merge.hub import sources
@@ -72,6 +73,8 @@ def merge(recipe: MergeRecipe | str | Path | None = None, *, token: str | None =
         ...                method="opcm", parameters={"alpha": 0.5}, push_to_hub="me/clip-opcm")
     """
     recipe = _as_recipe(recipe, fields)
+    check_names(repo_ids={"push_to_hub": recipe.push_to_hub, "space": recipe.space},
+                references={"base": recipe.base, "expert": recipe.experts})
     token = hub.resolve_token(token)
     output_dir = recipe.output_dir()
     if (output_dir / STATE_FILENAME).exists():
@@ -134,11 +137,14 @@ def add(
         eval: Evaluation settings (default: the recipe's).
         allow_pickle, evict, space, partial_download: As in the recipe (default: the recipe's values).
     """
-    token = hub.resolve_token(token)
     experts = [str(e) for e in experts]
     if not experts:
         raise RecipeError("`add` needs at least one new expert: --experts REPO[@REV] ...")
+    check_names(repo_ids={"push_to_hub": push_to_hub, "space": space}, references={"merged model": str(merged), "expert": experts})
     local = Path(merged).expanduser()
+    if not local.is_dir():
+        check_names(repo_ids={"merged repo": split_reference(str(merged))[0]})
+    token = hub.resolve_token(token)
     if local.is_dir():
         output_dir = Path(output) if output else local
         check_output_folder(output_dir)
@@ -208,6 +214,7 @@ def add(
 def push(output_dir: str | Path, repo_id: str, *, token: str | None = None, private: bool = False,
          create_pr: bool = False, commit_message: str | None = None) -> str:
     """Push a finished merge folder (again): what ``hf-merge push`` and a failed push's retry run."""
+    check_names(repo_ids={"repo_id": repo_id})
     output_dir = Path(output_dir)
     if not (output_dir / STATE_FILENAME).is_file():
         raise UsageError(f"{output_dir} is not an hf-merge result (no {STATE_FILENAME})")
@@ -220,6 +227,7 @@ def push(output_dir: str | Path, repo_id: str, *, token: str | None = None, priv
 
 def card(output_dir: str | Path, *, repo_id: str | None = None, space: str | None = None) -> Path:
     """(Re)generate ``README.md`` (and ``accuracy.png``) of a local merge folder."""
+    check_names(repo_ids={"repo_id": repo_id, "space": space})
     output_dir = Path(output_dir)
     if repo_id is None and (output_dir / "recipe.yaml").is_file():
         repo_id = _recipe_of(output_dir).push_to_hub

@@ -262,6 +262,9 @@ def publish_space(
 
     if Path(merged_repo).expanduser().is_dir():
         raise UsageError(f"{merged_repo} is a local folder: push it first (hf-merge push), then publish its repo id")
+    from hf_merge.hub.repo_ids import check_names
+
+    check_names(repo_ids={"merged repo": merged_repo, "--space": space_id})
     if str(merged_repo).count("/") != 1:
         raise UsageError(f"{merged_repo!r} is not a repo id like USER/NAME")
     space_id = space_id or merged_repo

@@ -88,6 +88,7 @@ class Watcher:
                  policy: AdmissionPolicy | None = None, review: str = "commit", authors: Sequence[str] = (),
                  searches: Sequence[str] = (), allow_list: str | Path | None = None, limit: int = 100,
                  retry: RetryPolicy | None = None):
+        check_names(repo_ids={"merged repo": merged_repo})
         if review not in ("commit", "pr"):
             raise HfMergeError(f"--review must be 'commit' or 'pr', got {review!r}")
         self.merged_repo = merged_repo

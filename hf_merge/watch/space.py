@@ -147,6 +147,9 @@ def publish_watcher_space(merged_repo: str, space_id: str, *, token: str | None 
     """Create (or update) the watcher Space of ``merged_repo``; its URL. Secrets are set by the user."""
     from hf_merge.hub import client as hub
 
+    from hf_merge.hub.repo_ids import check_names
+
+    check_names(repo_ids={"merged repo": merged_repo, "--space": space_id})
     if space_id.count("/") != 1 or merged_repo.count("/") != 1:
         raise UsageError(f"expected repo ids USER/NAME, got {merged_repo!r} and --space {space_id!r}")
     token = hub.resolve_token(token)
