@@ -26,6 +26,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
+from hf_merge.hub.remote_file import remote_tensor_table
 from hf_merge.hub.conversion_pr import ConversionPR, find_conversion_pr, tensor_name_problem
 from hf_merge.errors import AuthenticationError, CheckpointError, HfMergeError, ModelNotFoundError, PushError
 from hf_merge.log import get_logger
@@ -196,13 +197,10 @@ def tensor_headers(repo_id: str, revision: str, *, token: str | None) -> dict[st
 
 
 def tensor_table(repo_id: str, revision: str, *, token: str | None) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """Tensor name -> (dtype string, shape) from a repo's safetensors headers (range requests only)."""
-    metadata = api_client(token).get_safetensors_metadata(repo_id, revision=revision)
-    table: dict[str, tuple[str, tuple[int, ...]]] = {}
-    for file_metadata in metadata.files_metadata.values():
-        for name, info in file_metadata.tensors.items():
-            table[name] = (info.dtype, tuple(info.shape))
-    return table
+    """Tensor name -> (dtype string, shape) from a repo's safetensors headers (range requests only),
+    each header checked as the safetensors library checks it (:mod:`hf_merge.io.safetensors_header`)."""
+    info = api_client(token).model_info(repo_id, revision=revision)
+    return remote_tensor_table(repo_id, info.sha or revision, [s.rfilename for s in info.siblings or []], token=token)
 
 
 # ---------------------------------------------------------------------------------------- push
