@@ -106,14 +106,31 @@ def read_license(folder: str | Path | None) -> str | None:
     if not readme.is_file():
         return None
     try:
-        return ModelCard.load(readme, ignore_metadata_errors=True).data.get("license")
+        return license_id(ModelCard.load(readme, ignore_metadata_errors=True).data.get("license"))
     except Exception:  # a malformed third-party README must not break the merge
         return None
 
 
-def choose_license(licenses: Mapping[str, str | None], base_name: str) -> tuple[str, str | None]:
-    """``(license, note)``: the base's license when every parent declares the same one, else ``other``."""
-    declared = dict(licenses)
+def license_id(value: Any) -> str | None:
+    """A card's ``license`` field, of whatever YAML type, as one licence id (``None``: not declared).
+
+    The Hub's card metadata holds one licence id. A list of one id is that id; a longer list (dual
+    licensing, or a choice), a number or a mapping is ``other``: hf-merge cannot pick a licence for
+    the user, and the card's note then asks people to check each parent."""
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if value is None or value == "" or value == []:
+        return None
+    if isinstance(value, str):
+        return value.strip() or None
+    return "other"
+
+
+def choose_license(licenses: Mapping[str, Any], base_name: str) -> tuple[str, str | None]:
+    """``(license, note)``: the base's license when every parent declares the same one, else ``other``.
+
+    Values of any type are accepted (see :func:`license_id`): a bad card never stops a merge."""
+    declared = {str(name): license_id(value) for name, value in licenses.items()}
     values = set(declared.values())
     base_license = declared.get(base_name)
     if len(values) == 1 and base_license:
@@ -158,7 +175,7 @@ def build_card(
 
     if licenses is None:
         licenses = _previous_licenses(output_dir, [base, *experts])
-    licenses = {s["name"]: licenses.get(s["name"]) for s in [base, *experts]}
+    licenses = {s["name"]: license_id(licenses.get(s["name"])) for s in [base, *experts]}
     license_, license_note = choose_license(licenses, base["name"])
 
     accuracy = load_accuracy(output_dir)
