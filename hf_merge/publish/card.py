@@ -14,12 +14,15 @@ from typing import Any, Mapping, Sequence
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from hf_merge.publish.accuracy_table import AccuracyTable, load_accuracy, plot_accuracy
+from hf_merge.publish.escape import code_block, code_span, comment_json, markdown_text, one_line, url_part
 from hf_merge.errors import MergeStateError
 from hf_merge.log import get_logger
 from hf_merge.resources import templates_dir
 
 logger = get_logger(__name__)
 _HUB_DATASET_ID = re.compile(r"[\w.-]+/[\w.-]+")
+# What a licence id looks like on the Hub (``mit``, ``apache-2.0``, ``cc-by-nc-4.0``, ``other``).
+_LICENSE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+_-]{0,63}")
 
 CARD_FILENAME = "README.md"
 PLOT_FILENAME = "accuracy.png"
@@ -115,15 +118,16 @@ def license_id(value: Any) -> str | None:
     """A card's ``license`` field, of whatever YAML type, as one licence id (``None``: not declared).
 
     The Hub's card metadata holds one licence id. A list of one id is that id; a longer list (dual
-    licensing, or a choice), a number or a mapping is ``other``: hf-merge cannot pick a licence for
-    the user, and the card's note then asks people to check each parent."""
+    licensing, or a choice), a number, a mapping or a string that is no licence id (spaces, markup)
+    is ``other``: hf-merge cannot pick a licence for the user, and the card's note then asks people
+    to check each parent."""
     if isinstance(value, list) and len(value) == 1:
         value = value[0]
     if value is None or value == "" or value == []:
         return None
-    if isinstance(value, str):
-        return value.strip() or None
-    return "other"
+    if isinstance(value, str) and _LICENSE_ID.fullmatch(value.strip()):
+        return value.strip()
+    return "other" if not isinstance(value, str) or value.strip() else None
 
 
 def choose_license(licenses: Mapping[str, Any], base_name: str) -> tuple[str, str | None]:
@@ -137,7 +141,8 @@ def choose_license(licenses: Mapping[str, Any], base_name: str) -> tuple[str, st
         return base_license, None
     if values == {None}:
         return "other", "none of the parent models declares a license; check each before use."
-    described = ", ".join(f"`{name}`: {lic or 'not declared'}" for name, lic in declared.items())
+    # Markdown, escaped: names and licences come from other people's repos.
+    described = ", ".join(f"{code_span(name)}: {markdown_text(lic or 'not declared')}" for name, lic in declared.items())
     return "other", f"the parent models do not all declare the same license ({described}); check each before use."
 
 
@@ -180,8 +185,9 @@ def build_card(
 
     accuracy = load_accuracy(output_dir)
     hub_base_models = [s["repo_id"] for s in [base, *experts] if s.get("repo_id")]
-    title, summary = METHOD_DESCRIPTIONS.get(method, (method, f"Merged with the `{method}` method."))
-    model_id = repo_id or str(output_dir.resolve())
+    title, summary = METHOD_DESCRIPTIONS.get(method, (markdown_text(method), f"Merged with the {code_span(method)} method."))
+    # Shown inside code blocks: a local path must not close the string or the fence.
+    model_id = one_line(repo_id or str(output_dir.resolve())).replace("`", "").replace('"', "")
     model_name = (repo_id or output_dir.resolve().name).split("/")[-1]
 
     card_data = ModelCardData(
@@ -194,28 +200,29 @@ def build_card(
         eval_results=_eval_results(accuracy) if accuracy else None,
         base_model_relation="merge",
     )
+    # Every string below that another repo could have chosen is escaped (hf_merge.publish.escape).
     context = {
-        "model_name": model_name,
+        "model_name": markdown_text(model_name),
         "model_id": model_id,
         "base": base,
         "experts": experts,
-        "method": method,
+        "method": code_span(method),
         "method_title": title,
         "method_summary": summary,
-        "hyperparameters": hyperparameters,
-        "scope": SCOPE_DESCRIPTIONS.get(scope, scope),
+        "hyperparameters": {markdown_text(k): code_span(v) for k, v in hyperparameters.items()},
+        "scope": SCOPE_DESCRIPTIONS.get(scope, markdown_text(scope)),
         "tensors": _tensor_context(output_dir, state, scope),
         "license_note": license_note,
         "accuracy": _accuracy_context(accuracy, output_dir, plot) if accuracy else None,
-        "recipe_yaml": recipe_yaml or "# no recipe.yaml in this folder\n",
-        "space_id": space_id,
-        "space_url": f"{hub}/spaces/{space_id}" if space_id else None,
+        "recipe_block": code_block(recipe_yaml or "# no recipe.yaml in this folder\n", "yaml"),
+        "space_id": markdown_text(space_id) if space_id else None,
+        "space_url": f"{hub}/spaces/{url_part(space_id)}" if space_id else None,
         "considered": _considered(output_dir),
     }
     card = ModelCard.from_template(card_data, template_path=str(templates_dir() / "model_card.md"), **context)
     # Parents' licenses, kept in a comment so that a regenerated card still knows them once the
     # experts have been evicted from the cache.
-    card.text = card.text.rstrip("\n") + "\n\n<!-- hf-merge parent licenses: " + json.dumps(dict(licenses)) + " -->\n"
+    card.text = card.text.rstrip("\n") + "\n\n<!-- hf-merge parent licenses: " + comment_json(dict(licenses)) + " -->\n"
     return card
 
 
@@ -231,23 +238,29 @@ def _considered(output_dir: Path) -> list[dict[str, Any]]:
     """Candidates ``hf-merge watch`` refused, from the folder's ``watch_ledger.json``."""
     from hf_merge.watch.ledger import Ledger
 
-    return Ledger.load(output_dir).to_card()
+    return [{"repo_id": markdown_text(item["repo_id"]), "sha": code_span(str(item["sha"])[:12]),
+             "reason": markdown_text(item["reason"]), "date": markdown_text(item["date"])}
+            for item in Ledger.load(output_dir).to_card()]
 
 
 def _decorate(source: dict[str, Any], hub: str) -> None:
+    """Display fields of a lineage entry, escaped: a merge state may come from someone else's repo."""
     repo_id = source.get("repo_id")
-    source.setdefault("name", repo_id or source.get("path") or "local folder")
+    source["name"] = str(source.get("name") or repo_id or source.get("path") or "local folder")  # the licences' key
+    source["display"] = markdown_text(source["name"])
+    source["step"] = markdown_text(source.get("step", ""))
     sha = source.get("commit_sha")
     if repo_id:
-        source["url"] = f"{hub}/{repo_id}" + (f"/tree/{sha}" if sha else "")
+        source["url"] = f"{hub}/{url_part(repo_id)}" + (f"/tree/{url_part(sha)}" if sha else "")
     else:
         source["url"] = "#"
-    source["commit_display"] = f"`{sha}`" if sha else "local folder"
+    source["commit_display"] = code_span(sha) if sha else "local folder"
     pr = source.get("conversion_pr")
-    if pr:
+    if isinstance(pr, dict):
         source["commit_display"] += (
-            f" (safetensors from the Hub's conversion pull request [{pr['ref']}]({hub}/{repo_id}/discussions/{pr['num']}),"
-            f" on top of `{pr['revision_commit']}`, which has only pickle weights)"
+            f" (safetensors from the Hub's conversion pull request [{markdown_text(pr.get('ref'))}]"
+            f"({hub}/{url_part(repo_id)}/discussions/{url_part(pr.get('num'))}),"
+            f" on top of {code_span(pr.get('revision_commit'))}, which has only pickle weights)"
         )
 
 
@@ -270,11 +283,11 @@ def _tensor_context(output_dir: Path, state: Mapping[str, Any], scope: str) -> d
     return {
         "merged_count": len(merged),
         "merged_groups": _groups(merged),
-        "from_base": [{"names": f"`{name}`", "why": why} for name, why in sorted(from_base.items())],
+        "from_base": [{"names": code_span(name), "why": markdown_text(why)} for name, why in sorted(from_base.items())],
         "outside_count": len(outside),
         "outside_groups": _groups(outside),
-        "buffers": ", ".join(f"`{n}`" for n in buffers),
-        "scope": scope,
+        "buffers": ", ".join(code_span(n) for n in buffers),
+        "scope": code_span(scope),
     }
 
 
@@ -283,7 +296,8 @@ def _groups(names: Sequence[str]) -> str:
     by_head: dict[str, list[str]] = {}
     for name in names:
         by_head.setdefault(name.split(".", 1)[0], []).append(name)
-    return ", ".join(f"`{head}.*` ({len(group)})" if len(group) > 1 else f"`{group[0]}`" for head, group in by_head.items())
+    return ", ".join(f"{code_span(head + '.*')} ({len(group)})" if len(group) > 1 else code_span(group[0])
+                     for head, group in by_head.items())
 
 
 def _dataset_id(dataset: str | None, task: str) -> str:
@@ -330,7 +344,7 @@ def _accuracy_context(accuracy: AccuracyTable, output_dir: Path, plot: bool) -> 
     for label, values in (("zero-shot (base)", accuracy.base), ("individual experts", accuracy.experts)):
         if values:
             cells = [f"{100 * values[t]:.1f}" if t in values else "–" for t in accuracy.tasks]
-            references.append({"step": label, "cells": cells,
+            references.append({"step": markdown_text(label), "cells": cells,
                                "average": f"{100 * sum(values.values()) / len(values):.1f}"})
     bwt = accuracy.bwt()
     plot_name = None
@@ -338,7 +352,7 @@ def _accuracy_context(accuracy: AccuracyTable, output_dir: Path, plot: bool) -> 
         plot_accuracy(accuracy, output_dir / PLOT_FILENAME)
         plot_name = PLOT_FILENAME
     return {
-        "tasks": accuracy.tasks,
+        "tasks": [markdown_text(task) for task in accuracy.tasks],
         "rows": rows,
         "references": references,
         "final_average": f"{100 * averages[-1]:.1f}",

@@ -21,6 +21,7 @@ from types import ModuleType
 from typing import Any
 
 from hf_merge.publish.accuracy_table import load_accuracy
+from hf_merge.publish.escape import code_span, markdown_text, one_line, url_part
 from hf_merge.publish.card import METHOD_DESCRIPTIONS, PLOT_FILENAME, STATE_FILENAME, lineage, load_state
 from hf_merge.errors import MergeStateError, SpaceError, UsageError
 from hf_merge.log import get_logger
@@ -198,15 +199,18 @@ def render_space_readme(config: dict[str, Any], space_id: str) -> str:
     model_id = config["model"]
     base = dict(config.get("base") or {})
     experts = [dict(e) for e in config.get("experts") or []]
-    for source in [base, *experts]:
+    models = [model_id] + [s["repo_id"] for s in [base, *experts] if s.get("repo_id")]
+    for source in [base, *experts]:  # shown in Markdown: names come from the merge state, escaped
         if source.get("repo_id"):
-            source["url"] = f"{hub}/{source['repo_id']}"
+            source["url"] = f"{hub}/{url_part(source['repo_id'])}"
             source.setdefault("name", source["repo_id"])
         else:
             source["url"] = "#"
-    models = [model_id] + [s["repo_id"] for s in [base, *experts] if s.get("repo_id")]
+        if source.get("name"):
+            source["name"] = code_span(source["name"])
+        source["step"] = markdown_text(source.get("step", ""))
     method = config.get("method") or ""
-    method_title = METHOD_DESCRIPTIONS.get(method, (method or "a merging method",))[0]
+    method_title = METHOD_DESCRIPTIONS.get(method, (markdown_text(method or "a merging method"),))[0]
     short = f"Zero-shot CLIP merged with {method or 'hf-merge'}"
     card_data = SpaceCardData(
         title=space_id.split("/")[-1][:60],
@@ -224,9 +228,10 @@ def render_space_readme(config: dict[str, Any], space_id: str) -> str:
     card = SpaceCard.from_template(
         card_data,
         template_path=str(templates_dir() / "space_readme.md"),
-        title=config.get("title") or space_id,
-        model_id=model_id,
-        model_url=f"{hub}/{model_id}",
+        title=markdown_text(config.get("title") or space_id),
+        model_id=code_span(model_id),
+        model_url=f"{hub}/{url_part(model_id)}",
+        run_id=one_line(model_id).replace("`", ""),
         base=base if base.get("name") else None,
         experts=experts,
         method_title=method_title,
