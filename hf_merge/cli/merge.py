@@ -81,9 +81,9 @@ def _add_hub_flags(parser: argparse.ArgumentParser, *, push_help: str = "Push th
 
 def run_merge(args: argparse.Namespace) -> int:
     _apply_quiet(args)
-    from hf_merge.api import merge
     from hf_merge.errors import UsageError
     from hf_merge.recipe import MergeRecipe
+    from hf_merge.resume import merge_or_resume
 
     fields = _recipe_fields(args)
     if args.config:
@@ -103,7 +103,8 @@ def run_merge(args: argparse.Namespace) -> int:
         if missing:
             raise UsageError(f"{' and '.join(missing)} required (or --config RECIPE.yaml)")
         recipe = MergeRecipe.from_dict(fields, source="the command line")
-    result = merge(recipe, token=args.token, create_pr=args.create_pr)
+    # The same command again after a crash continues the merge in its output folder.
+    result = merge_or_resume(recipe, token=args.token, create_pr=args.create_pr)
     _print_summary(result, quiet=args.quiet)
     return 0
 
