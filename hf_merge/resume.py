@@ -18,10 +18,16 @@ from pathlib import Path
 from typing import Any
 
 from hf_merge.errors import UsageError
-from hf_merge.log import get_logger
-from hf_merge.publish.card import CARD_FILENAME, STATE_FILENAME, lineage, load_state, read_license
-from hf_merge.recipe import EvalSpec, MergeRecipe
 from hf_merge.hub.sources import split_reference
+from hf_merge.log import get_logger
+from hf_merge.publish.card import (
+    CARD_FILENAME,
+    STATE_FILENAME,
+    lineage,
+    load_state,
+    read_license,
+)
+from hf_merge.recipe import EvalSpec, MergeRecipe
 
 logger = get_logger(__name__)
 
@@ -164,13 +170,19 @@ def _license_of(entry: dict[str, Any], token: str | None) -> str | None:
     if not entry.get("repo_id"):
         return read_license(entry.get("local_path") or entry.get("name"))
     import huggingface_hub
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+    )
 
     from hf_merge.hub import client as hub
 
     try:
         readme = huggingface_hub.hf_hub_download(entry["repo_id"], CARD_FILENAME, revision=entry.get("commit_sha"),
                                                  token=hub.resolve_token(token) or False, endpoint=hub.endpoint())
-    except Exception as error:  # no card, or the Hub is away: the new card says "not declared"
+    except (EntryNotFoundError, LocalEntryNotFoundError, HfHubHTTPError, OSError) as error:
+        # no card, or the Hub is away: the new card says "not declared"
         logger.debug("no card for %s: %s", entry["repo_id"], error)
         return None
     return read_license(Path(readme).parent)

@@ -32,7 +32,6 @@ from huggingface_hub import constants
 
 from hf_merge.hub import client as hub
 from hf_merge.errors import CheckpointError
-from hf_merge.hub.remote_file import FIRST_READ_BYTES as FIRST_READ_BYTES  # the first read's size, for callers
 from hf_merge.hub.remote_file import RangeRefused, RemoteFile, read_remote_header, remote_size
 from hf_merge.io.safetensors_header import HeaderEntry
 from hf_merge.log import get_logger

@@ -18,7 +18,12 @@ from huggingface_hub import constants
 
 from hf_merge.errors import CheckpointError
 from hf_merge.hub.transfer import Transfer
-from hf_merge.io.safetensors_header import PREFIX_BYTES, SafetensorsHeader, header_length, parse_header
+from hf_merge.io.safetensors_header import (
+    PREFIX_BYTES,
+    SafetensorsHeader,
+    header_length,
+    parse_header,
+)
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
