@@ -155,6 +155,7 @@ class Watcher:
             return Outcome(candidate.repo_id, candidate.sha, "failed", first_line(error))
         except Exception as error:
             shutil.rmtree(self.work_dir / "pending", ignore_errors=True)
+            shutil.rmtree(self._ready_dir(candidate.repo_id, candidate.sha), ignore_errors=True)  # never pushed later
             reason = first_line(error) if isinstance(error, HfMergeError) else f"{type(error).__name__}: {first_line(error)}"
             logger.warning("Refusing %s after an error while considering it: %s", candidate.reference, reason)
             return self._refuse(candidate, Refusal("error", reason), head)
