@@ -10,14 +10,16 @@ from hf_merge.errors import UsageError
 from hf_merge.merging.methods.average import ContinualAverage
 from hf_merge.merging.methods.base import MergeMethod
 from hf_merge.merging.methods.iso_c import IsoC
+from hf_merge.merging.methods.iso_cts import IsoCTS
 from hf_merge.merging.methods.magmax import MagMax
 from hf_merge.merging.methods.opcm import OPCM
 from hf_merge.merging.methods.task_arithmetic import TaskArithmetic
 from hf_merge.merging.methods.ties import ContinualTies
 from hf_merge.merging.methods.tsv_m import TSVM
+from hf_merge.merging.methods.wudi import WUDI
 
 METHODS: dict[str, type[MergeMethod]] = {
-    cls.name: cls for cls in (OPCM, ContinualAverage, TaskArithmetic, ContinualTies, MagMax, IsoC, TSVM)
+    cls.name: cls for cls in (OPCM, ContinualAverage, TaskArithmetic, ContinualTies, MagMax, IsoC, TSVM, IsoCTS, WUDI)
 }
 
 
