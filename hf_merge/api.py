@@ -14,8 +14,9 @@ from typing import Any, Sequence
 
 from hf_merge.hub import client as hub
 from hf_merge.publish.card import CARD_FILENAME, STATE_FILENAME, lineage, load_state, read_license, write_card
-from hf_merge.errors import MergeStateError, RecipeError, UsageError
+from hf_merge.errors import MergeStateError, NotContinualError, RecipeError, UsageError
 from hf_merge.log import get_logger
+from hf_merge.merging.methods import METHODS, get_method
 from hf_merge.output_folder import check_output_folder, weights_bytes
 from hf_merge.hub.preflight import check_models
 from hf_merge.hub.repo_ids import check_names
@@ -76,6 +77,7 @@ def merge(recipe: MergeRecipe | str | Path | None = None, *, token: str | None =
     check_names(repo_ids={"push_to_hub": recipe.push_to_hub, "space": recipe.space},
                 references={"base": recipe.base, "expert": recipe.experts})
     token = hub.resolve_token(token)
+    get_method(recipe.method).check_parameters(recipe.hyperparameters())  # out of range: before any download
     output_dir = recipe.output_dir()
     if (output_dir / STATE_FILENAME).exists():
         raise UsageError(
@@ -84,7 +86,12 @@ def merge(recipe: MergeRecipe | str | Path | None = None, *, token: str | None =
         )
     experts = recipe.ordered_experts()
     check_output_folder(output_dir)
-    hook = evaluation_hook(recipe.eval, recipe.ordered_eval_tasks(), experts, done=0, base=recipe.base, token=token)
+    spec = recipe.eval
+    if spec is not None and spec.every_step and not get_method(recipe.method).continual:
+        logger.info("%s merges every expert at once, so there is no model between steps: evaluating the final "
+                    "model only", recipe.method)
+        spec = EvalSpec(tasks=list(spec.tasks), every_step=False, limit=spec.limit)
+    hook = evaluation_hook(spec, recipe.ordered_eval_tasks(), experts, done=0, base=recipe.base, token=token)
     check_models(recipe.base, experts, token=token, allow_pickle=recipe.allow_pickle, scope=recipe.scope)
     check_output_folder(output_dir, weights_bytes=weights_bytes(recipe.base, token=token))
 
@@ -146,6 +153,7 @@ def add(
         check_names(repo_ids={"merged repo": split_reference(str(merged))[0]})
     token = hub.resolve_token(token)
     if local.is_dir():
+        _require_continual(local / STATE_FILENAME, merged)
         output_dir = Path(output) if output else local
         check_output_folder(output_dir)
         if output_dir.resolve() != local.resolve():
@@ -153,6 +161,7 @@ def add(
         source_repo = None
     else:
         repo_id, revision = split_reference(str(merged))
+        _require_continual(hub.fetch_file(repo_id, STATE_FILENAME, revision, token), merged)
         output_dir = Path(output) if output else Path(repo_id.split("/")[-1])
         check_output_folder(output_dir)
         if (output_dir / STATE_FILENAME).exists():
@@ -265,16 +274,20 @@ def _merge_experts(merger: Any, experts: Sequence[str], recipe: MergeRecipe, tok
     def fetch(reference: str, transfer: Any) -> sources.ModelSource:
         return resolve(reference, token=token, allow_pickle=recipe.allow_pickle, tensor_prefixes=prefixes, transfer=transfer)
 
-    # The next expert downloads while this one merges; with evict, at most two are on disk.
+    # The next expert downloads while this one merges; with evict, at most two are on disk (all, for all-at-once).
     prefetcher = Prefetcher(experts, fetch, discard=sources.evict if recipe.evict else None)
+    merged: list[sources.ModelSource] = []
     with Phase("Merging", len(experts), unit="expert") as phase, prefetcher:
         for i, source in enumerate(prefetcher):
             phase.describe(source.name)
             licenses[source.name] = read_license(source.path)
             merger.add(source, final=i == len(experts) - 1)
-            if recipe.evict:
-                sources.evict(source)
+            merged.append(source)
+            if recipe.evict and merger.method.continual:
+                sources.evict(merged.pop())
             phase.step(source.name)
+    for source in merged if recipe.evict else ():  # an all-at-once merge read them all at the end
+        sources.evict(source)
 
 
 def _partial_prefixes(recipe: MergeRecipe) -> tuple[str, ...] | None:
@@ -298,7 +311,17 @@ def _checkpoint_every(recipe: MergeRecipe) -> int | None:
 
 
 def _evaluates_every_step(recipe: MergeRecipe) -> bool:
-    return recipe.eval is not None and recipe.eval.every_step
+    return recipe.eval is not None and recipe.eval.every_step and get_method(recipe.method).continual
+
+
+def _require_continual(state_file: Path | None, merged: str | Path) -> None:
+    """:class:`NotContinualError` when the merge saved in ``state_file`` used an all-at-once method."""
+    if state_file is None or not state_file.is_file():
+        return  # not an hf-merge result: said later, in full
+    method = str(load_state(state_file.parent).get("method", "opcm"))
+    if method in METHODS and not METHODS[method].continual:
+        raise NotContinualError(f"{merged} was merged with '{method}', which merges every expert at once and cannot "
+                                "take one more; re-run `hf-merge merge` with all the experts, the merged ones and the new")
 
 
 def _step_hook(hook: Any, recipe: MergeRecipe) -> Any:

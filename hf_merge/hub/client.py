@@ -115,6 +115,18 @@ def fetch_config(repo_id: str, revision: str | None = None, token: str | None = 
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
+def fetch_file(repo_id: str, filename: str, revision: str | None = None, token: str | None = None) -> Path | None:
+    """Download one file of a model repo (``merge_state.json`` before a whole snapshot); ``None`` if
+    the repo has no such file."""
+    token = resolve_token(token)
+    with hub_errors(repo_id if revision is None else f"{repo_id}@{revision}", token=token):
+        try:
+            return Path(huggingface_hub.hf_hub_download(repo_id, filename, revision=revision, token=token if token else False,
+                                                        endpoint=endpoint()))
+        except huggingface_hub.errors.EntryNotFoundError:
+            return None
+
+
 def check_model(repo_id: str, revision: str | None = None, token: str | None = None, allow_pickle: bool = False) -> "WeightsRevision":
     """Check that a repo exists, is readable with ``token`` and has usable weights; return where
     they are (see :func:`resolve_weights`)."""

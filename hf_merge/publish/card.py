@@ -185,7 +185,7 @@ def build_card(
 
     accuracy = load_accuracy(output_dir)
     hub_base_models = [s["repo_id"] for s in [base, *experts] if s.get("repo_id")]
-    title, summary = METHOD_DESCRIPTIONS.get(method, (markdown_text(method), f"Merged with the {code_span(method)} method."))
+    title, summary, continual = _method_description(method)
     # Shown inside code blocks: a local path must not close the string or the fence.
     model_id = one_line(repo_id or str(output_dir.resolve())).replace("`", "").replace('"', "")
     model_name = (repo_id or output_dir.resolve().name).split("/")[-1]
@@ -195,7 +195,7 @@ def build_card(
         pipeline_tag="zero-shot-image-classification",
         base_model=hub_base_models or None,
         license=license_,
-        tags=["merge", "hf-merge", method, "continual-merging", "clip"],
+        tags=["merge", "hf-merge", method, *(["continual-merging"] if continual else []), "clip"],
         model_name=model_name if accuracy else None,
         eval_results=_eval_results(accuracy) if accuracy else None,
         base_model_relation="merge",
@@ -209,6 +209,7 @@ def build_card(
         "method": code_span(method),
         "method_title": title,
         "method_summary": summary,
+        "continual": continual,
         "hyperparameters": {markdown_text(k): code_span(v) for k, v in hyperparameters.items()},
         "scope": SCOPE_DESCRIPTIONS.get(scope, markdown_text(scope)),
         "tensors": _tensor_context(output_dir, state, scope),
@@ -224,6 +225,20 @@ def build_card(
     # experts have been evicted from the cache.
     card.text = card.text.rstrip("\n") + "\n\n<!-- hf-merge parent licenses: " + comment_json(dict(licenses)) + " -->\n"
     return card
+
+
+def _method_description(method: str) -> tuple[str, str, bool]:
+    """``(title, summary, continual)`` of a method: the table above, else its own declaration."""
+    from hf_merge.merging.methods import METHODS
+
+    declared = METHODS.get(method)
+    continual = declared is None or declared.continual
+    if method in METHOD_DESCRIPTIONS:
+        return (*METHOD_DESCRIPTIONS[method], continual)
+    if declared is None:
+        return markdown_text(method), f"Merged with the {code_span(method)} method.", continual
+    paper = f" ([paper]({declared.paper}))" if declared.paper else ""
+    return declared.display_name or method, f"{declared.summary}{paper}", continual
 
 
 def write_card(output_dir: str | Path, **kwargs: Any) -> Path:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from hf_merge.hub import client as hub
 from hf_merge.publish.card import STATE_FILENAME, lineage, load_state
-from hf_merge.errors import MergeStateError
+from hf_merge.errors import MergeStateError, NotContinualError
+from hf_merge.merging.methods import METHODS
 from hf_merge.recipe import MergeRecipe
 
 HEAD_FILE = ".watch-head"
@@ -43,6 +44,10 @@ class Mirror:
                        extra_patterns=hub.MERGE_RESULT_PATTERNS, local_dir=self.path)
         if not (self.path / STATE_FILENAME).is_file():
             raise MergeStateError(f"{repo_id} has no {STATE_FILENAME}: only a model made by hf-merge can be watched")
+        method = str(load_state(self.path).get("method", "opcm"))
+        if method in METHODS and not METHODS[method].continual:
+            raise NotContinualError(f"{repo_id} was merged with '{method}', which merges every expert at once: the watcher "
+                                    "cannot add one; re-run `hf-merge merge` with all the experts, the merged ones and the new")
         (self.path / HEAD_FILE).write_text(head, encoding="utf-8")
 
     def merged_commits(self) -> set[tuple[str | None, str | None]]:

@@ -33,6 +33,7 @@ from hf_merge.errors import (
     IncompatibleExpertError,
     MergeStateError,
     ModelNotFoundError,
+    NotContinualError,
     PushError,
 )
 from hf_merge.hub.repo_ids import check_names
@@ -125,6 +126,8 @@ class Watcher:
             try:
                 for outcome in self.run_once():
                     logger.info("%s: %s%s", outcome.key, outcome.status, f" ({outcome.reason})" if outcome.reason else "")
+            except NotContinualError:
+                raise  # the merged repo can never take one more expert: no later pass would do better
             except HfMergeError as error:  # the Hub is down or refused: try again at the next pass
                 logger.warning("Watch pass failed: %s", error)
             except Exception as error:  # a watcher outlives one bad pass; the type and first line say why
