@@ -9,13 +9,14 @@ through autograd), in float64, so they share no code with the methods.
 
 from __future__ import annotations
 
+import shutil
 import weakref
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-from hf_merge.errors import NotContinualError, UsageError
+from hf_merge.errors import CheckpointError, NotContinualError, UsageError
 from hf_merge.io.checkpoint import Checkpoint
 from hf_merge.merging.engine import ContinualMerger, merge
 from hf_merge.merging.methods import get_method
@@ -232,24 +233,19 @@ def test_state_records_every_expert_and_the_merge_cannot_be_continued(tiny_base,
     assert [entry["name"] for entry in state.lineage] == [str(p.resolve()) for p in tiny_experts[:3]]
     assert [s.step for s in result.steps] == [1, 2, 3]
     assert result.timings["seconds_per_expert"] > 0
-    with ContinualMerger.resume(tmp_path / "out") as merger:
-        with pytest.raises(NotContinualError, match="re-run `hf-merge merge` with all the experts"):
-            merger.add(tiny_experts[3])
+    with ContinualMerger.resume(tmp_path / "out") as merger, \
+            pytest.raises(NotContinualError, match="re-run `hf-merge merge` with all the experts"):
+        merger.add(tiny_experts[3])
     assert load(tmp_path / "out").keys() == load(tiny_base).keys()
 
 
 def test_a_nan_expert_fails_the_merge_and_writes_nothing(tiny_base, tiny_experts, tmp_path):
-    from safetensors.torch import save_file
-    import shutil
-
     bad = tmp_path / "nan-expert"
     shutil.copytree(tiny_experts[1], bad)
     tensors = load(bad)
     name = "vision_model.encoder.layers.1.mlp.fc2.weight"
     tensors[name][0, 0] = float("nan")
     save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
-    from hf_merge.errors import CheckpointError
-
     with pytest.raises(CheckpointError, match=name):
         merge(tiny_base, [tiny_experts[0], bad, tiny_experts[2]], "iso_cts", tmp_path / "out")
     assert not (tmp_path / "out" / "merge_state.json").exists()
