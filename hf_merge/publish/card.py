@@ -69,6 +69,18 @@ METHOD_DESCRIPTIONS: dict[str, tuple[str, str]] = {
          "equals merging all experts at once "
          "([Gargiulo et al., 2025, arXiv:2412.00081](https://arxiv.org/abs/2412.00081))."),
     ),
+    "iso_cts": (
+        "Iso-CTS (isotropic merging in common and task-specific subspaces)",
+        ("Iso-CTS keeps, per weight matrix, the common subspace of the summed task vectors and each "
+         "task's own top directions outside it, and gives every direction the same singular value "
+         "([Marczak et al., 2025, arXiv:2502.04959](https://arxiv.org/abs/2502.04959))."),
+    ),
+    "wudi": (
+        "WUDI merging",
+        ("WUDI starts each weight matrix from the sum of the task vectors and refines it by gradient "
+         "descent so that it interferes least with each task's own directions, without data "
+         "([Cheng et al., 2025, arXiv:2503.08099](https://arxiv.org/abs/2503.08099))."),
+    ),
 }
 
 SCOPE_DESCRIPTIONS = {

@@ -36,7 +36,7 @@ def test_merge_by_repo_id_records_every_expert_and_evaluates_the_final_model_onc
     results = json.loads((root / "out" / "eval_results.json").read_text())
     assert [row["step"] for row in results["steps"]] == [3]
     card = ModelCard.load(root / "out" / "README.md")
-    assert "with **Iso-CTS**, all experts at once" in card.text
+    assert "with **Iso-CTS (isotropic merging in common and task-specific subspaces)**, all experts at once" in card.text
     assert "continual-merging" not in card.data.tags and "iso_cts" in card.data.tags
     assert all(repo in card.text for repo in seeded_hub.experts[:3])
 

@@ -323,6 +323,14 @@ class AllAtOnceMethod(MergeMethod):
         )
 
 
+def total(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Σ of same-shape tensors, in a fresh tensor."""
+    result = tensors[0].clone()
+    for tensor in tensors[1:]:
+        result += tensor
+    return result
+
+
 class _Scratch(threading.local):
     def __init__(self) -> None:
         self.slots: list[torch.Tensor] = []

@@ -37,7 +37,7 @@ from collections.abc import Sequence
 import torch
 
 from hf_merge.errors import UsageError
-from hf_merge.merging.methods.base import AllAtOnceMethod, Parameter
+from hf_merge.merging.methods.base import AllAtOnceMethod, Parameter, total
 
 
 def subspace_sizes(shape: tuple[int, ...], count: int, fraction: float) -> tuple[int, int]:
@@ -60,7 +60,7 @@ def iso_cts_matrix(task_vectors: Sequence[torch.Tensor], fraction: float) -> tor
     """The Iso-CTS merged task vector of one matrix (unscaled)."""
     count = len(task_vectors)
     common, per_task = subspace_sizes(tuple(task_vectors[0].shape), count, fraction)
-    u, s, vh = torch.linalg.svd(sum(task_vectors), full_matrices=False)
+    u, s, vh = torch.linalg.svd(total(task_vectors), full_matrices=False)
     u_common, s_common, vh_common = u[:, :common], s[:common], vh[:common]
     us, ss, vhs = [], [], []
     if per_task:
@@ -94,6 +94,7 @@ class IsoCTS(AllAtOnceMethod):
 
     def check_expert_count(self, count: int) -> None:
         fraction = float(self.hyperparameters["common_space_fraction"])
+        assert self.context is not None  # set by init()
         base = self.context.base
         for name in self.context.names:
             shape = base.shape(name)
@@ -108,5 +109,5 @@ class IsoCTS(AllAtOnceMethod):
         if base.dim() == 2:
             merged = iso_cts_matrix(task_vectors, float(self.hyperparameters["common_space_fraction"]))
         else:
-            merged = sum(task_vectors) / len(task_vectors)
+            merged = total(task_vectors) / len(task_vectors)
         return base + float(self.hyperparameters["scaling_factor"]) * merged

@@ -37,7 +37,7 @@ from collections.abc import Sequence
 
 import torch
 
-from hf_merge.merging.methods.base import AllAtOnceMethod, Parameter
+from hf_merge.merging.methods.base import AllAtOnceMethod, Parameter, total
 
 LEARNING_RATE = 1e-5  # wudi.py line 40
 
@@ -66,13 +66,17 @@ def wudi_gradient_terms(task_vectors: Sequence[torch.Tensor]) -> tuple[torch.Ten
 def wudi_matrix(task_vectors: Sequence[torch.Tensor], iterations: int, lr: float = LEARNING_RATE) -> torch.Tensor:
     """The WUDI merged task vector of one matrix: Σ τ_i refined by ``iterations`` Adam steps."""
     gram, target, rows = wudi_gradient_terms(task_vectors)
-    merged = torch.nn.Parameter(sum(task_vectors).clone())
+    merged = torch.nn.Parameter(total(task_vectors))
     if gram is None and rows is None:  # every task vector is zero: so is every gradient
         return merged.detach()
     optimizer = torch.optim.Adam([merged], lr=lr, weight_decay=0)
     with torch.no_grad():
         for _ in range(iterations):
-            applied = merged @ gram if gram is not None else (merged @ rows.T) @ rows
+            if gram is not None:
+                applied = merged @ gram
+            else:
+                assert rows is not None
+                applied = (merged @ rows.T) @ rows
             merged.grad = applied.sub_(target).mul_(2)
             optimizer.step()
     return merged.detach()
@@ -96,4 +100,4 @@ class WUDI(AllAtOnceMethod):
         task_vectors = [expert - base for expert in experts]
         if base.dim() == 2:
             return base + wudi_matrix(task_vectors, int(self.hyperparameters["iter_num"]))
-        return base + sum(task_vectors) / len(task_vectors)
+        return base + total(task_vectors) / len(task_vectors)
