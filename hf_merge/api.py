@@ -297,7 +297,7 @@ def _partial_prefixes(recipe: MergeRecipe) -> tuple[str, ...] | None:
     prefixes = SCOPES.get(recipe.scope)
     if not recipe.partial_download or not prefixes or "" in prefixes:
         return None
-    if recipe.eval is not None and recipe.eval.every_step:
+    if _evaluates_every_step(recipe):
         return None  # each expert is evaluated too, from a full snapshot: a partial one would be a second download
     return tuple(prefixes)
 
