@@ -22,8 +22,8 @@ Follows FusionBench's ``fusion_bench/method/wudi/wudi.py: wudi_merging`` (lines 
 The loss is never formed as the reference does (a T×m×m product per step). Its gradient is
 2 Σ_i (M − τ_i) G_i / c_i with G_i = τ_iᵀτ_i (n×n) and c_i = ‖τ_i‖²_F, that is 2 (M·A − B) with
 A = Σ_i G_i / c_i and B = Σ_i τ_i G_i / c_i, both fixed: they are computed once per matrix and
-each Adam step costs one m×n by n×n product (m·n², independent of the number of experts; the
-reference's autograd costs about 3·T·m²·n). The gradient is handed to the same Adam, so the
+each Adam step costs one m×n by n×n product (m·n² multiply-adds, independent of the number of
+experts; the reference's forward and backward products cost 2·T·m²·n). The gradient is handed to the same Adam, so the
 iterates are the reference's up to rounding. Where A would be large (n > 2·T·m, a wide matrix),
 A·x is applied as Sᵀ(S x) with S the stacked rows τ_i / √c_i, at 2·T·m²·n per step.
 
