@@ -301,9 +301,9 @@ class AllAtOnceMethod(MergeMethod):
                 # every task vector is zero: each method's result is θ0 itself, kept bit-exact
                 self.buffer[name] = theta0
             else:
-                merged = self.merge_tensor(name, self._math(theta0), [self._math(theta) for theta in thetas])
-                self.buffer[name] = self._stored(name, merged)
-            del thetas
+                thetas = [self._math(theta) for theta in thetas]  # each read goes as it is converted
+                self.buffer[name] = self._stored(name, self.merge_tensor(name, self._math(theta0), thetas))
+            del thetas  # before the next name's reads: one tensor per expert resident
             self._done(name)
         return {}
 
@@ -314,7 +314,8 @@ class AllAtOnceMethod(MergeMethod):
     @abstractmethod
     def merge_tensor(self, name: str, base: torch.Tensor, experts: Sequence[torch.Tensor]) -> torch.Tensor:
         """The merged tensor ``name`` from θ0 (``base``) and every expert's tensor, all on the
-        compute device in the compute precision; the engine stores it in the base's dtype."""
+        compute device in the compute precision; the engine stores it in the base's dtype. The
+        expert tensors are the method's own: it may change them in place (into task vectors)."""
 
     def _step(self, expert: Checkpoint) -> dict[str, float]:
         raise NotContinualError(

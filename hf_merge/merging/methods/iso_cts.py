@@ -105,7 +105,7 @@ class IsoCTS(AllAtOnceMethod):
                 )
 
     def merge_tensor(self, name: str, base: torch.Tensor, experts: Sequence[torch.Tensor]) -> torch.Tensor:
-        task_vectors = [expert - base for expert in experts]
+        task_vectors = [expert.sub_(base) for expert in experts]  # in place: no second copy per expert
         if base.dim() == 2:
             merged = iso_cts_matrix(task_vectors, float(self.hyperparameters["common_space_fraction"]))
         else:

@@ -97,7 +97,7 @@ class WUDI(AllAtOnceMethod):
     )
 
     def merge_tensor(self, name: str, base: torch.Tensor, experts: Sequence[torch.Tensor]) -> torch.Tensor:
-        task_vectors = [expert - base for expert in experts]
+        task_vectors = [expert.sub_(base) for expert in experts]  # in place: no second copy per expert
         if base.dim() == 2:
             return base + wudi_matrix(task_vectors, int(self.hyperparameters["iter_num"]))
         return base + total(task_vectors) / len(task_vectors)
