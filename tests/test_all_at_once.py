@@ -132,6 +132,25 @@ def test_iso_cts_refuses_a_fraction_that_leaves_no_common_space(tiny_base, tiny_
     assert not (tmp_path / "out" / "merge_state.json").exists()
 
 
+def test_iso_cts_takes_float64_where_float32_svd_does_not_converge(monkeypatch):
+    from hf_merge.merging.methods import iso_cts
+
+    generator = torch.Generator().manual_seed(3)
+    taus = [torch.randn(12, 9, generator=generator) for _ in range(3)]
+    expected = iso_cts.iso_cts_matrix([t.double() for t in taus], 0.5)
+    real = torch.linalg.svd
+
+    def float32_fails(matrix, full_matrices=True):
+        if matrix.dtype == torch.float32:  # as LAPACK's gesdd did on a 768x768 factor matrix
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return real(matrix, full_matrices=full_matrices)
+
+    monkeypatch.setattr(torch.linalg, "svd", float32_fails)
+    result = iso_cts.iso_cts_matrix(taus, 0.5)
+    assert result.dtype == torch.float32
+    assert torch.allclose(result.double(), expected, atol=1e-5, rtol=0)
+
+
 # -- WUDI ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("shape", [(12, 5), (5, 12), (3, 40), (7, 7)])  # tall, wide, very wide (S rows), square
 @pytest.mark.parametrize("lr", [1e-5, 1e-3])

@@ -49,10 +49,25 @@ def subspace_sizes(shape: tuple[int, ...], count: int, fraction: float) -> tuple
     return common, int((rank - common) / count)
 
 
+def svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reduced SVD; where LAPACK's float32 divide and conquer does not converge, in float64.
+
+    The concatenated factors that :func:`polar` orthogonalises have every singular value near 1,
+    and float32 ``gesdd`` gave up on one such 768×768 matrix (a CUDA run of the reference uses
+    another driver); float64 converges, and the result is cast back."""
+    try:
+        return torch.linalg.svd(matrix, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        if matrix.dtype == torch.float64:
+            raise
+        u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+        return u.to(matrix.dtype), s.to(matrix.dtype), vh.to(matrix.dtype)
+
+
 def polar(matrix: torch.Tensor) -> torch.Tensor:
     """The orthogonal polar factor ``u @ vh`` of ``matrix`` (its closest matrix with orthonormal
     columns, or rows)."""
-    u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
+    u, _, vh = svd(matrix)
     return u @ vh
 
 
@@ -60,13 +75,13 @@ def iso_cts_matrix(task_vectors: Sequence[torch.Tensor], fraction: float) -> tor
     """The Iso-CTS merged task vector of one matrix (unscaled)."""
     count = len(task_vectors)
     common, per_task = subspace_sizes(tuple(task_vectors[0].shape), count, fraction)
-    u, s, vh = torch.linalg.svd(total(task_vectors), full_matrices=False)
+    u, s, vh = svd(total(task_vectors))
     u_common, s_common, vh_common = u[:, :common], s[:common], vh[:common]
     us, ss, vhs = [], [], []
     if per_task:
         for tau in task_vectors:
             specific = tau - u_common @ (u_common.T @ tau)
-            u_t, s_t, vh_t = torch.linalg.svd(specific, full_matrices=False)
+            u_t, s_t, vh_t = svd(specific)
             us.append(u_t[:, :per_task])
             ss.append(s_t[:per_task])
             vhs.append(vh_t[:per_task])
