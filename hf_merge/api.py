@@ -14,9 +14,10 @@ from typing import Any, Sequence
 
 from hf_merge.hub import client as hub
 from hf_merge.publish.card import CARD_FILENAME, STATE_FILENAME, lineage, load_state, read_license, write_card
-from hf_merge.errors import MergeStateError, NotContinualError, RecipeError, UsageError
+from hf_merge.errors import MergeStateError, RecipeError, UsageError
 from hf_merge.log import get_logger
-from hf_merge.merging.methods import METHODS, get_method
+from hf_merge.merging.methods import get_method
+from hf_merge.merging.methods.registry import require_continual
 from hf_merge.output_folder import check_output_folder, weights_bytes
 from hf_merge.hub.preflight import check_models
 from hf_merge.hub.repo_ids import check_names
@@ -24,7 +25,7 @@ from hf_merge.progress import Phase
 from hf_merge.recipe import EvalSpec, MergeRecipe, _reference_key
 from hf_merge.hub import sources
 from hf_merge.hub.sources import resolve, split_reference
-from hf_merge.step_evaluation import average_accuracy, continued_tasks, evaluation_hook
+from hf_merge.step_evaluation import average_accuracy, continued_tasks, evaluation_hook, final_only_unless_continual
 
 logger = get_logger(__name__)
 
@@ -86,11 +87,7 @@ def merge(recipe: MergeRecipe | str | Path | None = None, *, token: str | None =
         )
     experts = recipe.ordered_experts()
     check_output_folder(output_dir)
-    spec = recipe.eval
-    if spec is not None and spec.every_step and not get_method(recipe.method).continual:
-        logger.info("%s merges every expert at once, so there is no model between steps: evaluating the final "
-                    "model only", recipe.method)
-        spec = EvalSpec(tasks=list(spec.tasks), every_step=False, limit=spec.limit)
+    spec = final_only_unless_continual(recipe.eval, get_method(recipe.method))
     hook = evaluation_hook(spec, recipe.ordered_eval_tasks(), experts, done=0, base=recipe.base, token=token)
     check_models(recipe.base, experts, token=token, allow_pickle=recipe.allow_pickle, scope=recipe.scope)
     check_output_folder(output_dir, weights_bytes=weights_bytes(recipe.base, token=token))
@@ -315,13 +312,8 @@ def _evaluates_every_step(recipe: MergeRecipe) -> bool:
 
 
 def _require_continual(state_file: Path | None, merged: str | Path) -> None:
-    """:class:`NotContinualError` when the merge saved in ``state_file`` used an all-at-once method."""
-    if state_file is None or not state_file.is_file():
-        return  # not an hf-merge result: said later, in full
-    method = str(load_state(state_file.parent).get("method", "opcm"))
-    if method in METHODS and not METHODS[method].continual:
-        raise NotContinualError(f"{merged} was merged with '{method}', which merges every expert at once and cannot "
-                                "take one more; re-run `hf-merge merge` with all the experts, the merged ones and the new")
+    if state_file is not None and state_file.is_file():  # else not an hf-merge result: said later, in full
+        require_continual(str(load_state(state_file.parent).get("method", "opcm")), merged)
 
 
 def _step_hook(hook: Any, recipe: MergeRecipe) -> Any:

@@ -28,61 +28,6 @@ CARD_FILENAME = "README.md"
 PLOT_FILENAME = "accuracy.png"
 STATE_FILENAME = "merge_state.json"
 
-# One line on each method, with where it comes from: the card says what was done and why.
-METHOD_DESCRIPTIONS: dict[str, tuple[str, str]] = {
-    "opcm": (
-        "OPCM (orthogonal projection-based continual merging)",
-        "OPCM projects each new task vector onto the directions the merged model does not use yet, "
-        "so later experts interfere less with earlier ones, and rescales the sum to keep its norm "
-        "constant ([Tang et al., 2025, arXiv:2501.09522](https://arxiv.org/abs/2501.09522)).",
-    ),
-    "average": (
-        "continual averaging",
-        "Continual averaging keeps the running mean of the experts' weights, a model soup built one "
-        "model at a time ([Wortsman et al., 2022, arXiv:2203.05482](https://arxiv.org/abs/2203.05482)).",
-    ),
-    "task_arithmetic": (
-        "continual task arithmetic",
-        "Task arithmetic adds each expert's task vector (its difference from the base), scaled by λ, "
-        "to the merged model ([Ilharco et al., 2023, arXiv:2212.04089](https://arxiv.org/abs/2212.04089)).",
-    ),
-    "ties": (
-        "continual TIES-merging",
-        "TIES-merging trims task vectors to their largest entries, elects a sign per weight and adds "
-        "the agreeing values ([Yadav et al., 2023, arXiv:2306.01708](https://arxiv.org/abs/2306.01708)).",
-    ),
-    "magmax": (
-        "MagMax",
-        "MagMax keeps, for every weight, the task-vector entry of largest magnitude seen so far "
-        "([Marczak et al., 2024, arXiv:2407.06322](https://arxiv.org/abs/2407.06322)).",
-    ),
-    "iso_c": (
-        "Iso-C",
-        ("Iso-C sums the task vectors and, in every weight matrix, replaces each singular value of the sum "
-         "by their mean, an isotropic spectrum; kept as a running sum, so each step equals merging all "
-         "experts at once ([Marczak et al., 2025, arXiv:2502.04959](https://arxiv.org/abs/2502.04959))."),
-    ),
-    "tsv_m": (
-        "TSV-M",
-        ("TSV-M keeps each expert's leading 1/T singular vectors per weight matrix and merges them with "
-         "orthogonalised singular vectors; the kept triplets are truncated at each step, so each step "
-         "equals merging all experts at once "
-         "([Gargiulo et al., 2025, arXiv:2412.00081](https://arxiv.org/abs/2412.00081))."),
-    ),
-    "iso_cts": (
-        "Iso-CTS (isotropic merging in common and task-specific subspaces)",
-        ("Iso-CTS keeps, per weight matrix, the common subspace of the summed task vectors and each "
-         "task's own top directions outside it, and gives every direction the same singular value "
-         "([Marczak et al., 2025, arXiv:2502.04959](https://arxiv.org/abs/2502.04959))."),
-    ),
-    "wudi": (
-        "WUDI merging",
-        ("WUDI starts each weight matrix from the sum of the task vectors and refines it by gradient "
-         "descent so that it interferes least with each task's own directions, without data "
-         "([Cheng et al., 2025, arXiv:2503.08099](https://arxiv.org/abs/2503.08099))."),
-    ),
-}
-
 SCOPE_DESCRIPTIONS = {
     "vision": "vision tower and visual projection (the text tower is the base's)",
     "text": "text tower and text projection (the vision tower is the base's)",
@@ -197,7 +142,7 @@ def build_card(
 
     accuracy = load_accuracy(output_dir)
     hub_base_models = [s["repo_id"] for s in [base, *experts] if s.get("repo_id")]
-    title, summary, continual = _method_description(method)
+    title, summary, continual = describe_method(method)
     # Shown inside code blocks: a local path must not close the string or the fence.
     model_id = one_line(repo_id or str(output_dir.resolve())).replace("`", "").replace('"', "")
     model_name = (repo_id or output_dir.resolve().name).split("/")[-1]
@@ -239,18 +184,15 @@ def build_card(
     return card
 
 
-def _method_description(method: str) -> tuple[str, str, bool]:
-    """``(title, summary, continual)`` of a method: the table above, else its own declaration."""
+def describe_method(method: str) -> tuple[str, str, bool]:
+    """``(title, paragraph, continual)`` of a method, from its own declaration."""
     from hf_merge.merging.methods import METHODS
 
     declared = METHODS.get(method)
-    continual = declared is None or declared.continual
-    if method in METHOD_DESCRIPTIONS:
-        return (*METHOD_DESCRIPTIONS[method], continual)
-    if declared is None:
-        return markdown_text(method), f"Merged with the {code_span(method)} method.", continual
+    if declared is None:  # a method registered by a package that is not installed here
+        return markdown_text(method), f"Merged with the {code_span(method)} method.", True
     paper = f" ([paper]({declared.paper}))" if declared.paper else ""
-    return declared.display_name or method, f"{declared.summary}{paper}", continual
+    return declared.card_title or declared.display_name, declared.description or f"{declared.summary}{paper}", declared.continual
 
 
 def write_card(output_dir: str | Path, **kwargs: Any) -> Path:

@@ -22,7 +22,7 @@ from typing import Any
 
 from hf_merge.publish.accuracy_table import load_accuracy
 from hf_merge.publish.escape import code_span, markdown_text, one_line, url_part
-from hf_merge.publish.card import METHOD_DESCRIPTIONS, PLOT_FILENAME, STATE_FILENAME, lineage, load_state
+from hf_merge.publish.card import PLOT_FILENAME, STATE_FILENAME, describe_method, lineage, load_state
 from hf_merge.errors import MergeStateError, SpaceError, UsageError
 from hf_merge.log import get_logger
 from hf_merge.resources import space_app_dir, templates_dir
@@ -210,7 +210,7 @@ def render_space_readme(config: dict[str, Any], space_id: str) -> str:
             source["name"] = code_span(source["name"])
         source["step"] = markdown_text(source.get("step", ""))
     method = config.get("method") or ""
-    method_title = METHOD_DESCRIPTIONS.get(method, (markdown_text(method or "a merging method"),))[0]
+    method_title = describe_method(method)[0] if method else "a merging method"
     short = f"Zero-shot CLIP merged with {method or 'hf-merge'}"
     card_data = SpaceCardData(
         title=space_id.split("/")[-1][:60],

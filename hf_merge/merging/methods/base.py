@@ -132,6 +132,12 @@ class MergeMethod(ABC):
     paper: ClassVar[str] = ""
     #: One line for the README's method table and ``--help``.
     summary: ClassVar[str] = ""
+    #: How the model card titles the method ("OPCM (orthogonal projection-based continual
+    #: merging)"); empty: ``display_name``.
+    card_title: ClassVar[str] = ""
+    #: The model card's paragraph: what the method does, with its citation (Markdown); empty:
+    #: ``summary`` and a link to ``paper``.
+    description: ClassVar[str] = ""
     #: True when each step needs only the previous result (and state of bounded size): ``add`` and
     #: the watcher can continue such a merge. False: the method needs every expert at once.
     continual: ClassVar[bool] = True

@@ -100,6 +100,12 @@ class IsoCTS(AllAtOnceMethod):
     paper = "https://arxiv.org/abs/2502.04959"
     summary = ("Common subspace of Σ τ plus each task's top directions outside it, "
                "singular values set to their mean (all experts at once).")
+    card_title = "Iso-CTS (isotropic merging in common and task-specific subspaces)"
+    description = (
+        "Iso-CTS keeps, per weight matrix, the common subspace of the summed task vectors and each "
+        "task's own top directions outside it, and gives every direction the same singular value "
+        "([Marczak et al., 2025, arXiv:2502.04959](https://arxiv.org/abs/2502.04959))."
+    )
     parameters = (
         Parameter("scaling_factor", 1.0, "λ, the scale of the merged task vector.",
                   minimum=0.0, flags=("--scaling", "--lambda"), tune_grid=(0.8, 1.0, 1.2, 1.5, 1.8, 2.0)),

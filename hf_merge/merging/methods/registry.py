@@ -6,7 +6,7 @@ here; :func:`register_method` adds one from outside the package.
 
 from __future__ import annotations
 
-from hf_merge.errors import UsageError
+from hf_merge.errors import NotContinualError, UsageError
 from hf_merge.merging.methods.average import ContinualAverage
 from hf_merge.merging.methods.base import MergeMethod
 from hf_merge.merging.methods.iso_c import IsoC
@@ -34,3 +34,11 @@ def get_method(name: str) -> type[MergeMethod]:
     if name not in METHODS:
         raise UsageError(f"unknown merge method {name!r}; choose one of: {', '.join(sorted(METHODS))}")
     return METHODS[name]
+
+
+def require_continual(method: str, merged: object) -> None:
+    """:class:`NotContinualError` (one line, saying to re-run ``merge``) when ``merged`` was made by a
+    registered all-at-once method, which cannot take one more expert."""
+    if method in METHODS and not METHODS[method].continual:
+        raise NotContinualError(f"{merged} was merged with '{method}', which merges every expert at once and cannot "
+                                "take one more; re-run `hf-merge merge` with all the experts, the merged ones and the new")

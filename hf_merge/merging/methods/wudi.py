@@ -91,6 +91,12 @@ class WUDI(AllAtOnceMethod):
     paper = "https://arxiv.org/abs/2503.08099"
     summary = ("Per matrix, Adam on Σ_i ‖(M − τ_i) τ_iᵀ‖² / ‖τ_i‖² from M = Σ τ_i; "
                "other tensors: mean (all experts at once).")
+    card_title = "WUDI merging"
+    description = (
+        "WUDI starts each weight matrix from the sum of the task vectors and refines it by gradient "
+        "descent so that it interferes least with each task's own directions, without data ([Cheng "
+        "et al., 2025, arXiv:2503.08099](https://arxiv.org/abs/2503.08099))."
+    )
     parameters = (
         Parameter("iter_num", 400, "Adam steps per matrix (FusionBench's config; its function default is 300).",
                   type=int, minimum=0),
