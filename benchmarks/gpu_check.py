@@ -4,7 +4,10 @@ Run through ``benchmarks/gpu_check.sh`` (which finds or makes a Python with torc
 in under 4 minutes on one GPU: random ViT-shaped models are made in memory (no download, no disk
 cache), 3 experts per shape, and each case runs once.
 
-Reports, per shape: OPCM (default decomposition, and ``svd`` on B/32) and TIES seconds per expert on CUDA,
+Reports, per shape: OPCM (default decomposition, and ``svd`` on B/32) and TIES seconds per expert on CUDA;
+on B/32 also the all-at-once methods at full width: WUDI (its default 400 Adam steps per matrix, and 5
+steps, whose CUDA − CPU difference is measured: the CPU run of 400 steps at this width takes too long)
+and Iso-CTS (GPU only),
 the same merge's max |CUDA − CPU| over all weights (B/32 only: the CPU run of L/14 is too slow for the
 budget), peak GPU memory, and the decompositions alone (every linear weight of one merged task
 vector, SVD vs Gram + eigh, on the GPU). Prints a table and writes ``benchmarks/results/gpu_check.md``.
@@ -135,11 +138,14 @@ def main() -> int:
             cases = [("opcm", "default", {}), ("ties", "default", {})]
             if label == "ViT-B/32":  # the exact path too; on L/14 its 145 GPU SVDs alone would take minutes
                 cases.insert(1, ("opcm", "svd", {"decomposition": "svd"}))
+                # all at once, full width: every expert's tensor per name; WUDI's 400 steps per matrix
+                cases += [("wudi", "default", {}), ("wudi", "iter_num=5", {"iter_num": 5}), ("iso_cts", "default", {})]
             for method, variant, options in cases:
                 out = folder / f"{method}-{variant}"
                 seconds, peak = timed_merge(base, experts, method, out / "cuda", "cuda", **options)
                 diff = "-"
-                if label == "ViT-B/32" and variant == "default":
+                # the CPU side of WUDI's 400 steps or Iso-CTS's ~440 SVDs would take minutes: 5 WUDI steps stand for both
+                if label == "ViT-B/32" and (variant == "iter_num=5" if method in ("wudi", "iso_cts") else variant == "default"):
                     timed_merge(base, experts, method, out / "cpu", "cpu", **options)
                     diff = f"{max_abs_diff(out / 'cuda', out / 'cpu'):.1e}"
                 rows.append((label, method, variant, seconds, peak, diff))
@@ -150,7 +156,8 @@ def main() -> int:
         "# GPU check",
         "",
         f"Device: {gpu}; torch {torch.__version__}. Random CLIP models with the named vision tower, "
-        f"{args.experts} experts; s/expert includes reading and writing (every step for OPCM and TIES).",
+        f"{args.experts} experts; s/expert includes reading and writing (every step for OPCM and TIES; once, "
+        "after all the experts, for the all-at-once WUDI and Iso-CTS).",
         "",
         "| shape | method | variant | s/expert | peak GPU MiB | max abs CUDA − CPU |",
         "|---|---|---|---|---|---|",

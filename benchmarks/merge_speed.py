@@ -9,6 +9,11 @@ float64 arithmetic); average and task arithmetic run with their default ``checkp
 with a write after every step, and against the naive code a second time with its one write
 fsynced, as every file the engine writes is.
 
+The all-at-once methods (``iso_cts``, ``wudi``) have no naive counterpart here; their rows show time
+and peak RSS (one model for the output plus one tensor per expert). WUDI is 400 Adam steps per
+matrix: on a CPU, measure it at reduced width (``--width 128``: ViT-B/32's 12 layers at hidden size
+128; the full width runs in ``benchmarks/gpu_check.sh``).
+
 Models are written once to ``benchmarks/.cache/``. ``--quick`` uses a smaller model and fewer
 experts. Results: a table on stdout and ``benchmarks/results/merge_speed.md``.
 """
@@ -28,7 +33,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-METHODS = ["opcm", "average", "task_arithmetic", "ties", "magmax", "iso_c", "tsv_m"]
+METHODS = ["opcm", "average", "task_arithmetic", "ties", "magmax", "iso_c", "tsv_m", "iso_cts", "wudi"]
+ALL_AT_ONCE = ("iso_cts", "wudi")  # no naive counterpart in naive_reference.py
 QUICK_SHAPE = {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 4}
 
 
@@ -47,7 +53,13 @@ def peak_rss() -> int:
 
 
 # -- models ----------------------------------------------------------------------------------------
-def build_models(cache: Path, n_experts: int, quick: bool) -> tuple[Path, list[Path]]:
+def width_shape(width: int) -> dict:
+    """ViT-B/32's depth at another width (hidden ``width``, MLP 4×, 64-wide heads)."""
+    return {"hidden_size": width, "intermediate_size": 4 * width, "num_hidden_layers": 12,
+            "num_attention_heads": max(width // 64, 1)}
+
+
+def build_models(cache: Path, n_experts: int, quick: bool, width: int | None = None) -> tuple[Path, list[Path]]:
     """A base and ``n_experts`` experts, built once (a finished folder is never rebuilt)."""
     import torch
     from safetensors.torch import load_file, save_file
@@ -55,13 +67,14 @@ def build_models(cache: Path, n_experts: int, quick: bool) -> tuple[Path, list[P
 
     from hf_merge.testing.tiny_clip import task_vector
 
-    folder = cache / ("clip-quick" if quick else "clip-vit-b32")
+    folder = cache / (f"clip-width-{width}" if width else "clip-quick" if quick else "clip-vit-b32")
     base = folder / "base"
     experts = [folder / f"expert-{i}" for i in range(n_experts)]
     if not (base / "model.safetensors").is_file():
         staging = folder.with_name(folder.name + ".building")
         shutil.rmtree(staging, ignore_errors=True)
-        config = CLIPConfig(vision_config=QUICK_SHAPE, text_config=QUICK_SHAPE) if quick else CLIPConfig()
+        shape = width_shape(width) if width else QUICK_SHAPE if quick else None
+        config = CLIPConfig(vision_config=shape, text_config=shape) if shape else CLIPConfig()
         torch.manual_seed(0)
         CLIPModel(config).save_pretrained(staging / "base")
         folder.mkdir(parents=True, exist_ok=True)
@@ -204,6 +217,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small model, 2 and 4 experts")
     parser.add_argument("--experts", type=int, nargs="+", default=None)
+    parser.add_argument("--width", type=int, default=None,
+                        help="ViT-B/32's 12 layers at this hidden size (WUDI on a CPU: 128); default: the full model")
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument("--opcm-experts", type=int, nargs="+", default=None,
                         help="expert counts for OPCM (its decompositions dominate the run time); default: --experts")
@@ -231,13 +246,13 @@ def main() -> None:
 
     counts = args.experts or ([2, 4] if args.quick else [2, 4, 8])
     opcm_counts = args.opcm_experts or counts
-    base, experts = build_models(args.cache, max(counts + opcm_counts), args.quick)
+    base, experts = build_models(args.cache, max(counts + opcm_counts), args.quick, args.width)
     model_bytes = (base / "model.safetensors").stat().st_size
     work = args.cache / "runs"
     shutil.rmtree(work, ignore_errors=True)
     rows: list[dict] = []
     accuracy: dict[int, dict[str, float]] = {}
-    context = {"model_bytes": model_bytes, "quick": args.quick, "note": args.note, "repeat": max(args.repeat, 1),
+    context = {"model_bytes": model_bytes, "quick": args.quick, "width": args.width, "note": args.note, "repeat": max(args.repeat, 1),
                "opcm_repeat": max(args.opcm_repeat, 1)}
 
     def stream(method: str, n: int, options: dict, out: Path) -> dict:
@@ -261,7 +276,8 @@ def main() -> None:
         repeats = max(args.opcm_repeat if method == "opcm" else args.repeat, 1)
         for n in opcm_counts if method == "opcm" else counts:
             naive_dir, f64 = work / "naive", work / f"float64-{n}"
-            skip_naive = method == "opcm" and args.naive_opcm_max is not None and n > args.naive_opcm_max
+            skip_naive = method in ALL_AT_ONCE or (
+                method == "opcm" and args.naive_opcm_max is not None and n > args.naive_opcm_max)
             naive_runs: list[dict] = []
             durable_runs: list[dict] = []  # the naive code with its one write fsynced, as ours are
             runs: dict[str, list[dict]] = {}
@@ -297,6 +313,12 @@ def main() -> None:
             args.results.write_text(render(rows, accuracy, context))
     shutil.rmtree(work, ignore_errors=True)
     print(render(rows, accuracy, context))
+
+
+def model_label(context: dict) -> str:
+    if context.get("width"):
+        return f"CLIP with ViT-B/32's 12 layers at width {context['width']} (--width)"
+    return "small CLIP (--quick)" if context["quick"] else "ViT-B/32-shaped CLIP (CLIPConfig defaults)"
 
 
 def accuracy_label(options: dict) -> str:
@@ -362,7 +384,7 @@ def render(rows: list[dict], accuracy: dict[int, dict[str, float]], context: dic
     lines = [
         "# Merge speed and memory",
         "",
-        f"Model: {'small CLIP (--quick)' if context['quick'] else 'ViT-B/32-shaped CLIP (CLIPConfig defaults)'}, "
+        f"Model: {model_label(context)}, "
         f"{mb(model_bytes)} MiB of float32 weights; vision tower + visual_projection merged. "
         f"Machine: {platform.machine()} ({cpu_model()}), {os.cpu_count()} CPUs, torch {torch.__version__} "
         f"({torch.get_num_threads()} threads, BLAS {'MKL' if linalg_backend.torch_blas_is_mkl() else 'not MKL'}), "

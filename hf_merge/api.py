@@ -12,20 +12,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hf_merge.errors import MergeStateError, RecipeError, UsageError
+from hf_merge.continuation import continued_recipe, fetch_merged, pinned_base, recipe_of
+from hf_merge.errors import RecipeError, UsageError
 from hf_merge.hub import client as hub
 from hf_merge.hub import sources
 from hf_merge.hub.preflight import check_models
 from hf_merge.hub.push import push_merge
-from hf_merge.hub.sources import resolve, split_reference
+from hf_merge.hub.repo_ids import check_names
+from hf_merge.hub.sources import resolve
 from hf_merge.io.merge_folder import STATE_FILENAME, MergeFolder
 from hf_merge.log import get_logger
+from hf_merge.merging.methods import get_method
 from hf_merge.output_folder import check_output_folder, weights_bytes
 from hf_merge.progress import Phase
 from hf_merge.publish.card import read_license, write_card
-from hf_merge.recipe import EvalSpec, MergeRecipe, reference_key
+from hf_merge.recipe import EvalSpec, MergeRecipe
 from hf_merge.recipe_overrides import build_recipe
-from hf_merge.step_evaluation import average_accuracy, continued_tasks, evaluation_hook
+from hf_merge.step_evaluation import average_accuracy, evaluation_hook, final_only_unless_continual
 
 logger = get_logger(__name__)
 
@@ -75,7 +78,10 @@ def merge(recipe: MergeRecipe | str | Path | None = None, *, token: str | None =
         ...                method="opcm", parameters={"alpha": 0.5}, push_to_hub="me/clip-opcm")
     """
     recipe = build_recipe(recipe, fields, source="arguments")
+    check_names(repo_ids={"push_to_hub": recipe.push_to_hub, "space": recipe.space},
+                references={"base": recipe.base, "expert": recipe.experts})
     token = hub.resolve_token(token)
+    get_method(recipe.method).check_parameters(recipe.hyperparameters())  # out of range: before any download
     output_dir = recipe.output_dir()
     if MergeFolder(output_dir).has_state():
         raise UsageError(
@@ -84,7 +90,8 @@ def merge(recipe: MergeRecipe | str | Path | None = None, *, token: str | None =
         )
     experts = recipe.ordered_experts()
     check_output_folder(output_dir)
-    hook = evaluation_hook(recipe.eval, recipe.ordered_eval_tasks(), experts, done=0, base=recipe.base, token=token)
+    spec = final_only_unless_continual(recipe.eval, get_method(recipe.method))
+    hook = evaluation_hook(spec, recipe.ordered_eval_tasks(), experts, done=0, base=recipe.base, token=token)
     check_models(recipe.base, experts, token=token, allow_pickle=recipe.allow_pickle, scope=recipe.scope)
     check_output_folder(output_dir, weights_bytes=weights_bytes(recipe.base, token=token))
 
@@ -108,7 +115,7 @@ def merge(recipe: MergeRecipe | str | Path | None = None, *, token: str | None =
     if not merger.executor.is_main_process:  # under `accelerate launch`, the main process publishes
         return MergeResult(output_dir=output_dir, recipe=recipe, is_main_process=False)
     _evaluate_final(hook, recipe, merger)
-    return _publish(output_dir, recipe, token=token, licenses=licenses, create_pr=create_pr)
+    return publish_result(output_dir, recipe, token=token, licenses=licenses, create_pr=create_pr)
 
 
 def add(
@@ -137,19 +144,20 @@ def add(
         eval: Evaluation settings (default: the recipe's).
         allow_pickle, evict, space, partial_download: As in the recipe (default: the recipe's values).
     """
-    token = hub.resolve_token(token)
     experts = [str(e) for e in experts]
     if not experts:
         raise RecipeError("`add` needs at least one new expert: --experts REPO[@REV] ...")
-    output_dir, source_repo = _fetch_merged(merged, output, token)
+    check_names(repo_ids={"push_to_hub": push_to_hub, "space": space}, references={"merged model": str(merged), "expert": experts})
+    token = hub.resolve_token(token)
+    output_dir, source_repo = fetch_merged(merged, output, token)
     folder = MergeFolder(output_dir)
     base_entry, done = folder.lineage()
-    recipe, tasks = _continued_recipe(
-        _recipe_of(output_dir), merged, done, experts, output_dir=output_dir, push_to_hub=push_to_hub or source_repo,
+    recipe, tasks = continued_recipe(
+        recipe_of(output_dir), merged, done, experts, output_dir=output_dir, push_to_hub=push_to_hub or source_repo,
         eval=eval, overrides={"allow_pickle": allow_pickle, "evict": evict, "space": space,
                               "partial_download": partial_download},
     )
-    base_reference = _pinned_base(base_entry, recipe.base)
+    base_reference = pinned_base(base_entry, recipe.base)
     hook = evaluation_hook(recipe.eval, tasks, recipe.experts, done=len(done), output_dir=output_dir,
                            base=base_reference, token=token)
     check_models(base_reference, experts, token=token, allow_pickle=recipe.allow_pickle,
@@ -159,7 +167,7 @@ def add(
 
     # The base pinned to the commit the merge started from (the engine refuses any other).
     base = _resolve_base(base_reference, token=token, allow_pickle=recipe.allow_pickle)
-    licenses = _previous_licenses(output_dir)
+    licenses = previous_licenses(output_dir)
     base_name = base_entry.get("name") or base.name
     if licenses.get(base_name) is None:
         licenses[base_name] = read_license(base.path)
@@ -171,64 +179,13 @@ def add(
         return MergeResult(output_dir=output_dir, recipe=recipe, is_main_process=False)
     _evaluate_final(hook, recipe, merger)
     message = f"hf-merge: add {len(experts)} expert{'s' if len(experts) > 1 else ''} ({', '.join(experts)})"
-    return _publish(output_dir, recipe, token=token, licenses=licenses, create_pr=create_pr, commit_message=message)
-
-
-def _fetch_merged(merged: str | Path, output: str | Path | None, token: str | None) -> tuple[Path, str | None]:
-    """The merge folder to continue, ``(folder, repo it came from)``: a local folder (copied when
-    ``output`` names another), or a repo downloaded with its merge state."""
-    local = Path(merged).expanduser()
-    if local.is_dir():
-        output_dir = Path(output) if output else local
-        check_output_folder(output_dir)
-        if output_dir.resolve() != local.resolve():
-            _copy_result(local, output_dir)
-        source_repo = None
-    else:
-        repo_id, revision = split_reference(str(merged))
-        output_dir = Path(output) if output else Path(repo_id.split("/")[-1])
-        check_output_folder(output_dir)
-        if MergeFolder(output_dir).has_state():
-            raise UsageError(
-                f"{output_dir} already holds a merge: pass --output DIR to download {merged} elsewhere, "
-                f"or continue the local copy with `hf-merge add {output_dir} --experts ... --push-to-hub {repo_id}`"
-            )
-        sources.download_model(
-            repo_id, revision=revision, token=token, allow_pickle=True,
-            extra_patterns=hub.MERGE_RESULT_PATTERNS, local_dir=output_dir,
-        )
-        source_repo = repo_id
-    if not MergeFolder(output_dir).has_state():
-        raise MergeStateError(f"{merged} has no {STATE_FILENAME}: it was not made by hf-merge, so it cannot be continued")
-    return output_dir, source_repo
-
-
-def _continued_recipe(previous: MergeRecipe, merged: str | Path, done: list[dict[str, Any]], experts: list[str], *,
-                      output_dir: Path, push_to_hub: str | None, eval: EvalSpec | None,
-                      overrides: dict[str, Any]) -> tuple[MergeRecipe, list[str]]:
-    """The recipe extended with ``experts`` after the ``done`` ones, and the tasks to evaluate.
-
-    The merged part's order is fixed by the lineage (pinned to what was merged); new experts
-    follow in the order given; an expert merged already is refused.
-    """
-    merged_keys = {reference_key(_pinned_name(e)): _pinned_name(e) for e in done}
-    merged_keys[reference_key(previous.base)] = previous.base
-    for expert in experts:
-        key = reference_key(expert)
-        if key in merged_keys or (key[0], None) in merged_keys:
-            raise RecipeError(f"expert {expert!r} is already merged in {merged}")
-    tasks, evaluation = continued_tasks(previous, eval, len(done), len(experts))
-    changes = {**overrides, "experts": [_pinned_name(e) for e in done] + experts, "shuffle": False,
-               "output": str(output_dir), "eval": evaluation}
-    recipe = build_recipe(previous, changes, source="the continued recipe")
-    if push_to_hub != recipe.push_to_hub:  # a local folder continued without --push-to-hub pushes nowhere
-        recipe = recipe.replace(push_to_hub=push_to_hub)
-    return recipe, tasks
+    return publish_result(output_dir, recipe, token=token, licenses=licenses, create_pr=create_pr, commit_message=message)
 
 
 def push(output_dir: str | Path, repo_id: str, *, token: str | None = None, private: bool = False,
          create_pr: bool = False, commit_message: str | None = None) -> str:
     """Push a finished merge folder (again): what ``hf-merge push`` and a failed push's retry run."""
+    check_names(repo_ids={"repo_id": repo_id})
     output_dir = Path(output_dir)
     folder = MergeFolder(output_dir)
     if not folder.has_state():
@@ -242,6 +199,7 @@ def push(output_dir: str | Path, repo_id: str, *, token: str | None = None, priv
 
 def card(output_dir: str | Path, *, repo_id: str | None = None, space: str | None = None) -> Path:
     """(Re)generate ``README.md`` (and ``accuracy.png``) of a local merge folder."""
+    check_names(repo_ids={"repo_id": repo_id, "space": space})
     output_dir = Path(output_dir)
     if repo_id is None:
         recipe = MergeRecipe.of_folder(output_dir)
@@ -266,16 +224,20 @@ def _merge_experts(merger: Any, experts: Sequence[str], recipe: MergeRecipe, tok
     def fetch(reference: str, transfer: Any) -> sources.ModelSource:
         return resolve(reference, token=token, allow_pickle=recipe.allow_pickle, tensor_prefixes=prefixes, transfer=transfer)
 
-    # The next expert downloads while this one merges; with evict, at most two are on disk.
+    # The next expert downloads while this one merges; with evict, at most two are on disk (all, for all-at-once).
     prefetcher = Prefetcher(experts, fetch, discard=sources.evict if recipe.evict else None)
+    merged: list[sources.ModelSource] = []
     with Phase("Merging", len(experts), unit="expert") as phase, prefetcher:
         for i, source in enumerate(prefetcher):
             phase.describe(source.name)
             licenses[source.name] = read_license(source.path)
             merger.add(source, final=i == len(experts) - 1)
-            if recipe.evict:
-                sources.evict(source)
+            merged.append(source)
+            if recipe.evict and merger.method.continual:
+                sources.evict(merged.pop())
             phase.step(source.name)
+    for source in merged if recipe.evict else ():  # an all-at-once merge read them all at the end
+        sources.evict(source)
 
 
 def _partial_prefixes(recipe: MergeRecipe) -> tuple[str, ...] | None:
@@ -285,7 +247,7 @@ def _partial_prefixes(recipe: MergeRecipe) -> tuple[str, ...] | None:
     prefixes = SCOPES.get(recipe.scope)
     if not recipe.partial_download or not prefixes or "" in prefixes:
         return None
-    if recipe.eval is not None and recipe.eval.every_step:
+    if _evaluates_every_step(recipe):
         return None  # each expert is evaluated too, from a full snapshot: a partial one would be a second download
     return tuple(prefixes)
 
@@ -299,7 +261,7 @@ def _checkpoint_every(recipe: MergeRecipe) -> int | None:
 
 
 def _evaluates_every_step(recipe: MergeRecipe) -> bool:
-    return recipe.eval is not None and recipe.eval.every_step
+    return recipe.eval is not None and recipe.eval.every_step and get_method(recipe.method).continual
 
 
 def _step_hook(hook: Any, recipe: MergeRecipe) -> Any:
@@ -314,8 +276,10 @@ def _evaluate_final(hook: Any, recipe: MergeRecipe, merger: Any) -> None:
         hook(merger.step, merger.output_dir, merger.state)
 
 
-def _publish(output_dir: Path, recipe: MergeRecipe, *, token: str | None, licenses: dict, create_pr: bool,
-             commit_message: str | None = None) -> MergeResult:
+def publish_result(output_dir: Path, recipe: MergeRecipe, *, token: str | None, licenses: dict, create_pr: bool,
+                   commit_message: str | None = None) -> MergeResult:
+    """Save the recipe, write the card, push and publish the Space of a finished merge folder: what
+    a merge does after its last step (and a rerun whose steps were all done before a crash)."""
     # The output folder is a local detail: the published recipe reproduces the merge anywhere.
     recipe.replace(output=None).save(output_dir)
     write_card(output_dir, repo_id=recipe.push_to_hub, licenses=licenses, space_id=recipe.space)
@@ -335,39 +299,7 @@ def _publish(output_dir: Path, recipe: MergeRecipe, *, token: str | None, licens
     return result
 
 
-def _recipe_of(output_dir: Path) -> MergeRecipe:
-    recipe = MergeRecipe.of_folder(output_dir)
-    if recipe is not None:
-        return recipe
-    # A merge folder without a recipe (made with the engine directly): rebuild one from the state.
-    folder = MergeFolder(output_dir)
-    state = folder.state()
-    base, experts = folder.lineage()
-    return MergeRecipe(
-        base=_pinned_name(base) or str(base.get("path")),
-        experts=[_pinned_name(e) for e in experts],
-        method=str(state.method or "opcm"),
-        parameters={},
-        scope=str(state.scope or "vision"),
-    )
-
-
-def _pinned_base(entry: dict[str, Any], fallback: str) -> str:
-    if entry.get("repo_id") and entry.get("commit_sha"):
-        return f"{entry['repo_id']}@{entry['commit_sha']}"
-    if entry.get("local_path") and Path(entry["local_path"]).is_dir():
-        return str(entry["local_path"])
-    return fallback
-
-
-def _pinned_name(entry: dict[str, Any]) -> str:
-    """``repo@sha`` of a lineage entry (exactly what was merged), or its name for a local folder."""
-    if entry.get("repo_id"):
-        return entry["repo_id"] + (f"@{entry['revision']}" if entry.get("revision") else "")
-    return str(entry.get("name") or entry.get("path") or "")
-
-
-def _previous_licenses(output_dir: Path) -> dict[str, str | None]:
+def previous_licenses(output_dir: Path) -> dict[str, str | None]:
     """The parents' licences recorded by the previous run (unknown for parents not named there)."""
     folder = MergeFolder(output_dir)
     base, experts = folder.lineage()
@@ -376,12 +308,3 @@ def _previous_licenses(output_dir: Path) -> dict[str, str | None]:
     return {str(name): recorded.get(str(name)) for name in names}
 
 
-def _copy_result(source: Path, destination: Path) -> None:
-    import shutil
-
-    from hf_merge.merging.state import recover
-
-    if destination.exists() and any(destination.iterdir()):
-        raise UsageError(f"output folder {destination} is not empty")
-    recover(source)  # a step committed before a crash belongs to the copy; spare and staging files do not
-    shutil.copytree(source, destination, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".hf-merge-*"))

@@ -58,3 +58,8 @@ class PushError(HfMergeError):
 
 class SpaceError(HfMergeError):
     """Building, publishing or running the Gradio Space failed."""
+
+
+class NotContinualError(UsageError):
+    """The merge's method needs every expert at once (``iso_cts``, ``wudi``): a new expert changes
+    every merged tensor, so ``add`` and the watcher cannot continue it; ``merge`` with all experts can."""

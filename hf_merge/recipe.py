@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Valida
 
 from hf_merge.declared import POSITIVE_INTEGER, excerpt, one_line, suggest, unknown_key
 from hf_merge.errors import RecipeError
-from hf_merge.hub.repo_id import repo_id_problem
+from hf_merge.hub.repo_ids import repo_id_problem
 from hf_merge.hub.sources import split_reference
 from hf_merge.io.merge_folder import RECIPE_FILENAME, MergeFolder
 from hf_merge.io.yaml_file import load_yaml, read_yaml

@@ -125,3 +125,13 @@ def average_accuracy(output_dir: Path, n_steps: int) -> list[float | None]:
         return [None] * n_steps
     by_step = dict(zip(table.steps, table.averages(), strict=False))
     return [by_step.get(step) for step in range(1, n_steps + 1)]
+
+
+def final_only_unless_continual(spec: EvalSpec | None, method: Any) -> EvalSpec | None:
+    """``spec`` with ``every_step`` off for an all-at-once ``method`` (a method class): there is no
+    model between its steps, so only the final one is evaluated (one log line says so)."""
+    if spec is None or not spec.every_step or method.continual:
+        return spec
+    logger.info("%s merges every expert at once, so there is no model between steps: evaluating the final model only",
+                method.name)
+    return EvalSpec(tasks=list(spec.tasks), every_step=False, limit=spec.limit)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -196,16 +197,28 @@ def open_image(path: str | None) -> Image.Image:
 
 
 # ----------------------------------------------------------------------------------- app
+_MARKUP = re.compile(r"([\\`*\[\]|<>&])")
+_ENTITIES = {"<": "&lt;", ">": "&gt;", "&": "&amp;"}
+
+
+def markdown_text(value: Any) -> str:
+    """``value`` as literal Markdown text on one line: names and task labels come from other
+    people's repos, so tags, links, code and table pipes in them are escaped. (A copy of
+    ``hf_merge.publish.escape.markdown_text``: this file runs without hf-merge.)"""
+    text = "".join(char if char.isprintable() else " " for char in str(value))
+    return _MARKUP.sub(lambda m: _ENTITIES.get(m.group(1), "\\" + m.group(1)), text)
+
+
 def accuracy_markdown(config: dict[str, Any]) -> str:
     """The per-step accuracy table of the model card, as Markdown."""
     accuracy = config.get("accuracy")
     if not accuracy or not accuracy.get("rows"):
         return "This merge was published without evaluation results."
     tasks = accuracy["tasks"]
-    lines = ["| step | " + " | ".join(tasks) + " | average |", "|---|" + "---|" * (len(tasks) + 1)]
+    lines = ["| step | " + " | ".join(markdown_text(t) for t in tasks) + " | average |", "|---|" + "---|" * (len(tasks) + 1)]
     for row in accuracy["rows"]:
         cells = ["–" if v is None else f"{100 * v:.1f}" for v in row["accuracy"]]
-        lines.append(f"| {row['step']} | " + " | ".join(cells) + f" | **{100 * row['average']:.1f}** |")
+        lines.append(f"| {markdown_text(row['step'])} | " + " | ".join(cells) + f" | **{100 * row['average']:.1f}** |")
     return "Zero-shot accuracy (%) after each merge step, on the tasks merged so far.\n\n" + "\n".join(lines)
 
 
@@ -213,10 +226,12 @@ def lineage_markdown(config: dict[str, Any]) -> str:
     """Base and experts in merge order, with their pinned commits."""
     base = config.get("base") or {}
     lines = ["| step | model | commit |", "|---|---|---|"]
-    lines.append(f"| 0 (base) | {base.get('name') or base.get('repo_id') or '?'} | {(base.get('commit_sha') or '')[:10]} |")
+    name = base.get("name") or base.get("repo_id") or "?"
+    lines.append(f"| 0 (base) | {markdown_text(name)} | {markdown_text((base.get('commit_sha') or '')[:10])} |")
     for index, expert in enumerate(config.get("experts") or []):
         name = expert.get("name") or expert.get("repo_id") or "?"
-        lines.append(f"| {expert.get('step', index + 1)} | {name} | {(expert.get('commit_sha') or '')[:10]} |")
+        step, sha = expert.get("step", index + 1), (expert.get("commit_sha") or "")[:10]
+        lines.append(f"| {markdown_text(step)} | {markdown_text(name)} | {markdown_text(sha)} |")
     return "\n".join(lines)
 
 
@@ -253,7 +268,7 @@ def build_demo(config: dict[str, Any], bank: ModelBank | None = None) -> gr.Bloc
         return gr.Textbox(interactive=True)
 
     with gr.Blocks(title=title) as demo:
-        gr.Markdown(f"# {title}\n{config.get('description') or ''}")
+        gr.Markdown(f"# {markdown_text(title)}\n{markdown_text(config.get('description') or '')}")
         with gr.Tab("Classify"):
             with gr.Row():
                 with gr.Column():

@@ -9,7 +9,7 @@ from huggingface_hub import ModelCard
 from hf_merge.evaluation import EvaluationReport
 from hf_merge.hub.client import endpoint
 from hf_merge.merging.state import MergeState
-from hf_merge.publish.card import build_card, choose_license, method_description, read_license, write_card
+from hf_merge.publish.card import build_card, choose_license, read_license, write_card
 from hf_merge.recipe import EvalSpec, MergeRecipe, known_methods
 
 BASE = "openai/clip-vit-base-patch32"
@@ -127,11 +127,14 @@ def test_regenerated_card_keeps_the_parents_licenses(tmp_path):
 
 @pytest.mark.parametrize("method", known_methods())
 def test_every_method_has_a_described_card(method, tmp_path):
-    title, summary = method_description(method)
-    assert "arxiv.org/abs/" in summary
+    from hf_merge.merging.methods import get_method
+
+    declared = get_method(method)  # the card reads the method's own declaration
+    title, paragraph = declared.card_title or declared.display_name, declared.description
+    assert "arxiv.org/abs/" in paragraph
     folder = _result_folder(tmp_path, evaluated=False, method=method)
     card = build_card(folder, licenses=MIT)
-    assert method in card.data.tags and title in card.text
+    assert method in card.data.tags and title in card.text and paragraph in card.text
 
 
 def test_card_passes_the_servers_yaml_validation(tmp_path, hub_server):

@@ -157,7 +157,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("evaluation", ("hf_merge.evaluation",)),
     ("publish", ("hf_merge.publish",)),
     ("config and api", ("hf_merge.recipe", "hf_merge.recipe_sections", "hf_merge.recipe_parameters",
-                        "hf_merge.recipe_overrides", "hf_merge.step_evaluation", "hf_merge.output_folder", "hf_merge.api")),
+                        "hf_merge.recipe_overrides", "hf_merge.step_evaluation", "hf_merge.output_folder", "hf_merge.api",
+                        "hf_merge.resume", "hf_merge.continuation")),
     ("watch", ("hf_merge.watch",)),
     ("cli", ("hf_merge.cli", "hf_merge.demo")),
 ]

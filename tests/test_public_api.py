@@ -31,7 +31,7 @@ def test_cli_without_command_is_a_usage_error():
 
 
 def test_copying_a_merge_leaves_its_working_files_behind(tmp_path):
-    from hf_merge.api import _copy_result
+    from hf_merge.continuation import copy_result as _copy_result
     from hf_merge.merging.state import OutputTransaction
 
     source = tmp_path / "source"

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from hf_merge.errors import UsageError
-from hf_merge.hub import ranged, sources
+from hf_merge.hub import ranged, remote_file, sources
 from hf_merge.hub.transfer import Transfer
 from hf_merge.hub_server.server import HubRequestHandler
 from hf_merge.io.checkpoint import Checkpoint
@@ -33,7 +33,7 @@ def _bound(path: Path, prefixes: tuple[str, ...]) -> int:
     header.pop("__metadata__", None)
     selected = [v["data_offsets"] for n, v in header.items() if n.startswith(prefixes)]
     data = sum(end - start for start, end in selected)
-    return 8 + length + ranged.FIRST_READ_BYTES + data + ranged.MAX_GAP_BYTES * len(selected)
+    return 8 + length + remote_file.FIRST_READ_BYTES + data + ranged.MAX_GAP_BYTES * len(selected)
 
 
 def _same_tensors(partial: Path, full: Path, prefixes: tuple[str, ...]) -> list[str]:

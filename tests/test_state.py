@@ -144,3 +144,61 @@ def test_linked_files_are_never_written_through(tmp_path):
     os.symlink(elsewhere, tmp_path / "out" / ".hf-merge-spare" / "model.safetensors")
     tx.abort()
     assert OutputTransaction(tmp_path / "out").recycled == []  # a symlinked spare is not taken
+
+
+@pytest.mark.parametrize("leftover", ["empty", "manifest only"])
+def test_a_pending_folder_left_after_the_state_moved_is_cleared(tmp_path, leftover):
+    # The last moments of a commit: every file moved, then the manifest deleted, then the folder.
+    commit_step(tmp_path, 1, {"model.safetensors": "1"})
+    commit_step(tmp_path, 2, {"model.safetensors": "2"})
+    pending = tmp_path / ".hf-merge-pending"
+    pending.mkdir()
+    if leftover == "manifest only":
+        (pending / ".manifest.json").write_text(json.dumps({"weight_files": ["model.safetensors"]}))
+    commit_step(tmp_path, 3, {"model.safetensors": "3"})  # no "remove it by hand"
+    assert MergeState.load(tmp_path).step == 3
+    assert (tmp_path / "model.safetensors").read_text() == "3"
+    assert not pending.exists()
+
+
+def test_a_pending_folder_still_holding_the_state_without_manifest_is_refused(tmp_path):
+    commit_step(tmp_path, 1, {"model.safetensors": "1"})
+    pending = tmp_path / ".hf-merge-pending"
+    pending.mkdir()
+    make_state(2).save(pending)  # cannot come from a commit: the manifest goes only after the state moved
+    with pytest.raises(MergeStateError, match="has no manifest") as caught:
+        recover(tmp_path)
+    assert "\n" not in str(caught.value) and str(pending) in str(caught.value)
+
+
+_KILLED_CHILD = """
+import os, sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[3])
+from test_state import commit_step
+out, marker = Path(sys.argv[1]), Path(sys.argv[2])
+commit_step(out, 1, {"model.safetensors": "1"})
+real_rmdir = os.rmdir
+def rmdir(path, *args, **kwargs):
+    if str(path).endswith(".hf-merge-pending"):  # manifest deleted, folder not yet
+        marker.write_text("now")
+        time.sleep(600)
+    return real_rmdir(path, *args, **kwargs)
+os.rmdir = rmdir
+commit_step(out, 2, {"model.safetensors": "2"})
+"""
+
+
+def test_sigkill_between_manifest_and_folder_removal_then_next_step(tmp_path):
+    import subprocess
+    import sys
+
+    from hf_merge.testing.processes import sigkill_when
+
+    out, marker = tmp_path / "out", tmp_path / "marker"
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_CHILD, str(out), str(marker), os.path.dirname(__file__)])
+    sigkill_when(child, marker, timeout=60, what="the end of step 2")
+    assert sorted(p.name for p in (out / ".hf-merge-pending").iterdir()) == []
+    commit_step(out, 3, {"model.safetensors": "3"})
+    assert MergeState.load(out).step == 3 and (out / "model.safetensors").read_text() == "3"
+    assert not (out / ".hf-merge-pending").exists()

@@ -60,14 +60,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except HfMergeError as error:
-        print(f"hf-merge: error: {error}", file=sys.stderr)
+        print(f"hf-merge: error: {one_line(str(error))}", file=sys.stderr)
         retry = getattr(error, "retry_command", None)
         if retry:
-            print(f"hf-merge: retry with: {retry}", file=sys.stderr)
+            print(f"hf-merge: retry with: {one_line(retry)}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
         print("hf-merge: interrupted", file=sys.stderr)
         return 130
+
+
+def one_line(text: str) -> str:
+    """``text`` with control characters escaped (``\\n``, ``\\x1b``): a value quoted from user input
+    or from another repo cannot break an error over lines or send terminal escapes."""
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
 
 
 def _version() -> str:

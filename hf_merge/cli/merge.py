@@ -110,10 +110,10 @@ def _flag_dest(flags: tuple[str, ...]) -> str:
 
 def run_merge(args: argparse.Namespace) -> int:
     _apply_quiet(args)
-    from hf_merge.api import merge
     from hf_merge.errors import UsageError
     from hf_merge.recipe import MergeRecipe
     from hf_merge.recipe_overrides import build_recipe
+    from hf_merge.resume import merge_or_resume
 
     base = MergeRecipe.load(args.config) if args.config else None
     fields = _recipe_fields(args, method=args.method or (base.method if base is not None else None))
@@ -122,7 +122,8 @@ def run_merge(args: argparse.Namespace) -> int:
         if missing:
             raise UsageError(f"{' and '.join(missing)} required (or --config RECIPE.yaml)")
     recipe = build_recipe(base, fields, source=args.config or "the command line")
-    result = merge(recipe, token=args.token, create_pr=args.create_pr)
+    # The same command again after a crash continues the merge in its output folder.
+    result = merge_or_resume(recipe, token=args.token, create_pr=args.create_pr)
     _print_summary(result, quiet=args.quiet)
     return 0
 

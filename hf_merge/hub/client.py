@@ -28,6 +28,7 @@ from huggingface_hub.errors import (
 
 from hf_merge.errors import AuthenticationError, CheckpointError, HfMergeError, ModelNotFoundError
 from hf_merge.hub.conversion_pr import ConversionPR, find_conversion_pr, tensor_name_problem
+from hf_merge.hub.remote_file import remote_tensor_table
 from hf_merge.io.merge_folder import RESULT_FILES
 from hf_merge.log import get_logger
 
@@ -115,6 +116,18 @@ def fetch_config(repo_id: str, revision: str | None = None, token: str | None = 
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
+def fetch_file(repo_id: str, filename: str, revision: str | None = None, token: str | None = None) -> Path | None:
+    """Download one file of a model repo (``merge_state.json`` before a whole snapshot); ``None`` if
+    the repo has no such file."""
+    token = resolve_token(token)
+    with hub_errors(repo_id if revision is None else f"{repo_id}@{revision}", token=token):
+        try:
+            return Path(huggingface_hub.hf_hub_download(repo_id, filename, revision=revision, token=token if token else False,
+                                                        endpoint=endpoint()))
+        except huggingface_hub.errors.EntryNotFoundError:
+            return None
+
+
 def check_model(repo_id: str, revision: str | None = None, token: str | None = None, allow_pickle: bool = False) -> WeightsRevision:
     """Check that a repo exists, is readable with ``token`` and has usable weights; return where
     they are (see :func:`resolve_weights`)."""
@@ -197,13 +210,10 @@ def tensor_headers(repo_id: str, revision: str, *, token: str | None) -> dict[st
 
 
 def tensor_table(repo_id: str, revision: str, *, token: str | None) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """Tensor name -> (dtype string, shape) from a repo's safetensors headers (range requests only)."""
-    metadata = api_client(token).get_safetensors_metadata(repo_id, revision=revision)
-    table: dict[str, tuple[str, tuple[int, ...]]] = {}
-    for file_metadata in metadata.files_metadata.values():
-        for name, info in file_metadata.tensors.items():
-            table[name] = (info.dtype, tuple(info.shape))
-    return table
+    """Tensor name -> (dtype string, shape) from a repo's safetensors headers (range requests only),
+    each header checked as the safetensors library checks it (:mod:`hf_merge.io.safetensors_header`)."""
+    info = api_client(token).model_info(repo_id, revision=revision)
+    return remote_tensor_table(repo_id, info.sha or revision, [s.rfilename for s in info.siblings or []], token=token)
 
 
 # ---------------------------------------------------------------------------------------- push

@@ -22,18 +22,19 @@ import os
 import shutil
 import struct
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import huggingface_hub
 from huggingface_hub import constants
 
 from hf_merge.errors import CheckpointError
 from hf_merge.hub import client as hub
+from hf_merge.hub.remote_file import RangeRefused, RemoteFile, read_remote_header, remote_size
 from hf_merge.hub.transfer import Transfer
+from hf_merge.io.safetensors_header import HeaderEntry
 from hf_merge.log import get_logger
 from hf_merge.sizes import format_size
 
@@ -42,17 +43,10 @@ logger = get_logger(__name__)
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 MANIFEST_NAME = ".hf-merge-ranged.json"
-# Enough for the header of a ViT-L CLIP in one request; a longer header costs one more request.
-FIRST_READ_BYTES = 100_000
 # Tensors closer than this are fetched in one request, the gap included (fewer round trips).
 MAX_GAP_BYTES = 64 * 1024
-_CHUNK = 1 << 20
 # Everything of a model repo except the weights themselves, downloaded whole.
 _SMALL_FILE_PATTERNS = [p for p in hub.MODEL_PATTERNS if p != "*.safetensors"]
-
-
-class _RangeRefused(Exception):
-    """The server sent the whole file instead of the requested range."""
 
 
 @dataclass(frozen=True)
@@ -68,15 +62,6 @@ class RangedSnapshot:
     path: Path
     bytes_received: int
     bytes_full: int
-
-
-@dataclass(frozen=True)
-class _Entry:
-    name: str
-    dtype: str
-    shape: list[int]
-    start: int  # offsets relative to the data section
-    end: int
 
 
 def ranged_root() -> Path:
@@ -137,13 +122,13 @@ def download_ranged(
         for shard in shards:
             try:
                 names, size = _fetch_shard(repo_id, commit_sha, shard, staging / shard, prefixes, token, transfer)
-            except _RangeRefused:
+            except RangeRefused:
                 logger.debug("the server ignored a Range request for %s/%s: downloading it whole", repo_id, shard)
                 return None
             full += size
             kept.update(dict.fromkeys(names, shard))
         if weight_map:
-            full += sum(_remote_size(repo_id, commit_sha, f, token) for f in set(weight_map.values()) - set(shards))
+            full += sum(remote_size(repo_id, commit_sha, f, token) for f in set(weight_map.values()) - set(shards))
             _write_index(staging, kept)
         received = transfer.bytes_received - before
         (staging / MANIFEST_NAME).write_text(json.dumps(
@@ -203,64 +188,6 @@ def _write_index(folder: Path, kept: dict[str, str]) -> None:
     path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def _url(repo_id: str, commit_sha: str, filename: str) -> str:
-    return huggingface_hub.hf_hub_url(repo_id, filename, revision=commit_sha, endpoint=hub.endpoint())
-
-
-def _remote_size(repo_id: str, commit_sha: str, filename: str, token: str | None) -> int:
-    meta = huggingface_hub.get_hf_file_metadata(_url(repo_id, commit_sha, filename), token=token if token else False)
-    return int(meta.size or 0)
-
-
-def _origin(url: str) -> tuple[str, str | None, int | None]:
-    parts = urlsplit(url)
-    return parts.scheme, parts.hostname, parts.port
-
-
-class _Remote:
-    """One remote file read by ranges, with the Hub's headers (auth only towards the Hub itself)."""
-
-    def __init__(self, repo_id: str, commit_sha: str, filename: str, token: str | None, transfer: Transfer):
-        from huggingface_hub.utils import build_hf_headers
-
-        url = _url(repo_id, commit_sha, filename)
-        meta = huggingface_hub.get_hf_file_metadata(url, token=token if token else False, library_name="hf-merge")
-        self.name = f"{repo_id}/{filename}"
-        self.location = meta.location or url
-        self.size = int(meta.size or 0)
-        self.headers = build_hf_headers(token=token if token else False, library_name="hf-merge")
-        self.headers["Accept-Encoding"] = "identity"  # byte offsets are offsets of the stored bytes
-        if _origin(self.location) != _origin(url):  # a signed CDN URL: the token stays with the Hub
-            for key in [k for k in self.headers if k.lower() == "authorization"]:
-                del self.headers[key]
-        self.transfer = transfer
-
-    def read(self, start: int, end: int) -> Iterator[bytes]:
-        """The bytes ``[start, end)`` in chunks; :class:`_RangeRefused` if the server ignores the range."""
-        from huggingface_hub.utils import get_session, hf_raise_for_status
-
-        self.transfer.check()
-        headers = {**self.headers, "Range": f"bytes={start}-{end - 1}"}
-        with get_session().stream("GET", self.location, headers=headers, follow_redirects=True,
-                                  timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT) as response:
-            if response.status_code >= 400:
-                response.read()
-                hf_raise_for_status(response)
-            if response.status_code != 206 or not response.headers.get("Content-Range", "").startswith(f"bytes {start}-"):
-                raise _RangeRefused()
-            done = 0
-            for chunk in response.iter_bytes(_CHUNK):
-                if chunk:
-                    done += len(chunk)
-                    self.transfer.received(len(chunk))
-                    yield chunk
-        if done != end - start:
-            raise CheckpointError(f"{self.name}: the server sent {done} of {end - start} bytes of a range; try again")
-
-    def read_all(self, start: int, end: int) -> bytes:
-        return b"".join(self.read(start, end))
-
-
 def _fetch_shard(
     repo_id: str, commit_sha: str, filename: str, out: Path, prefixes: tuple[str, ...], token: str | None,
     transfer: Transfer,
@@ -268,37 +195,16 @@ def _fetch_shard(
     """Write the tensors of one remote safetensors file under ``prefixes`` to ``out``.
 
     Returns the names written and the remote file's size."""
-    remote = _Remote(repo_id, commit_sha, filename, token, transfer)
+    remote = RemoteFile(repo_id, commit_sha, filename, token, transfer)
     if remote.size < 8:  # size unknown, or no room for a header: let the full download report it
-        raise _RangeRefused()
-    first = remote.read_all(0, min(remote.size, FIRST_READ_BYTES))
-    (header_len,) = struct.unpack("<Q", first[:8])
-    if 8 + header_len > remote.size:
-        raise CheckpointError(f"{remote.name} is not a safetensors file (header longer than the file)")
-    raw = first[8:8 + header_len]
-    if len(raw) < header_len:
-        raw += remote.read_all(len(first), 8 + header_len)
-    metadata, entries = _parse_header(raw, remote.name)
-    data_start = 8 + header_len
-    kept = [e for e in entries if e.name.startswith(prefixes)]
-    _write_partial(out, metadata, kept, remote, data_start)
+        raise RangeRefused()
+    header = read_remote_header(remote)
+    kept = [e for e in header.entries if e.name.startswith(prefixes)]
+    _write_partial(out, header.metadata, kept, remote, header.data_start)
     return [e.name for e in kept], remote.size
 
 
-def _parse_header(raw: bytes, label: str) -> tuple[dict[str, Any], list[_Entry]]:
-    try:
-        header = json.loads(raw)
-        metadata = header.pop("__metadata__", None) or {}
-        entries = [
-            _Entry(name, str(v["dtype"]), [int(d) for d in v["shape"]], int(v["data_offsets"][0]), int(v["data_offsets"][1]))
-            for name, v in header.items()
-        ]
-    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
-        raise CheckpointError(f"{label}: unreadable safetensors header ({err}); it cannot be merged") from None
-    return metadata, sorted(entries, key=lambda e: (e.start, e.end))
-
-
-def _coalesce(entries: list[_Entry]) -> list[tuple[int, int]]:
+def _coalesce(entries: list[HeaderEntry]) -> list[tuple[int, int]]:
     """Byte ranges covering ``entries`` (sorted), merging neighbours closer than ``MAX_GAP_BYTES``."""
     ranges: list[list[int]] = []
     for entry in entries:
@@ -311,12 +217,12 @@ def _coalesce(entries: list[_Entry]) -> list[tuple[int, int]]:
     return [(start, end) for start, end in ranges]
 
 
-def _write_partial(out: Path, metadata: dict[str, Any], kept: list[_Entry], remote: _Remote, data_start: int) -> None:
+def _write_partial(out: Path, metadata: dict[str, str], kept: list[HeaderEntry], remote: RemoteFile, data_start: int) -> None:
     header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
     offset = 0
     for entry in kept:
         size = entry.end - entry.start
-        header[entry.name] = {"dtype": entry.dtype, "shape": entry.shape, "data_offsets": [offset, offset + size]}
+        header[entry.name] = {"dtype": entry.dtype, "shape": list(entry.shape), "data_offsets": [offset, offset + size]}
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # data aligned to 8 bytes, as the reference writer does

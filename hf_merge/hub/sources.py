@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import huggingface_hub
 
+from hf_merge.errors import UsageError
 from hf_merge.hub import client as hub
 from hf_merge.log import get_logger
 
@@ -57,6 +58,16 @@ class ModelSource:
         if self.repo_id is None:
             return str(self.path)
         return self.repo_id if self.revision in (None, "main") else f"{self.repo_id}@{self.revision}"
+
+    def require_tensors(self, names: Sequence[str]) -> None:
+        """:class:`UsageError` if a partial download lacks one of ``names`` (needed by the merge)."""
+        prefixes = self.tensor_prefixes or ()
+        missing = next((n for n in names if self.tensor_prefixes is not None and not n.startswith(prefixes)), None)
+        if missing is not None:
+            raise UsageError(
+                f"{self.name} was downloaded for tensors under {', '.join(prefixes)} only, but the merge also "
+                f"needs '{missing}'; download it in full (partial_download: false)"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready provenance (the path is local and therefore not recorded)."""

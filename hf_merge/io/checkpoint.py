@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import struct
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 
 from hf_merge.errors import CheckpointError
+from hf_merge.io.safetensors_header import PREFIX_BYTES, header_length, parse_header
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -76,28 +76,18 @@ class SafetensorsFile:
         try:
             file_size = path.stat().st_size
             with open(path, "rb") as handle:
-                prefix = handle.read(8)
-                if len(prefix) < 8:
-                    raise CheckpointError(f"{path}: file is truncated (no safetensors header); download it again")
-                (header_len,) = struct.unpack("<Q", prefix)
-                if header_len > file_size - 8:
-                    raise CheckpointError(f"{path}: file is truncated inside its header; download it again")
-                header = json.loads(handle.read(header_len))
-        except (OSError, ValueError, UnicodeDecodeError) as err:
+                header_len = header_length(handle.read(PREFIX_BYTES), file_size, str(path))
+                raw = handle.read(header_len)
+        except OSError as err:
             raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from err
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
-        data_start = 8 + header_len
+        header = parse_header(raw, file_size=file_size, label=str(path))
+        self.metadata: dict[str, str] = header.metadata
         self.tensors: dict[str, TensorInfo] = {}
-        for name, entry in header.items():
-            if entry["dtype"] not in _DTYPES:
-                raise CheckpointError(f"{path}: tensor '{name}' has unsupported dtype {entry['dtype']}")
-            begin, end = entry["data_offsets"]
-            if data_start + end > file_size:
-                raise CheckpointError(
-                    f"{path}: file is truncated: tensor '{name}' ends at byte {data_start + end} "
-                    f"but the file has {file_size} bytes; download it again"
-                )
-            self.tensors[name] = TensorInfo(_DTYPES[entry["dtype"]], tuple(entry["shape"]), data_start + begin, data_start + end)
+        for entry in header.entries:
+            if entry.dtype not in _DTYPES:
+                raise CheckpointError(f"{path}: tensor {entry.name!r} has unsupported dtype {entry.dtype}")
+            self.tensors[entry.name] = TensorInfo(_DTYPES[entry.dtype], entry.shape, header.data_start + entry.start,
+                                                  header.data_start + entry.end)
         self._file: FileIO | None = None
         self._opening = threading.Lock()
 

@@ -4,7 +4,8 @@
 and each expert lazily. After every expert the output folder holds a complete, loadable model
 (``config.json``, weights, processor and tokenizer files from the base) and ``merge_state.json``,
 replaced atomically; :meth:`ContinualMerger.resume` continues from it. :func:`merge` is the
-one-call form.
+one-call form. A method that needs every expert at once is merged by the same driver
+(:mod:`hf_merge.merging.all_at_once`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from hf_merge.hub.sources import ModelSource, resolve
 from hf_merge.io.checkpoint import Checkpoint, SafetensorsFile
 from hf_merge.io.validation import MergePlan, check_compatible, linear_weight_names, merged_names, plan_merge
 from hf_merge.log import get_logger
+from hf_merge.merging.all_at_once import AllAtOnceSteps
 from hf_merge.merging.distributed import Executor
 from hf_merge.merging.methods import MergeContext, MergeMethod, get_method, release_scratch
 from hf_merge.merging.state import STATE_NAME, STATE_TENSORS_NAME, MergeState, recover
@@ -35,7 +37,7 @@ OnStep = Callable[[int, Path, MergeState], None]
 _COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-class ContinualMerger:
+class ContinualMerger(AllAtOnceSteps):
     """Merge experts into a base one at a time, saving a resumable state after each.
 
     Args:
@@ -124,6 +126,7 @@ class ContinualMerger:
         self.writer = StepWriter(self.output_dir, self.base, self.base_source.path, max_shard_size,
                                  writes=self.executor.is_main_process)
         self._pending: PendingWrite | None = None  # the next written step's files, begun early
+        self._gathered: list[ModelSource] = []  # an all-at-once method's experts, checked, not merged yet
         if _saved is not None:
             self._restore(_saved)
 
@@ -218,14 +221,10 @@ class ContinualMerger:
         step = self.state.step + 1
         writes = final or (step - self._written_step >= self.checkpoint_every and (step > 1 or self._write_first_step))
         source = resolve(expert, token=self.token, allow_pickle=self.allow_pickle)
+        if not self.method.continual:
+            return self._gather(source, final=final)
         with Checkpoint.open(source.path, allow_pickle=self.allow_pickle) as checkpoint:
-            if source.tensor_prefixes is not None:  # a partial download must hold what is merged
-                _require_downloaded(self.names or merged_names(self.base, self.scope), source)
-            if not self.names:
-                self._plan(plan_merge(self.base, checkpoint, self.scope, source.name))
-            else:
-                check_compatible(self.base, checkpoint, source.name, self.names, self.scope)
-            checkpoint.require_finite(self.names, source.name)
+            self._check_expert(checkpoint, source)
             started = time.perf_counter()
             self._broken = True  # until the step is both merged and saved
             # The next written step is written while it is merged (StepWriter.start), its file begun
@@ -263,6 +262,15 @@ class ContinualMerger:
             self.flush()
         return result
 
+    def _check_expert(self, checkpoint: Checkpoint, source: ModelSource) -> None:
+        """Check an expert against the base (the first one decides the merged names)."""
+        source.require_tensors(self.names or merged_names(self.base, self.scope))  # a partial download
+        if not self.names:
+            self._plan(plan_merge(self.base, checkpoint, self.scope, source.name))
+        else:
+            check_compatible(self.base, checkpoint, source.name, self.names, self.scope)
+        checkpoint.require_finite(self.names, source.name)
+
     def add_all(self, experts: Iterable[ModelRef]) -> list[StepResult]:
         """:meth:`add` each expert in order; the last step is always written."""
         experts = list(experts)
@@ -279,6 +287,8 @@ class ContinualMerger:
             raise MergeStateError(
                 f"an earlier step failed midway; continue with ContinualMerger.resume({str(self.output_dir)!r})"
             )
+        if self._gathered:
+            self._merge_gathered()
         if not self.unwritten_steps:
             return
         started = time.perf_counter()
@@ -337,16 +347,6 @@ def _fresh(state: MergeState) -> MergeState:
     """``state`` before its first step."""
     return MergeState(method=state.method, hyperparameters=state.hyperparameters, scope=state.scope,
                       base=state.base, state_tensors=state.state_tensors)
-
-
-def _require_downloaded(names: list[str], source: ModelSource) -> None:
-    prefixes = source.tensor_prefixes or ()
-    missing = next((n for n in names if not n.startswith(prefixes)), None)
-    if missing is not None:
-        raise UsageError(
-            f"{source.name} was downloaded for tensors under {', '.join(prefixes)} only, but the merge also "
-            f"needs '{missing}'; download it in full (partial_download: false)"
-        )
 
 
 def _recorded_base(state: MergeState) -> ModelRef:

@@ -111,8 +111,9 @@ def _is_weight_file(name: str) -> bool:
 def _roll_forward(output: Path) -> None:
     pending = output / _PENDING
     manifest_path = pending / _MANIFEST
-    if not manifest_path.is_file():  # renamed without a manifest cannot happen; be safe anyway
-        raise MergeStateError(f"{pending}: incomplete pending step; remove it and resume")
+    if not manifest_path.is_file():
+        _clear_moved_pending(pending)
+        return
     weight_files = set(json.loads(manifest_path.read_text())["weight_files"])
     # merge_state.json moves last: until it does, a reader sees the previous state and recovers first.
     items = sorted((p for p in pending.iterdir() if p.name != _MANIFEST), key=lambda p: p.name == STATE_NAME)
@@ -132,3 +133,24 @@ def _roll_forward(output: Path) -> None:
     fsync_dir(output)
     manifest_path.unlink()
     pending.rmdir()
+
+
+def _clear_moved_pending(pending: Path) -> None:
+    """Remove a pending folder whose manifest is gone.
+
+    The manifest enters the staging folder before the commit point and is deleted only after every
+    file, ``merge_state.json`` last, has moved into place, so a pending folder without it is what a
+    kill between that deletion and the folder's removal leaves: the step is complete. A pending
+    folder that still holds ``merge_state.json`` without a manifest cannot come from a commit and is
+    left for a person to look at."""
+    if (pending / STATE_NAME).exists():
+        raise MergeStateError(
+            f"{pending}: pending step has no manifest but still holds {STATE_NAME}; "
+            "move the folder away (it was not written by hf-merge's commit) and resume"
+        )
+    leftovers = sorted(p.name for p in pending.iterdir())
+    if leftovers:
+        logger.warning("removing leftovers of a completed step in %s: %s", pending, ", ".join(leftovers))
+    logger.info("removing the emptied pending folder of the last committed step in %s", pending.parent)
+    shutil.rmtree(pending)
+    fsync_dir(pending.parent)

@@ -15,28 +15,17 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from hf_merge.errors import RecipeError
 from hf_merge.io.merge_folder import CARD_FILENAME, PLOT_FILENAME, MergeFolder, MergeState, lineage, parse_yaml_field
 from hf_merge.io.yaml_file import load_yaml
 from hf_merge.log import get_logger
 from hf_merge.publish.accuracy_table import AccuracyTable, load_accuracy, plot_accuracy
+from hf_merge.publish.escape import code_block, code_span, markdown_text, one_line, url_part
 from hf_merge.resources import templates_dir
 
 logger = get_logger(__name__)
 _HUB_DATASET_ID = re.compile(r"[\w.-]+/[\w.-]+")
-
-def method_description(method: str) -> tuple[str, str]:
-    """``(title, summary)`` of a method for the card, from the method's own declaration: its
-    display name, and its one-line summary with the paper's link (an unknown method: its name)."""
-    from hf_merge.merging.methods.registry import METHODS
-
-    cls = METHODS.get(method)
-    if cls is None:
-        return method, f"Merged with the `{method}` method."
-    title = cls.display_name or method
-    paper = f" ([{title} paper, arXiv:{cls.paper.rsplit('/', 1)[-1]}]({cls.paper}))" if cls.paper else ""
-    return title, f"{cls.summary}{paper}"
-
+# What a licence id looks like on the Hub (``mit``, ``apache-2.0``, ``cc-by-nc-4.0``, ``other``).
+_LICENSE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+_-]{0,63}")
 
 CardSection = Callable[[Path], Any]
 _CARD_SECTIONS: dict[str, CardSection] = {}
@@ -84,10 +73,9 @@ def read_license(folder: str | Path | None) -> str | None:
         return None
     try:
         data = load_yaml(_front_matter(readme.read_text(encoding="utf-8", errors="replace")), source=str(readme))
-    except RecipeError:  # a malformed third-party README must not break the merge
+    except Exception:  # a malformed third-party README (or one over the size cap) must not break the merge
         return None
-    value = data.get("license") if isinstance(data, dict) else None
-    return value if isinstance(value, str) and value else None
+    return license_id(data.get("license") if isinstance(data, dict) else None)
 
 
 def _front_matter(text: str) -> str:
@@ -100,16 +88,35 @@ def _front_matter(text: str) -> str:
     return ""
 
 
-def choose_license(licenses: Mapping[str, str | None], base_name: str) -> tuple[str, str | None]:
-    """``(license, note)``: the base's license when every parent declares the same one, else ``other``."""
-    declared = dict(licenses)
+def license_id(value: Any) -> str | None:
+    """A card's ``license`` field, of whatever YAML type, as one licence id (``None``: not declared).
+
+    The Hub's card metadata holds one licence id. A list of one id is that id; a longer list (dual
+    licensing, or a choice), a number, a mapping or a string that is no licence id (spaces, markup)
+    is ``other``: hf-merge cannot pick a licence for the user, and the card's note then asks people
+    to check each parent."""
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if value is None or value == "" or value == []:
+        return None
+    if isinstance(value, str) and _LICENSE_ID.fullmatch(value.strip()):
+        return value.strip()
+    return "other" if not isinstance(value, str) or value.strip() else None
+
+
+def choose_license(licenses: Mapping[str, Any], base_name: str) -> tuple[str, str | None]:
+    """``(license, note)``: the base's license when every parent declares the same one, else ``other``.
+
+    Values of any type are accepted (see :func:`license_id`): a bad card never stops a merge."""
+    declared = {str(name): license_id(value) for name, value in licenses.items()}
     values = set(declared.values())
     base_license = declared.get(base_name)
     if len(values) == 1 and base_license:
         return base_license, None
     if values == {None}:
         return "other", "none of the parent models declares a license; check each before use."
-    described = ", ".join(f"`{name}`: {lic or 'not declared'}" for name, lic in declared.items())
+    # Markdown, escaped: names and licences come from other people's repos.
+    described = ", ".join(f"{code_span(name)}: {markdown_text(lic or 'not declared')}" for name, lic in declared.items())
     return "other", f"the parent models do not all declare the same license ({described}); check each before use."
 
 
@@ -148,13 +155,14 @@ def build_card(
 
     if licenses is None:
         licenses = folder.licenses()
-    licenses = {s["name"]: licenses.get(s["name"]) for s in [base, *experts]}
+    licenses = {s["name"]: license_id(licenses.get(s["name"])) for s in [base, *experts]}
     license_, license_note = choose_license(licenses, base["name"])
 
     accuracy = load_accuracy(folder)
     hub_base_models = [s["repo_id"] for s in [base, *experts] if s.get("repo_id")]
-    title, summary = method_description(method)
-    model_id = repo_id or str(output_dir.resolve())
+    title, summary, continual = describe_method(method)
+    # Shown inside code blocks: a local path must not close the string or the fence.
+    model_id = one_line(repo_id or str(output_dir.resolve())).replace("`", "").replace('"', "")
     model_name = (repo_id or output_dir.resolve().name).split("/")[-1]
 
     card_data = ModelCardData(
@@ -162,31 +170,44 @@ def build_card(
         pipeline_tag="zero-shot-image-classification",
         base_model=hub_base_models or None,
         license=license_,
-        tags=["merge", "hf-merge", method, "continual-merging", "clip"],
+        tags=["merge", "hf-merge", method, *(["continual-merging"] if continual else []), "clip"],
         model_name=model_name if accuracy else None,
         eval_results=_eval_results(accuracy) if accuracy else None,
         base_model_relation="merge",
     )
+    # Every string below that another repo could have chosen is escaped (hf_merge.publish.escape).
     context = {
-        "model_name": model_name,
+        "model_name": markdown_text(model_name),
         "model_id": model_id,
         "base": base,
         "experts": experts,
-        "method": method,
+        "method": code_span(method),
         "method_title": title,
         "method_summary": summary,
-        "hyperparameters": hyperparameters,
-        "scope": SCOPE_DESCRIPTIONS.get(scope, scope),
+        "continual": continual,
+        "hyperparameters": {markdown_text(k): code_span(v) for k, v in hyperparameters.items()},
+        "scope": SCOPE_DESCRIPTIONS.get(scope, markdown_text(scope)),
         "tensors": _tensor_context(output_dir, state, scope),
         "license_note": license_note,
         "accuracy": _accuracy_context(accuracy, output_dir, plot) if accuracy else None,
-        "recipe_yaml": recipe_yaml or "# no recipe.yaml in this folder\n",
-        "space_id": space_id,
-        "space_url": f"{hub}/spaces/{space_id}" if space_id else None,
+        "recipe_block": code_block(recipe_yaml or "# no recipe.yaml in this folder\n", "yaml"),
+        "space_id": markdown_text(space_id) if space_id else None,
+        "space_url": f"{hub}/spaces/{url_part(space_id)}" if space_id else None,
         "considered": [],
         **_card_sections(output_dir),
     }
     return ModelCard.from_template(card_data, template_path=str(templates_dir() / "model_card.md"), **context)
+
+
+def describe_method(method: str) -> tuple[str, str, bool]:
+    """``(title, paragraph, continual)`` of a method, from its own declaration."""
+    from hf_merge.merging.methods import METHODS
+
+    declared = METHODS.get(method)
+    if declared is None:  # a method registered by a package that is not installed here
+        return markdown_text(method), f"Merged with the {code_span(method)} method.", True
+    paper = f" ([paper]({declared.paper}))" if declared.paper else ""
+    return declared.card_title or declared.display_name, declared.description or f"{declared.summary}{paper}", declared.continual
 
 
 def write_card(output_dir: str | Path, **kwargs: Any) -> Path:
@@ -204,19 +225,23 @@ def write_card(output_dir: str | Path, **kwargs: Any) -> Path:
 
 
 def _decorate(source: dict[str, Any], hub: str) -> None:
+    """Display fields of a lineage entry, escaped: a merge state may come from someone else's repo."""
     repo_id = source.get("repo_id")
-    source.setdefault("name", repo_id or source.get("path") or "local folder")
+    source["name"] = str(source.get("name") or repo_id or source.get("path") or "local folder")  # the licences' key
+    source["display"] = markdown_text(source["name"])
+    source["step"] = markdown_text(source.get("step", ""))
     sha = source.get("commit_sha")
     if repo_id:
-        source["url"] = f"{hub}/{repo_id}" + (f"/tree/{sha}" if sha else "")
+        source["url"] = f"{hub}/{url_part(repo_id)}" + (f"/tree/{url_part(sha)}" if sha else "")
     else:
         source["url"] = "#"
-    source["commit_display"] = f"`{sha}`" if sha else "local folder"
+    source["commit_display"] = code_span(sha) if sha else "local folder"
     pr = source.get("conversion_pr")
-    if pr:
+    if isinstance(pr, dict):
         source["commit_display"] += (
-            f" (safetensors from the Hub's conversion pull request [{pr['ref']}]({hub}/{repo_id}/discussions/{pr['num']}),"
-            f" on top of `{pr['revision_commit']}`, which has only pickle weights)"
+            f" (safetensors from the Hub's conversion pull request [{markdown_text(pr.get('ref'))}]"
+            f"({hub}/{url_part(repo_id)}/discussions/{url_part(pr.get('num'))}),"
+            f" on top of {code_span(pr.get('revision_commit'))}, which has only pickle weights)"
         )
 
 
@@ -239,11 +264,11 @@ def _tensor_context(output_dir: Path, state: MergeState, scope: str) -> dict[str
     return {
         "merged_count": len(merged),
         "merged_groups": _groups(merged),
-        "from_base": [{"names": f"`{name}`", "why": why} for name, why in sorted(from_base.items())],
+        "from_base": [{"names": code_span(name), "why": markdown_text(why)} for name, why in sorted(from_base.items())],
         "outside_count": len(outside),
         "outside_groups": _groups(outside),
-        "buffers": ", ".join(f"`{n}`" for n in buffers),
-        "scope": scope,
+        "buffers": ", ".join(code_span(n) for n in buffers),
+        "scope": code_span(scope),
     }
 
 
@@ -252,7 +277,8 @@ def _groups(names: Sequence[str]) -> str:
     by_head: dict[str, list[str]] = {}
     for name in names:
         by_head.setdefault(name.split(".", 1)[0], []).append(name)
-    return ", ".join(f"`{head}.*` ({len(group)})" if len(group) > 1 else f"`{group[0]}`" for head, group in by_head.items())
+    return ", ".join(f"{code_span(head + '.*')} ({len(group)})" if len(group) > 1 else code_span(group[0])
+                     for head, group in by_head.items())
 
 
 def _dataset_id(dataset: str | None, task: str) -> str:
@@ -299,7 +325,7 @@ def _accuracy_context(accuracy: AccuracyTable, output_dir: Path, plot: bool) -> 
     for label, values in (("zero-shot (base)", accuracy.base), ("individual experts", accuracy.experts)):
         if values:
             cells = [f"{100 * values[t]:.1f}" if t in values else "–" for t in accuracy.tasks]
-            references.append({"step": label, "cells": cells,
+            references.append({"step": markdown_text(label), "cells": cells,
                                "average": f"{100 * sum(values.values()) / len(values):.1f}"})
     bwt = accuracy.bwt()
     plot_name = None
@@ -307,7 +333,7 @@ def _accuracy_context(accuracy: AccuracyTable, output_dir: Path, plot: bool) -> 
         plot_accuracy(accuracy, MergeFolder(output_dir).plot_path)
         plot_name = PLOT_FILENAME
     return {
-        "tasks": accuracy.tasks,
+        "tasks": [markdown_text(task) for task in accuracy.tasks],
         "rows": rows,
         "references": references,
         "final_average": f"{100 * averages[-1]:.1f}",

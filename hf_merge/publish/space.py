@@ -22,11 +22,12 @@ from typing import Any
 
 from hf_merge.declared import excerpt
 from hf_merge.errors import MergeStateError, SpaceError, UsageError
-from hf_merge.hub.repo_id import is_repo_id
+from hf_merge.hub.repo_ids import is_repo_id
 from hf_merge.io.merge_folder import PLOT_FILENAME, RESULTS_FILENAME, STATE_FILENAME, MergeFolder, lineage
 from hf_merge.log import get_logger
 from hf_merge.publish.accuracy_table import load_accuracy
-from hf_merge.publish.card import method_description
+from hf_merge.publish.card import describe_method
+from hf_merge.publish.escape import code_span, markdown_text, one_line, url_part
 from hf_merge.publish.space_examples import write_task_examples
 from hf_merge.resources import space_app_dir, templates_dir
 
@@ -201,15 +202,18 @@ def render_space_readme(config: dict[str, Any], space_id: str) -> str:
     model_id = config["model"]
     base = dict(config.get("base") or {})
     experts = [dict(e) for e in config.get("experts") or []]
-    for source in [base, *experts]:
+    models = [model_id] + [s["repo_id"] for s in [base, *experts] if s.get("repo_id")]
+    for source in [base, *experts]:  # shown in Markdown: names come from the merge state, escaped
         if source.get("repo_id"):
-            source["url"] = f"{hub}/{source['repo_id']}"
+            source["url"] = f"{hub}/{url_part(source['repo_id'])}"
             source.setdefault("name", source["repo_id"])
         else:
             source["url"] = "#"
-    models = [model_id] + [s["repo_id"] for s in [base, *experts] if s.get("repo_id")]
+        if source.get("name"):
+            source["name"] = code_span(source["name"])
+        source["step"] = markdown_text(source.get("step", ""))
     method = config.get("method") or ""
-    method_title = method_description(method)[0] if method else "a merging method"
+    method_title = describe_method(method)[0] if method else "a merging method"
     short = f"Zero-shot CLIP merged with {method or 'hf-merge'}"
     card_data = SpaceCardData(
         title=space_id.split("/")[-1][:60],
@@ -227,9 +231,10 @@ def render_space_readme(config: dict[str, Any], space_id: str) -> str:
     card = SpaceCard.from_template(
         card_data,
         template_path=str(templates_dir() / "space_readme.md"),
-        title=config.get("title") or space_id,
-        model_id=model_id,
-        model_url=f"{hub}/{model_id}",
+        title=markdown_text(config.get("title") or space_id),
+        model_id=code_span(model_id),
+        model_url=f"{hub}/{url_part(model_id)}",
+        run_id=one_line(model_id).replace("`", ""),
         base=base if base.get("name") else None,
         experts=experts,
         method_title=method_title,
@@ -265,6 +270,9 @@ def publish_space(
 
     if Path(merged_repo).expanduser().is_dir():
         raise UsageError(f"{merged_repo} is a local folder: push it first (hf-merge push), then publish its repo id")
+    from hf_merge.hub.repo_ids import check_names
+
+    check_names(repo_ids={"merged repo": merged_repo, "--space": space_id})
     if not is_repo_id(str(merged_repo)):
         raise UsageError(f"{excerpt(merged_repo)} is not a repo id like USER/NAME")
     space_id = space_id or merged_repo

@@ -51,10 +51,12 @@ class Candidate:
 
     @property
     def license(self) -> str | None:
-        value = self.card.get("license")
+        from hf_merge.publish.card import license_id
+
+        value = license_id(self.card.get("license"))
         if value:
-            return str(value)
-        return next((t.split(":", 1)[1] for t in self.tags if t.startswith("license:")), None)
+            return value
+        return next((t.split(":", 1)[1] for t in self.tags if isinstance(t, str) and t.startswith("license:")), None)
 
 
 def from_model_info(info: Any, source: str) -> Candidate:

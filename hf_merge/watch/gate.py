@@ -49,13 +49,15 @@ def candidate_task(repo_id: str, card: dict[str, Any], policy: AdmissionPolicy) 
         return policy.tasks[repo_id]
     from hf_merge.evaluation import get_task
 
+    # Card fields are someone else's YAML: any type may stand where a list of mappings is expected.
     names: list[str] = []
-    for model in card.get("model-index") or card.get("model_index") or []:
-        for result in (model or {}).get("results") or []:
-            dataset = (result or {}).get("dataset") or {}
-            names += [str(dataset[k]) for k in ("name", "type") if dataset.get(k)]
-    datasets = card.get("datasets") or []
-    names += [str(d) for d in ([datasets] if isinstance(datasets, str) else datasets)]
+    for model in _list_of(card.get("model-index") or card.get("model_index")):
+        for result in _list_of(model.get("results") if isinstance(model, dict) else None):
+            dataset = result.get("dataset") if isinstance(result, dict) else None
+            if isinstance(dataset, dict):
+                names += [dataset[k] for k in ("name", "type") if isinstance(dataset.get(k), str) and dataset[k]]
+    datasets = card.get("datasets")
+    names += [d for d in ([datasets] if isinstance(datasets, str) else _list_of(datasets)) if isinstance(d, str) and d]
     for name in names:
         for spelling in (name, name.split("/")[-1]):
             try:
@@ -63,6 +65,10 @@ def candidate_task(repo_id: str, card: dict[str, Any], policy: AdmissionPolicy) 
             except EvaluationError:
                 continue
     return None
+
+
+def _list_of(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
 
 
 def run_gate(

@@ -22,6 +22,7 @@ from typing import Any
 
 from hf_merge.io.merge_folder import LEDGER_FILENAME
 from hf_merge.publish.card import register_card_section
+from hf_merge.publish.escape import code_span, markdown_text
 
 FINAL_STATUSES = ("merged", "proposed", "refused")
 
@@ -117,8 +118,11 @@ class Ledger:
 
 
 def _considered(folder: Path) -> list[dict[str, Any]]:
-    """The card's list of candidates the watcher refused, from the folder's ledger."""
-    return Ledger.load(folder).to_card()
+    """The card's list of candidates the watcher refused, from the folder's ledger; every field comes
+    from another repo or its card, so each is escaped for Markdown and HTML."""
+    return [{"repo_id": markdown_text(item["repo_id"]), "sha": code_span(str(item["sha"])[:12]),
+             "reason": markdown_text(item["reason"]), "date": markdown_text(item["date"])}
+            for item in Ledger.load(folder).to_card()]
 
 
 # The card shows what the watcher refused; the card knows it only through this registration.

@@ -12,6 +12,7 @@ from pathlib import Path
 from hf_merge.errors import MergeStateError
 from hf_merge.hub import client as hub
 from hf_merge.io.merge_folder import STATE_FILENAME, MergeFolder
+from hf_merge.merging.methods.registry import require_continual
 from hf_merge.recipe import MergeRecipe
 
 HEAD_FILE = ".watch-head"
@@ -43,6 +44,7 @@ class Mirror:
                        extra_patterns=hub.MERGE_RESULT_PATTERNS, local_dir=self.path)
         if not MergeFolder(self.path).has_state():
             raise MergeStateError(f"{repo_id} has no {STATE_FILENAME}: only a model made by hf-merge can be watched")
+        require_continual(MergeFolder(self.path).state().method, repo_id)
         (self.path / HEAD_FILE).write_text(head, encoding="utf-8")
 
     def merged_commits(self) -> set[tuple[str | None, str | None]]:

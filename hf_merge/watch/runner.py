@@ -24,7 +24,6 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from hf_merge.errors import (
@@ -33,43 +32,26 @@ from hf_merge.errors import (
     IncompatibleExpertError,
     MergeStateError,
     ModelNotFoundError,
+    NotContinualError,
     PushError,
 )
 from hf_merge.hub import client as hub
 from hf_merge.hub.push import RetryPolicy, StaleParentError, push_files
+from hf_merge.hub.repo_ids import check_names
 from hf_merge.log import get_logger
 from hf_merge.recipe import EvalSpec
 from hf_merge.watch.discovery import Candidate, Discovery, candidate_at
-from hf_merge.watch.ledger import LEDGER_FILENAME, Ledger, candidate_key
+from hf_merge.watch.ledger import LEDGER_FILENAME, Ledger
 from hf_merge.watch.mirror import HEAD_FILE, Mirror, edit_recipe
+from hf_merge.watch.outcome import PAUSE_ENV, RETRIED_ERRORS, Outcome, first_line, pause_at
 from hf_merge.watch.policy import AdmissionPolicy, Refusal
 from hf_merge.watch.publish import push_result
 
 logger = get_logger(__name__)
 
+__all__ = ["PAUSE_ENV", "Outcome", "Watcher"]  # PAUSE_ENV and Outcome are imported from here too
+
 _CANDIDATE_FILE = ".watch-candidate.json"
-PAUSE_ENV = "HF_MERGE_WATCH_PAUSE"  # "POINT:SECONDS": a test hook that holds the watcher at a point
-
-
-@dataclass
-class Outcome:
-    """What a watcher did with one candidate.
-
-    ``status``: ``merged``, ``proposed`` (a pull request), ``refused``, ``skipped`` (already decided,
-    or not a fine-tune of the base) or ``failed`` (will be tried again: network, push). ``timings``:
-    seconds per phase (``download``, ``merge``, ``gate``, ``push``).
-    """
-
-    repo_id: str
-    sha: str
-    status: str
-    reason: str | None = None
-    url: str | None = None
-    timings: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def key(self) -> str:
-        return candidate_key(self.repo_id, self.sha)
 
 
 class Watcher:
@@ -89,6 +71,7 @@ class Watcher:
                  policy: AdmissionPolicy | None = None, review: str = "commit", authors: Sequence[str] = (),
                  searches: Sequence[str] = (), allow_list: str | Path | None = None, limit: int = 100,
                  retry: RetryPolicy | None = None):
+        check_names(repo_ids={"merged repo": merged_repo})
         if review not in ("commit", "pr"):
             raise HfMergeError(f"--review must be 'commit' or 'pr', got {review!r}")
         self.merged_repo = merged_repo
@@ -144,6 +127,8 @@ class Watcher:
             try:
                 for outcome in self.run_once():
                     logger.info("%s: %s%s", outcome.key, outcome.status, f" ({outcome.reason})" if outcome.reason else "")
+            except NotContinualError:
+                raise  # the merged repo can never take one more expert: no later pass would do better
             except HfMergeError as error:  # the Hub is down or refused: try again at the next pass
                 logger.warning("Watch pass failed: %s", error)
             except Exception as error:  # a watcher outlives one bad pass; the type and first line say why
@@ -159,6 +144,27 @@ class Watcher:
 
     # ---- one candidate ------------------------------------------------------------------------------
     def _consider(self, candidate: Candidate, head: str) -> Outcome:
+        """Decide one candidate; whatever goes wrong with it, the pass goes on to the next.
+
+        A failure the Hub may not repeat (network, token, push) is ``failed`` and tried again at
+        the next pass. Any other failure, expected or not (a card field of an odd type, weights
+        that break the merge), refuses the candidate at this commit with the reason: retrying the
+        same bytes would fail the same way, and before this guard one bad card stopped every pass."""
+        try:
+            return self._consider_checked(candidate, head)
+        except RETRIED_ERRORS as error:
+            shutil.rmtree(self.work_dir / "pending", ignore_errors=True)
+            self._forget_intent(candidate.repo_id, candidate.sha)
+            logger.warning("Could not consider %s: %s", candidate.reference, first_line(error))
+            return Outcome(candidate.repo_id, candidate.sha, "failed", first_line(error))
+        except Exception as error:
+            shutil.rmtree(self.work_dir / "pending", ignore_errors=True)
+            shutil.rmtree(self._ready_dir(candidate.repo_id, candidate.sha), ignore_errors=True)  # never pushed later
+            reason = first_line(error) if isinstance(error, HfMergeError) else f"{type(error).__name__}: {first_line(error)}"
+            logger.warning("Refusing %s after an error while considering it: %s", candidate.reference, reason)
+            return self._refuse(candidate, Refusal("error", reason), head)
+
+    def _consider_checked(self, candidate: Candidate, head: str) -> Outcome:
         repo_id, sha = candidate.repo_id, candidate.sha
         if (repo_id, sha) in self.mirror.merged_commits():
             return Outcome(repo_id, sha, "skipped", "already merged")
@@ -196,7 +202,7 @@ class Watcher:
             kind = "weights" if isinstance(error, CheckpointError) else "tensors"
             return self._refuse(candidate, Refusal(kind, str(error)), head)
         timings["merge"] = time.perf_counter() - started
-        _pause("merged", self.work_dir)
+        pause_at("merged", self.work_dir)
         if policy.has_gate:
             started = time.perf_counter()
             verdict = self._gate(pending, candidate, policy, task)
@@ -209,7 +215,7 @@ class Watcher:
         shutil.rmtree(ready, ignore_errors=True)
         ready.parent.mkdir(parents=True, exist_ok=True)
         os.replace(pending, ready)
-        _pause("ready", self.work_dir)
+        pause_at("ready", self.work_dir)
         outcome = self._push_ready(ready, head)
         outcome.timings = {**timings, **outcome.timings}
         return outcome
@@ -311,12 +317,16 @@ class Watcher:
         remote.update(self.ledger)
         remote.save(self.mirror.path)
         recipe = self.mirror.recipe()
-        card(self.mirror.path, repo_id=self.merged_repo, space=recipe.space if recipe is not None else None)
         try:
+            card(self.mirror.path, repo_id=self.merged_repo, space=recipe.space if recipe is not None else None)
             push_files(self.mirror.path, self.merged_repo, [Path("README.md"), Path(LEDGER_FILENAME)], token=self.token,
                        parent_commit=head, message="hf-merge watch: record candidates considered", retry=self.retry)
         except PushError as error:  # the local ledger keeps the decision; the next pass publishes it
             logger.warning("Could not record the refusal in %s: %s", self.merged_repo, error)
+            return False
+        except Exception as error:  # the decisions stay in the local ledger; a card problem must not stop passes
+            logger.warning("Could not record the refusal in %s: %s: %s", self.merged_repo, type(error).__name__,
+                           first_line(error))
             return False
         self.mirror.invalidate()
         return True
@@ -388,13 +398,3 @@ class Watcher:
                     yield
                 finally:
                     fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _pause(point: str, work_dir: Path) -> None:
-    """Hold here for the seconds of ``HF_MERGE_WATCH_PAUSE=POINT:SECONDS`` (crash tests kill us here)."""
-    spec = os.environ.get(PAUSE_ENV, "")
-    name, _, seconds = spec.partition(":")
-    if name != point:
-        return
-    (work_dir / f".paused-{point}").write_text(str(os.getpid()), encoding="utf-8")
-    time.sleep(float(seconds or 60))

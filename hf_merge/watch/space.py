@@ -15,7 +15,7 @@ import yaml
 
 from hf_merge.declared import excerpt
 from hf_merge.errors import SpaceError, UsageError
-from hf_merge.hub.repo_id import is_repo_id
+from hf_merge.hub.repo_ids import is_repo_id
 from hf_merge.log import get_logger
 from hf_merge.watch.policy import AdmissionPolicy
 
@@ -146,7 +146,9 @@ def publish_watcher_space(merged_repo: str, space_id: str, *, token: str | None 
                           policy: AdmissionPolicy | None = None) -> str:
     """Create (or update) the watcher Space of ``merged_repo``; its URL. Secrets are set by the user."""
     from hf_merge.hub import client as hub
+    from hf_merge.hub.repo_ids import check_names
 
+    check_names(repo_ids={"merged repo": merged_repo, "--space": space_id})
     if not is_repo_id(space_id) or not is_repo_id(merged_repo):
         raise UsageError(f"expected repo ids USER/NAME, got {excerpt(merged_repo)} and --space {excerpt(space_id)}")
     token = hub.resolve_token(token)

@@ -157,7 +157,7 @@ def test_paper_baselines_and_orders_ran(paper_run):
     cwd, replicas, _, _ = paper_run
     expected = {"clip-vit-b32-opcm-8tasks": "opcm", "b32-opcm-no-eval": "opcm", "b32-average": "average", "b32-ta": "task_arithmetic",
                 "b32-ties": "ties", "b32-magmax": "magmax", "b32-iso-c": "iso_c", "b32-tsv-m": "tsv_m",
-                "b32-opcm-seed1": "opcm"}
+                "b32-opcm-seed1": "opcm", "b32-iso-cts": "iso_cts", "b32-wudi": "wudi"}
     for folder, method in expected.items():
         state = json.loads((cwd / folder / "merge_state.json").read_text())
         assert state["method"] == method and state["step"] == 8, folder
@@ -169,6 +169,11 @@ def test_paper_baselines_and_orders_ran(paper_run):
         assert torch.equal(merged["text_projection.weight"], base["text_projection.weight"]), folder
         name = "vision_model.encoder.layers.0.mlp.fc1.weight"
         assert not torch.allclose(merged[name], base[name]), folder
+    for folder in ("b32-iso-cts", "b32-wudi"):  # all at once: every expert in the lineage, the final model evaluated once
+        state = json.loads((cwd / folder / "merge_state.json").read_text())
+        assert [e["step"] for e in state["lineage"]] == list(range(1, 9)), folder
+        assert [row["step"] for row in json.loads((cwd / folder / "eval_results.json").read_text())["steps"]] == [8]
+    assert json.loads((cwd / "b32-iso-cts" / "merge_state.json").read_text())["hyperparameters"]["scaling_factor"] == 1.5
     shuffled = json.loads((cwd / "b32-opcm-seed1" / "merge_state.json").read_text())
     assert [e["repo_id"] for e in shuffled["lineage"]] != [
         e["repo_id"] for e in json.loads((cwd / "b32-average" / "merge_state.json").read_text())["lineage"]

@@ -23,6 +23,12 @@ class ContinualAverage(MergeMethod):
     display_name = "Average"
     paper = "https://arxiv.org/abs/2203.05482"
     summary = "The running mean of every expert merged so far."
+    card_title = "continual averaging"
+    description = (
+        "Continual averaging keeps the running mean of the experts' weights, a model soup built one "
+        "model at a time ([Wortsman et al., 2022, "
+        "arXiv:2203.05482](https://arxiv.org/abs/2203.05482))."
+    )
 
     _initial_buffer = MergeMethod._unfilled_buffer
 

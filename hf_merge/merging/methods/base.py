@@ -5,6 +5,12 @@ A method works on named tensors and never on a whole model: the engine gives it 
 expert checkpoint per :meth:`MergeMethod.step`. The method owns ``buffer``, one tensor per merged
 name (the merged weights, unless ``buffer_is_output`` is false), and reads base and expert tensors
 one at a time, so what stays resident is the buffer plus a few tensors.
+
+A method that needs every expert's task vector to compute a merged tensor (Iso-CTS, WUDI) derives
+from :class:`AllAtOnceMethod` instead (``continual = False``): the engine checks each expert as it
+arrives, then calls :meth:`AllAtOnceMethod.merge_all` once with every expert, which reads, per
+merged name, θ0 and that one tensor of each expert and hands them to
+:meth:`AllAtOnceMethod.merge_tensor`.
 """
 
 from __future__ import annotations
@@ -13,13 +19,13 @@ import difflib
 import math
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
-from hf_merge.errors import UsageError
+from hf_merge.errors import NotContinualError, UsageError
 from hf_merge.io.checkpoint import Checkpoint, TensorSpec, faulted_empty
 from hf_merge.merging.distributed import Executor
 
@@ -126,6 +132,12 @@ class MergeMethod(ABC):
     paper: ClassVar[str] = ""
     #: One line for the README's method table and ``--help``.
     summary: ClassVar[str] = ""
+    #: How the model card titles the method ("OPCM (orthogonal projection-based continual
+    #: merging)"); empty: ``display_name``.
+    card_title: ClassVar[str] = ""
+    #: The model card's paragraph: what the method does, with its citation (Markdown); empty:
+    #: ``summary`` and a link to ``paper``.
+    description: ClassVar[str] = ""
     #: True when each step needs only the previous result (and state of bounded size): ``add`` and
     #: the watcher can continue such a merge. False: the method needs every expert at once.
     continual: ClassVar[bool] = True
@@ -270,6 +282,69 @@ class MergeMethod(ABC):
         target = self.buffer[name]
         if value is not target:
             target.copy_(value)
+
+
+class AllAtOnceMethod(MergeMethod):
+    """A method whose merged tensor depends on every expert's task vector at once.
+
+    The engine resolves, downloads and checks each expert as it arrives (as for a continual step),
+    then calls :meth:`merge_all` once with every expert. For each merged name it reads θ0 and that
+    tensor of every expert, so what is resident is the output buffer plus one tensor per expert,
+    never whole expert models; subclasses implement :meth:`merge_tensor`. A merge made this way
+    cannot be continued (``add``, the watcher): a new expert changes every merged tensor.
+    """
+
+    continual = False
+
+    def init(self, context: MergeContext) -> None:
+        """Start with an empty buffer: :meth:`merge_all` fills it name by name."""
+        self._context = context
+        self.buffer = {}
+
+    def merge_all(self, experts: Sequence[Checkpoint]) -> dict[str, float]:
+        """Merge every expert at once into the buffer (one merged tensor per name, each marked
+        final with :meth:`_done` as it is computed); returns metrics worth logging."""
+        if not experts:
+            raise UsageError(f"method '{self.name}' needs at least one expert")
+        self.check_expert_count(len(experts))
+        self.step_count = len(experts)
+        base = self.context.base
+        for name in self.context.names:
+            theta0 = base.get(name)
+            thetas = [expert.get(name) for expert in experts]
+            if all(torch.equal(theta, theta0) for theta in thetas):
+                # every task vector is zero: each method's result is θ0 itself, kept bit-exact
+                self.buffer[name] = theta0
+            else:
+                thetas = [self._math(theta) for theta in thetas]  # each read goes as it is converted
+                self.buffer[name] = self._stored(name, self.merge_tensor(name, self._math(theta0), thetas))
+            del thetas  # before the next name's reads: one tensor per expert resident
+            self._done(name)
+        return {}
+
+    def check_expert_count(self, count: int) -> None:
+        """Refuse, before any tensor is merged, a number of experts the method cannot merge;
+        :class:`UsageError` (one line)."""
+
+    @abstractmethod
+    def merge_tensor(self, name: str, base: torch.Tensor, experts: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The merged tensor ``name`` from θ0 (``base``) and every expert's tensor, all on the
+        compute device in the compute precision; the engine stores it in the base's dtype. The
+        expert tensors are the method's own: it may change them in place (into task vectors)."""
+
+    def _step(self, expert: Checkpoint) -> dict[str, float]:
+        raise NotContinualError(
+            f"method '{self.name}' merges every expert at once and cannot add one expert to a merge; "
+            "re-run `hf-merge merge` with all experts"
+        )
+
+
+def total(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Σ of same-shape tensors, in a fresh tensor."""
+    result = tensors[0].clone()
+    for tensor in tensors[1:]:
+        result += tensor
+    return result
 
 
 class _Scratch(threading.local):

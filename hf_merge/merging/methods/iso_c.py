@@ -52,6 +52,13 @@ class IsoC(MergeMethod):
     display_name = "Iso-C"
     paper = "https://arxiv.org/abs/2502.04959"
     summary = "Sums the task vectors and sets every singular value of each matrix to their mean (isotropic spectrum)."
+    card_title = "Iso-C"
+    description = (
+        "Iso-C sums the task vectors and, in every weight matrix, replaces each singular value of "
+        "the sum by their mean, an isotropic spectrum; kept as a running sum, so each step equals "
+        "merging all experts at once ([Marczak et al., 2025, "
+        "arXiv:2502.04959](https://arxiv.org/abs/2502.04959))."
+    )
     parameters = (
         Parameter("scaling_factor", 1.0, "λ, the scale of the isotropic merged task vector.",
                   flags=("--scaling", "--lambda"), tune_grid=(0.6, 0.8, 1.0, 1.2, 1.5)),

@@ -20,6 +20,11 @@ class MagMax(MergeMethod):
     display_name = "MagMax"
     paper = "https://arxiv.org/abs/2407.06322"
     summary = "Keeps, per entry, the task-vector value of largest magnitude seen so far, scaled by λ."
+    card_title = "MagMax"
+    description = (
+        "MagMax keeps, for every weight, the task-vector entry of largest magnitude seen so far "
+        "([Marczak et al., 2024, arXiv:2407.06322](https://arxiv.org/abs/2407.06322))."
+    )
     parameters = (
         Parameter("scaling_factor", 0.5, "λ, the scale of the maximum-magnitude task vector.",
                   flags=("--scaling", "--lambda"), tune_grid=(0.3, 0.5, 0.7, 1.0)),

@@ -58,6 +58,12 @@ class OPCM(MergeMethod):
     display_name = "OPCM"
     paper = "https://arxiv.org/abs/2501.09522"
     summary = "Projects each new task vector off the merged one's dominant singular subspace, then rescales."
+    card_title = "OPCM (orthogonal projection-based continual merging)"
+    description = (
+        "OPCM projects each new task vector onto the directions the merged model does not use yet, "
+        "so later experts interfere less with earlier ones, and rescales the sum to keep its norm "
+        "constant ([Tang et al., 2025, arXiv:2501.09522](https://arxiv.org/abs/2501.09522))."
+    )
     parameters = (
         Parameter("alpha", 0.5, "Share of the merged task vector's spectrum that is protected.",
                   minimum=0.0, maximum=1.0, flags=("--alpha",), tune_grid=(0.3, 0.5, 0.7, 0.9)),

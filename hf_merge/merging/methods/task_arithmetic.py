@@ -24,6 +24,12 @@ class TaskArithmetic(MergeMethod):
     display_name = "Task Arithmetic"
     paper = "https://arxiv.org/abs/2212.04089"
     summary = "Adds every task vector, scaled by λ."
+    card_title = "continual task arithmetic"
+    description = (
+        "Task arithmetic adds each expert's task vector (its difference from the base), scaled by "
+        "λ, to the merged model ([Ilharco et al., 2023, "
+        "arXiv:2212.04089](https://arxiv.org/abs/2212.04089))."
+    )
     parameters = (
         Parameter("scaling_factor", 0.3, "λ, the scale of the summed task vectors.",
                   flags=("--scaling", "--lambda"), tune_grid=(0.1, 0.2, 0.3, 0.5, 0.7, 1.0)),

@@ -85,6 +85,12 @@ class ContinualTies(MergeMethod):
     display_name = "TIES"
     paper = "https://arxiv.org/abs/2306.01708"
     summary = "Trims each task vector to its largest entries, elects a sign per entry, sums what agrees."
+    card_title = "continual TIES-merging"
+    description = (
+        "TIES-merging trims task vectors to their largest entries, elects a sign per weight and "
+        "adds the agreeing values ([Yadav et al., 2023, "
+        "arXiv:2306.01708](https://arxiv.org/abs/2306.01708))."
+    )
     parameters = (
         Parameter("scaling_factor", 0.3, "λ, the scale of the merged task vector.",
                   flags=("--scaling", "--lambda"), tune_grid=(0.1, 0.3, 0.5, 0.7, 1.0)),

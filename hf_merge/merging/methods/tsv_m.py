@@ -96,6 +96,13 @@ class TSVM(MergeMethod):
     paper = "https://arxiv.org/abs/2412.00081"
     summary = ("Keeps each task vector's leading 1/T singular triplets per matrix and merges them "
                "with orthogonalised singular vectors.")
+    card_title = "TSV-M"
+    description = (
+        "TSV-M keeps each expert's leading 1/T singular vectors per weight matrix and merges them "
+        "with orthogonalised singular vectors; the kept triplets are truncated at each step, so "
+        "each step equals merging all experts at once ([Gargiulo et al., 2025, "
+        "arXiv:2412.00081](https://arxiv.org/abs/2412.00081))."
+    )
     parameters = (
         Parameter("scaling_factor", 1.0, "α, the scale of the merged task vector.",
                   flags=("--scaling", "--lambda"), tune_grid=(0.6, 0.8, 1.0, 1.2, 1.5)),
