@@ -40,15 +40,18 @@ def load_clip(
 
     Weights are read from safetensors only; the processor comes from the same snapshot. A
     tower-only checkpoint (``CLIPVisionModel``, ``CLIPTextModel``) is evaluated as its model card
-    says to use it: the ``base`` CLIP model with that tower's tensors replaced.
+    says to use it: the ``base`` CLIP model with that tower's tensors replaced; a PEFT LoRA adapter
+    as the ``base`` with the adapter merged in.
     """
     from transformers import CLIPModel, CLIPProcessor
 
     from hf_merge.hub.sources import resolve
 
+    from hf_merge.io.lora import is_adapter_folder
+
     source = resolve(model, token=token)
     tower_only = _model_type(source.path) in ("clip_vision_model", "clip_text_model")
-    if tower_only:
+    if tower_only or is_adapter_folder(source.path):
         return _with_tower(source, base, device=device, token=token)
     try:
         clip = CLIPModel.from_pretrained(source.path, use_safetensors=True, dtype=torch.float32)
@@ -84,7 +87,16 @@ def _with_tower(source: Any, base: Any, *, device: Any, token: Any) -> tuple[Any
         clip, processor = copy.deepcopy(base[0]), base[1]
     else:
         clip, processor = load_clip(base, device="cpu", token=token)
-    with Checkpoint.open(source.path) as checkpoint:
+    from hf_merge.io.lora import is_adapter_folder
+    from hf_merge.io.lora_checkpoint import open_adapter
+
+    opened: Checkpoint
+    if is_adapter_folder(source.path):  # a LoRA adapter: the tensors of the model it stands for
+        state = {n: t.detach().to("cpu") for n, t in clip.state_dict().items()}
+        opened = open_adapter(source.path, Checkpoint(source.path, clip.config.to_dict(), [], state), source.name)
+    else:
+        opened = Checkpoint.open(source.path)
+    with opened as checkpoint:
         tensors = {name: checkpoint.get(name) for name in checkpoint.names()}
     own = clip.state_dict()
     unknown = [n for n in tensors if n not in own and not n.endswith("position_ids")]

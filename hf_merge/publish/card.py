@@ -224,6 +224,8 @@ def _decorate(source: dict[str, Any], hub: str) -> None:
     else:
         source["url"] = "#"
     source["commit_display"] = code_span(sha) if sha else "local folder"
+    if isinstance(adapter := source.get("adapter"), dict):  # merged as the base plus its low-rank update
+        source["commit_display"] += f" (a PEFT LoRA adapter, rank {markdown_text(str(adapter.get('r')))})"
     pr = source.get("conversion_pr")
     if isinstance(pr, dict):
         source["commit_display"] += (

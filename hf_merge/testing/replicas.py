@@ -194,24 +194,17 @@ def _write_base(out: Path):
     return model, processor
 
 
-def _write_expert(base_model, processor, task: str, dataset: ReplicaDataset, out: Path) -> None:
-    """A ``CLIPVisionModel`` fine-tuned on the replica's train split, vision tower only."""
-    import copy
-
-    from safetensors.torch import save_file
-
+def fine_tune(model, processor, task: str, dataset: ReplicaDataset, params: list, lr: float = 5e-3) -> None:
+    """A few Adam steps of ``params`` (constant learning rate) on the replica's train split, with
+    the zero-shot head of ``task`` as the classifier, as the real experts were trained."""
     from hf_merge.evaluation.heads import class_embeddings
     from hf_merge.evaluation.tasks import get_task
 
-    out.mkdir(parents=True, exist_ok=True)
-    registry_task = get_task(task)
-    model = copy.deepcopy(base_model)
-    head = class_embeddings(model, processor.tokenizer, registry_task)
+    head = class_embeddings(model, processor.tokenizer, get_task(task))
     images, labels = split_rows(dataset, "train")
     pixels = processor.image_processor([image.convert("RGB") for image in images], return_tensors="pt")["pixel_values"]
     targets = torch.tensor(labels)
-    params = [p for n, p in model.named_parameters() if n.startswith("vision_model.")]
-    optimizer = torch.optim.Adam(params, lr=5e-3)
+    optimizer = torch.optim.Adam(params, lr=lr)
     model.train()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -221,6 +214,19 @@ def _write_expert(base_model, processor, task: str, dataset: ReplicaDataset, out
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+    model.eval()
+
+
+def _write_expert(base_model, processor, task: str, dataset: ReplicaDataset, out: Path, base_id: str = BASE_ID,
+                  architecture: str = "ViT-Base with patch size 32") -> None:
+    """A ``CLIPVisionModel`` fine-tuned on the replica's train split, vision tower only."""
+    import copy
+
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    model = copy.deepcopy(base_model)
+    fine_tune(model, processor, task, dataset, [p for n, p in model.named_parameters() if n.startswith("vision_model.")])
     tensors = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items() if k.startswith("vision_model.")}
     tensors.pop("vision_model.embeddings.position_ids", None)
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
@@ -232,14 +238,15 @@ def _write_expert(base_model, processor, task: str, dataset: ReplicaDataset, out
         "image_size": 224, "initializer_factor": 1.0, "initializer_range": 0.02,
         "intermediate_size": vision.intermediate_size, "layer_norm_eps": 1e-05, "model_type": "clip_vision_model",
         "num_attention_heads": vision.num_attention_heads, "num_channels": 3,
-        "num_hidden_layers": vision.num_hidden_layers, "patch_size": 32, "projection_dim": 512,
+        "num_hidden_layers": vision.num_hidden_layers, "patch_size": vision.patch_size,
+        "projection_dim": base_model.config.projection_dim,
         "torch_dtype": "float32", "transformers_version": "4.39.1",
     }
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     card_dataset = _CARD_DATASETS.get(task, f"tanganke/{task}")
     (out / "README.md").write_text(
-        f"---\nbase_model:\n- {BASE_ID}\ndatasets:\n- {card_dataset}\nmetrics:\n- accuracy\n---\n"
-        f"# Model Card\n\n## Model Details\n\n- Architecture: ViT-Base with patch size 32\n"
+        f"---\nbase_model:\n- {base_id}\ndatasets:\n- {card_dataset}\nmetrics:\n- accuracy\n---\n"
+        f"# Model Card\n\n## Model Details\n\n- Architecture: {architecture}\n"
         f"- Training Data: {_TRAINING_DATA[task]}\n\n## Training Details\n\n"
         "  Adam Optimizer with a constant learning rate for a few steps (replica).\n"
         "  Only the vision encoder is fine-tuned.\n"
