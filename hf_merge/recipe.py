@@ -85,6 +85,9 @@ def _registry_parameters() -> dict[str, dict[str, Any]] | None:
     return {name: dict(getattr(cls, "defaults", {}) or {}) for name, cls in METHODS.items()} or None
 
 
+EVAL_DTYPES = ("float32", "bfloat16", "float16")
+
+
 @dataclass
 class EvalSpec:
     """What to evaluate and when.
@@ -94,16 +97,29 @@ class EvalSpec:
         every_step: Evaluate after every merge step on the tasks seen so far (the continual protocol);
             otherwise only the final model is evaluated.
         limit: Evaluate on at most this many examples per task (quick checks).
+        dtype: Dtype of the evaluation's forward pass: ``float32`` (the paper's), ``bfloat16`` or ``float16``.
+        fast_preprocessing: Preprocess with transformers' torchvision image processor, not the PIL one
+            the reference evaluation uses.
     """
 
     tasks: list[str] = field(default_factory=list)
     every_step: bool = False
     limit: int | None = None
+    dtype: str = "float32"
+    fast_preprocessing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in EVAL_DTYPES:
+            raise RecipeError(f"eval.dtype must be one of {', '.join(EVAL_DTYPES)}, got {self.dtype!r}")
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"tasks": list(self.tasks), "every_step": self.every_step}
         if self.limit is not None:
             data["limit"] = self.limit
+        if self.dtype != "float32":
+            data["dtype"] = self.dtype
+        if self.fast_preprocessing:
+            data["fast_preprocessing"] = True
         return data
 
 
@@ -346,6 +362,8 @@ def _eval_from_mapping(data: Mapping[str, Any], *, source: str = "recipe") -> Ev
         tasks=_as_list(data.get("tasks", [])),
         every_step=data.get("every_step", False),
         limit=data.get("limit"),
+        dtype=data.get("dtype", "float32"),
+        fast_preprocessing=bool(data.get("fast_preprocessing", False)),
     )
 
 

@@ -27,7 +27,7 @@ from hf_merge.merging.methods import MergeContext, MergeMethod, get_method, rele
 from hf_merge.hub.sources import ModelSource, resolve
 from hf_merge.merging.state import STATE_NAME, STATE_TENSORS_NAME, MergeState, recover
 from hf_merge.merging.step_writer import PendingWrite, StepWriter
-from hf_merge.merging.step_results import MergeResult, StepResult
+from hf_merge.merging.step_results import MergeResult, StepResult, call_on_step
 from hf_merge.io.validation import MergePlan, check_compatible, linear_weight_names, merged_names, plan_merge
 
 logger = get_logger(__name__)
@@ -46,7 +46,7 @@ class ContinualMerger(AllAtOnceSteps):
         method: A registered method name (see :func:`hf_merge.merging.methods.available_methods`).
         scope: ``"vision"`` (vision tower + ``visual_projection``), ``"all"`` or name prefixes.
         hyperparameters: The method's hyperparameters; missing ones take their defaults.
-        on_step: Called as ``on_step(step, output_dir, state)`` after each step is saved.
+        on_step: Called as ``on_step(step, output_dir, state)`` after each step is saved (see :func:`call_on_step`).
         device: Device for the math (default: what ``accelerate`` picks for this process).
         compute_dtype: ``"float32"`` (default) or ``"float64"``.
         max_shard_size: Largest weight file written (``"5GB"``, bytes, ...).
@@ -297,7 +297,7 @@ class ContinualMerger(AllAtOnceSteps):
         if self.steps and self.steps[-1].step == self.state.step:
             self.steps[-1].save_seconds = time.perf_counter() - started
         if self.on_step is not None and self.executor.is_main_process:
-            self.on_step(self.state.step, self.output_dir, self.state)
+            call_on_step(self.on_step, self.output_dir, self.state, lambda: {n: self.method.output(n) for n in self.names})
 
     def result(self) -> MergeResult:
         """What has been merged so far in this run."""

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
 
 from hf_merge.hub.sources import ModelSource
 from hf_merge.merging.state import MergeState
@@ -35,3 +38,14 @@ class MergeResult:
     state: MergeState
     steps: list[StepResult]
     timings: dict[str, float]
+
+
+def call_on_step(on_step: Callable[..., Any], output_dir: Path, state: MergeState,
+                 weights: Callable[[], Mapping[str, torch.Tensor]]) -> None:
+    """Call the engine's ``on_step(step, output_dir, state)``; a callback with a true
+    ``receives_weights`` attribute also gets ``weights=``: the merged tensors by name, as the engine
+    holds them (not copies: read them, never write them), so an evaluator can update a resident model."""
+    if getattr(on_step, "receives_weights", False):
+        on_step(state.step, output_dir, state, weights=weights())
+    else:
+        on_step(state.step, output_dir, state)
