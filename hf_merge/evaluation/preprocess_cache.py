@@ -24,6 +24,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -135,8 +136,9 @@ class PixelCache:
                 while stored - done >= batch_size:
                     yield building.pixels_set.pixels[done : done + batch_size], building.pixels_set  # type: ignore[index]
                     done += batch_size
-            if len(building.pixels_set) > done:
-                yield building.pixels_set.pixels[done:], building.pixels_set  # type: ignore[index]
+            stored = len(building.pixels_set)  # rows past it were allocated for undecodable images
+            if stored > done:
+                yield building.pixels_set.pixels[done:stored], building.pixels_set  # type: ignore[index]
         except BaseException:
             building.abandon()
             raise
@@ -289,7 +291,8 @@ class _Chunks(torch.utils.data.Dataset):
                 decoded.images.append(self.data.image(index))
                 decoded.indices.append(index)
             except EvaluationError as error:
-                decoded.undecodable.append((index, str(error).rpartition(": ")[2]))
+                # The reason alone: the task and index are in the warning, object addresses say nothing.
+                decoded.undecodable.append((index, re.sub(r" <[^>]*>", "", str(error).rpartition(": ")[2])))
         return decoded
 
     def process(self, decoded: _Decoded) -> _Processed:

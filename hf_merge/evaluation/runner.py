@@ -246,22 +246,23 @@ class Evaluator:
         else:
             tensor = tensor.to(self.device)
         pixels = lookup(tensor) if lookup is not None else tensor
-        pixels = pixels.to(model.dtype)
-        size = self._fits or len(pixels)
-        return torch.cat([self._forward(model, part) for part in pixels.split(size)])
+        return self._forward(model, pixels.to(model.dtype))
 
     def _forward(self, model: Any, pixels: torch.Tensor) -> torch.Tensor:
+        size = self._fits or len(pixels)
+        if len(pixels) > size:
+            return torch.cat([self._forward(model, part) for part in pixels.split(size)])
         try:
             return model.get_image_features(pixel_values=pixels).pooler_output
         except torch.cuda.OutOfMemoryError:
             if len(pixels) == 1:
                 raise EvaluationError("out of GPU memory with one image per batch; evaluate on a larger GPU or the CPU") from None
             torch.cuda.empty_cache()
-            half = (len(pixels) + 1) // 2
             if self._fits is None:
-                logger.warning("Out of GPU memory at batch size %d: continuing with batches of %d", len(pixels), half)
-            self._fits = half
-            return torch.cat([self._forward(model, part) for part in pixels.split(half)])
+                logger.warning("Out of GPU memory at batch size %d: continuing with batches of %d",
+                               len(pixels), (len(pixels) + 1) // 2)
+            self._fits = (len(pixels) + 1) // 2
+            return self._forward(model, pixels)
 
 
 def _progress(name: str, total: int) -> Any:

@@ -330,7 +330,22 @@ def _accuracy_context(accuracy: AccuracyTable, output_dir: Path, plot: bool) -> 
         "bwt": f"{100 * bwt:+.1f}" if bwt is not None else None,
         "limit": accuracy.limit,
         "plot": plot_name,
+        **_evaluation_settings(output_dir),
     }
+
+
+def _evaluation_settings(output_dir: Path) -> dict[str, Any]:
+    """How the images were evaluated (processor, dtype) and how many could not be decoded, per task."""
+    try:
+        data = json.loads((output_dir / "eval_results.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    undecodable: dict[str, int] = {}
+    for step in data.get("steps") or []:
+        for task, metrics in (step.get("results") or {}).items():
+            undecodable[task] = max(undecodable.get(task, 0), int(metrics.get("undecodable") or 0))
+    return {"preprocessing": data.get("preprocessing"), "eval_dtype": data.get("eval_dtype") or "float32",
+            "undecodable": [{"task": t, "count": n} for t, n in undecodable.items() if n]}
 
 
 def _recipe_yaml(output_dir: Path) -> str | None:
