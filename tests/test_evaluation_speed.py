@@ -120,7 +120,7 @@ def test_predictions_are_those_of_the_per_image_path(tiny_base, varied_task, fol
     for task in evaluator.tasks:
         expected_ranked, expected = per_image_path(model, tiny_base, task)
         for _ in range(2):  # first pass builds the cache, the second reads it
-            ranked, labels, undecodable = evaluator.predictions(model, load_clip(tiny_base, device="cpu")[1], task)
+            ranked, _labels, undecodable = evaluator.predictions(model, load_clip(tiny_base, device="cpu")[1], task)
             assert ranked == expected_ranked and undecodable == 0
         result = evaluator.evaluate(model, tasks=[task])[task.name]
         assert {k: result[k] for k in expected} == expected

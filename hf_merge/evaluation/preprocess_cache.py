@@ -27,16 +27,22 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
 from hf_merge.errors import EvaluationError
 from hf_merge.evaluation.datasets import TaskData
-from hf_merge.evaluation.preprocessing import PixelLookup, Preprocessing, crops_and_pixels, process
+from hf_merge.evaluation.preprocessing import (
+    PixelLookup,
+    Preprocessing,
+    crops_and_pixels,
+    process,
+)
 from hf_merge.log import get_logger
 
 logger = get_logger(__name__)
@@ -186,7 +192,7 @@ class _Build:
         if not self.pixels_set.kept:
             raise EvaluationError(f"task {self.data.task.name}: none of its {len(self.data)} images could be decoded")
 
-    def _choose_storage(self, first: "_Decoded") -> bool:
+    def _choose_storage(self, first: _Decoded) -> bool:
         """uint8 crops when the lookup reproduces the processor's floats on the first images, else floats."""
         sample = first.images[:_VERIFY]
         if not sample:
@@ -200,7 +206,7 @@ class _Build:
         self.pixels_set.lookup = lookup
         return True
 
-    def _store(self, result: "_Processed") -> None:
+    def _store(self, result: _Processed) -> None:
         self._warn(result.undecodable)
         self.pixels_set.undecodable.extend(index for index, _ in result.undecodable)
         if result.pixels is None or not len(result.pixels):

@@ -115,7 +115,7 @@ class PixelLookup:
     table: torch.Tensor
 
     @classmethod
-    def of(cls, image_processor: Any, channels: int = 3) -> "PixelLookup | None":
+    def of(cls, image_processor: Any, channels: int = 3) -> PixelLookup | None:
         """The lookup of ``image_processor``, or ``None`` when it does not end as CLIP's does."""
         byte_values = np.arange(256, dtype=np.uint8)[None, None, :].repeat(channels, axis=0)  # (C, 1, 256)
         try:
