@@ -98,6 +98,7 @@ class Speed:
     model: str
     images: int
     old: float
+    alone: float
     first: dict[int, float]
     warm: dict[int, float]
 
@@ -111,6 +112,12 @@ def speeds(name: str, folder: Path, task: Task, limit: int | None, batch_size: i
     started = time.perf_counter()
     old_path(model, processor, task, heads, data, batch_size)
     old = len(data) / (time.perf_counter() - started)
+    pixels = torch.zeros(batch_size, 3, *(_crop(processor)))
+    started = time.perf_counter()
+    with torch.no_grad():
+        for _ in range(0, len(data), batch_size):
+            model.get_image_features(pixel_values=pixels)
+    alone = len(data) / (time.perf_counter() - started)
     first, warm = {}, {}
     for workers in (1, 2):
         cache = PixelCache(workers=workers, cache_dir=scratch / f"{name}-{workers}")
@@ -119,7 +126,13 @@ def speeds(name: str, folder: Path, task: Task, limit: int | None, batch_size: i
             started = time.perf_counter()
             evaluator.evaluate(model, processor)
             store[workers] = len(data) / (time.perf_counter() - started)
-    return Speed(name, len(data), old, first, warm)
+    print(f"{name}: per-image {old:.0f} img/s, model alone {alone:.0f}, first {first}, warm {warm}", flush=True)
+    return Speed(name, len(data), old, alone, first, warm)
+
+
+def _crop(processor: Any) -> tuple[int, int]:
+    crop = processor.image_processor.crop_size
+    return (crop["height"], crop["width"]) if isinstance(crop, dict) else (crop.height, crop.width)
 
 
 def protocol(base: Path, experts: list[Path], tasks: list[Task], limit: int | None, scratch: Path) -> dict[str, float]:
@@ -162,6 +175,7 @@ def protocol(base: Path, experts: list[Path], tasks: list[Task], limit: int | No
             load_weights(resident, vision[step - 1])
         evaluator.evaluate(resident, processor, tasks=tasks[:step])
     new = time.perf_counter() - started
+    print(f"protocol: old {old:.1f} s, new {new:.1f} s", flush=True)
 
     started = time.perf_counter()
     alone = PixelCache(workers=2, cache_dir=scratch / "alone")
@@ -196,7 +210,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="Fewer images (a smoke run).")
     parser.add_argument("--out", type=Path, default=RESULTS / "eval_speed.md")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of the main process, for both paths (default 1: on a busy shared machine "
+                             "two threads' synchronisation made one forward pass 7x slower than one thread).")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     load_before = os.getloadavg()
     from hf_merge.zoo import register_offline_tasks
@@ -217,12 +235,12 @@ def main() -> None:
         times = protocol(base, experts, tasks, protocol_limit, scratch)
     load_after = os.getloadavg()
     lines = [
-        "| model | images | (a) per-image path | (b) first pass, 1 worker | (b) 2 workers | (c) warm, 1 worker | (c) 2 workers | warm / (a) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | images | (a) per-image path | (b) first pass, 1 worker | (b) 2 workers | (c) warm, 1 worker | (c) 2 workers | warm / (a) | model alone |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(f"| {r.model} | {r.images} | {r.old:.0f} img/s | {r.first[1]:.0f} | {r.first[2]:.0f} | "
-                     f"{r.warm[1]:.0f} | {r.warm[2]:.0f} | {max(r.warm.values()) / r.old:.1f}x |")
+                     f"{r.warm[1]:.0f} | {r.warm[2]:.0f} | {max(r.warm.values()) / r.old:.1f}x | {r.alone:.0f} |")
     lines += [
         "",
         (f"Paper-shaped protocol ({zoo_label}; 8 tasks: the 6 offline tasks, synthetic/colors and one of "

@@ -297,3 +297,21 @@ def test_engine_updates_one_resident_model(tiny_base, tiny_experts, tmp_path, mo
     saved = json.loads((out / "eval_results.json").read_text())
     assert saved["eval_dtype"] == "float32" and "PIL" in saved["preprocessing"]
     assert saved["steps"][-1]["results"]["synthetic/colors"]["undecodable"] == 0
+
+
+def test_card_states_preprocessing_dtype_and_undecodable_images(tiny_base, tiny_experts, tmp_path):
+    from hf_merge.merging.engine import ContinualMerger
+    from hf_merge.publish.card import write_card
+
+    tasks = ["synthetic/colors"] * 2
+    evaluator = ContinualEvaluator(tasks, evaluator=Evaluator(tasks, limit=16, device="cpu", workers=0, dtype="bfloat16"))
+    out = tmp_path / "merged"
+    with ContinualMerger(tiny_base, out, "average", on_step=evaluator, device="cpu") as merger:
+        merger.add_all(tiny_experts[:2])
+    card = write_card(out).read_text()
+    assert "Images preprocessed with CLIPImageProcessor" in card and "(PIL, as the reference); forward pass in bfloat16." in card
+    assert "could not be decoded" not in card
+    results = json.loads((out / "eval_results.json").read_text())
+    results["steps"][-1]["results"]["synthetic/colors"]["undecodable"] = 3
+    (out / "eval_results.json").write_text(json.dumps(results))
+    assert "synthetic/colors: 3 images could not be decoded (skipped)." in write_card(out).read_text()
