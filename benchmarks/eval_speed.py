@@ -126,7 +126,7 @@ def speeds(name: str, folder: Path, task: Task, limit: int | None, batch_size: i
             started = time.perf_counter()
             evaluator.evaluate(model, processor)
             store[workers] = len(data) / (time.perf_counter() - started)
-    print(f"{name}: per-image {old:.0f} img/s, model alone {alone:.0f}, first {first}, warm {warm}", flush=True)
+    print(f"{name}: per-image {old:.3g} img/s, model alone {alone:.3g}, first {first}, warm {warm}", flush=True)
     return Speed(name, len(data), old, alone, first, warm)
 
 
@@ -239,8 +239,8 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r.model} | {r.images} | {r.old:.0f} img/s | {r.first[1]:.0f} | {r.first[2]:.0f} | "
-                     f"{r.warm[1]:.0f} | {r.warm[2]:.0f} | {max(r.warm.values()) / r.old:.1f}x | {r.alone:.0f} |")
+        lines.append(f"| {r.model} | {r.images} | {r.old:.3g} img/s | {r.first[1]:.3g} | {r.first[2]:.3g} | "
+                     f"{r.warm[1]:.3g} | {r.warm[2]:.3g} | {max(r.warm.values()) / r.old:.1f}x | {r.alone:.3g} |")
     lines += [
         "",
         (f"Paper-shaped protocol ({zoo_label}; 8 tasks: the 6 offline tasks, synthetic/colors and one of "
