@@ -34,7 +34,7 @@ class Preprocessing:
     """The image processor an evaluation uses, and how the card names it.
 
     Attributes:
-        processor: The image processor (called as ``processor(images=..., return_tensors="np")``).
+        processor: The image processor (called as ``processor(images=..., return_tensors="pt")``).
         backend: ``"pil"`` (the reference) or ``"torchvision"`` (``--fast-preprocessing``).
         name: Class name of ``processor``.
     """
@@ -153,7 +153,8 @@ def crops_and_pixels(preprocessing: Preprocessing, images: list[Any]) -> tuple[n
 def process(preprocessing: Preprocessing, images: list[Any], *, crops: bool) -> np.ndarray:
     """The processor's output for ``images``: float pixels, or (``crops``) the uint8 crops before rescaling."""
     options = {"do_rescale": False, "do_normalize": False} if crops else {}
-    output = preprocessing.processor(images=images, return_tensors="np", **options)["pixel_values"]
+    # "pt", the return type every backend supports; the values are those of the numpy output.
+    output = preprocessing.processor(images=images, return_tensors="pt", **options)["pixel_values"]
     if isinstance(output, torch.Tensor):
         output = output.numpy()
     return np.ascontiguousarray(output)
