@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from hf_merge.publish.accuracy_table import AccuracyTable, load_accuracy, plot_accuracy
+from hf_merge.publish.accuracy_table import AccuracyTable, evaluation_settings, load_accuracy, plot_accuracy
 from hf_merge.publish.escape import code_block, code_span, comment_json, markdown_text, one_line, url_part
 from hf_merge.errors import MergeStateError
 from hf_merge.log import get_logger
@@ -330,22 +330,8 @@ def _accuracy_context(accuracy: AccuracyTable, output_dir: Path, plot: bool) -> 
         "bwt": f"{100 * bwt:+.1f}" if bwt is not None else None,
         "limit": accuracy.limit,
         "plot": plot_name,
-        **_evaluation_settings(output_dir),
+        **evaluation_settings(output_dir),
     }
-
-
-def _evaluation_settings(output_dir: Path) -> dict[str, Any]:
-    """How the images were evaluated (processor, dtype) and how many could not be decoded, per task."""
-    try:
-        data = json.loads((output_dir / "eval_results.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    undecodable: dict[str, int] = {}
-    for step in data.get("steps") or []:
-        for task, metrics in (step.get("results") or {}).items():
-            undecodable[task] = max(undecodable.get(task, 0), int(metrics.get("undecodable") or 0))
-    return {"preprocessing": data.get("preprocessing"), "eval_dtype": data.get("eval_dtype") or "float32",
-            "undecodable": [{"task": t, "count": n} for t, n in undecodable.items() if n]}
 
 
 def _recipe_yaml(output_dir: Path) -> str | None:
