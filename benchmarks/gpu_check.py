@@ -10,7 +10,9 @@ steps, whose CUDA − CPU difference is measured: the CPU run of 400 steps at th
 and Iso-CTS (GPU only),
 the same merge's max |CUDA − CPU| over all weights (B/32 only: the CPU run of L/14 is too slow for the
 budget), peak GPU memory, and the decompositions alone (every linear weight of one merged task
-vector, SVD vs Gram + eigh, on the GPU). Prints a table and writes ``benchmarks/results/gpu_check.md``.
+vector, SVD vs Gram + eigh, on the GPU); and zero-shot evaluation in images/s of a ViT-B/32-shaped CLIP
+at 224 px (first pass with preprocessing, then cache warm in float32 and bfloat16). Prints a table and
+writes ``benchmarks/results/gpu_check.md``.
 Exits with status 2 and one line when no CUDA device is present.
 """
 
@@ -116,11 +118,48 @@ def decomposition_seconds(base: Path, experts: list[Path]) -> dict[str, float]:
     return result
 
 
+def evaluation_speed(folder: Path, images: int = 4096) -> list[tuple[str, float]]:
+    """Images/s of ``hf-merge eval``'s path on CUDA: first pass (preprocessing), then warm, fp32 and bf16."""
+    from hf_merge.evaluation import DatasetSpec, Evaluator, HeadCache, PixelCache, Task
+    from hf_merge.evaluation.synthetic import COLOR_NAMES
+    from hf_merge.testing.tiny_clip import build_tiny_clip
+
+    model_dir = build_tiny_clip(folder / "eval-b32", image_size=224, patch_size=32, hidden_size=768, num_layers=12,
+                                num_heads=12, projection_dim=512)
+    per_class = images // len(COLOR_NAMES)
+    task = Task("gpu-eval", COLOR_NAMES, ("a photo of a {}.",), DatasetSpec(
+        kind="python", path="hf_merge.evaluation.synthetic:solid_colors", options={"n_per_class": per_class, "size": 224}))
+    import torch
+
+    cache, rows = PixelCache(cache_dir=folder / "pixels"), []
+
+    def timed(label: str, evaluator: Evaluator, model: object, processor: object) -> None:
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        evaluator.evaluate(model, processor)
+        torch.cuda.synchronize()
+        rows.append((label, per_class * len(COLOR_NAMES) / (time.perf_counter() - started)))
+        print(f"evaluation {label}: {rows[-1][1]:,.0f} images/s", flush=True)
+
+    for dtype in ("float32", "bfloat16"):
+        heads = HeadCache()
+        evaluator = Evaluator([task], device="cuda", dtype=dtype, head_cache=heads, pixel_cache=cache)
+        model, processor = evaluator.prepare(str(model_dir))
+        heads.get(model, processor.tokenizer, task, device="cuda")  # the text tower's work, outside the timing
+        if dtype == "float32":
+            timed("first pass (preprocessing in workers), float32", evaluator, model, processor)
+        else:
+            evaluator.evaluate(model, processor)  # warm-up of the bf16 kernels
+        timed(f"warm cache, {dtype}", evaluator, model, processor)
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--experts", type=int, default=3)
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--results", type=Path, default=HERE / "results" / "gpu_check.md")
+    parser.add_argument("--eval-images", type=int, default=4096, help="Images of the evaluation measurement.")
     args = parser.parse_args()
     import torch
 
@@ -152,6 +191,7 @@ def main() -> int:
                 print(f"{label} {method} {variant}: {seconds:.2f} s/expert, peak {peak:,.0f} MiB, |CUDA-CPU| {diff}", flush=True)
             d = decomposition_seconds(base, experts)
             decomp.append((label, d))
+        speeds = evaluation_speed(Path(tmp), args.eval_images)
     lines = [
         "# GPU check",
         "",
@@ -166,6 +206,10 @@ def main() -> int:
     lines += ["", "Decompositions alone (every nn.Linear weight of one merged task vector, on the GPU, seconds):", "",
               "| shape | matrices | svd (gesvd) | gram64 (DᵀD + eigh, float64) | gram32 |", "|---|---|---|---|---|"]
     lines += [f"| {s} | {d['count']} | {d['svd']:.2f} | {d['gram64']:.2f} | {d['gram32']:.2f} |" for s, d in decomp]
+    lines += ["", f"Zero-shot evaluation, ViT-B/32 shape at 224 px, {args.eval_images} images, batch 256 "
+              "(`hf-merge eval`'s path; first pass = decoding and preprocessing in workers too):", "",
+              "| pass | images/s |", "|---|---|"]
+    lines += [f"| {label} | {rate:,.0f} |" for label, rate in speeds]
     text = "\n".join(lines) + "\n"
     print(text)
     args.results.parent.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU check (see benchmarks/gpu_check.py): CUDA-vs-CPU parity, s/expert for ViT-B/32 and ViT-L/14
-# shapes (and WUDI, Iso-CTS at full B/32 width), peak GPU memory, decomposition time alone. Under 4
-# minutes on one GPU.
+# shapes (and WUDI, Iso-CTS at full B/32 width), peak GPU memory, decomposition time alone,
+# evaluation images/s (ViT-B/32 shape at 224 px, first pass and warm cache, float32 and bfloat16).
+# Under 4 minutes on one GPU.
 # Python: $PYTHON if set, else the repository's .venv, else a python3 that imports torch, else
 # `make` creates .venv as the README's set-up does (CPU torch: no GPU is then measured).
 set -euo pipefail

@@ -49,6 +49,10 @@ __all__ = ["SCOPES", "EvalSpec", "MergeRecipe", "known_methods", "method_paramet
 _CONFIG = ConfigDict(extra="forbid", validate_default=False, arbitrary_types_allowed=True)
 
 
+#: Precisions an evaluation may run in (float32, the default, keeps figures comparable to the papers').
+EVAL_DTYPES = ("float32", "bfloat16", "float16")
+
+
 # ------------------------------------------------------------------------------------ models
 class EvalSpec(BaseModel):
     """What to evaluate and when.
@@ -58,6 +62,9 @@ class EvalSpec(BaseModel):
         every_step: Evaluate after every merge step on the tasks seen so far (the continual protocol);
             otherwise only the final model is evaluated.
         limit: Evaluate on at most this many examples per task (quick checks).
+        dtype: Dtype of the evaluation's forward pass: ``float32`` (the paper's), ``bfloat16`` or ``float16``.
+        fast_preprocessing: Preprocess with transformers' torchvision image processor, not the PIL one
+            the reference evaluation uses.
     """
 
     model_config = _CONFIG
@@ -70,12 +77,25 @@ class EvalSpec(BaseModel):
     @classmethod
     def _task_list(cls, value: Any) -> Any:
         return _as_list(value) if isinstance(value, (str, list, tuple)) else value
+    dtype: str = "float32"
+    fast_preprocessing: StrictBool = False
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, value: str) -> str:
+        if value not in EVAL_DTYPES:
+            raise ValueError(f"must be one of {', '.join(EVAL_DTYPES)}, got {value!r}")
+        return value
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data in the YAML layout."""
         data: dict[str, Any] = {"tasks": list(self.tasks), "every_step": self.every_step}
         if self.limit is not None:
             data["limit"] = self.limit
+        if self.dtype != "float32":
+            data["dtype"] = self.dtype
+        if self.fast_preprocessing:
+            data["fast_preprocessing"] = True
         return data
 
 

@@ -47,8 +47,10 @@ def evaluation_hook(
         from hf_merge.evaluation import Evaluator
 
         def continual(task_list: Sequence[str], expert_list: Sequence[str], report: Any = None) -> Any:
+            evaluator = Evaluator(task_list, limit=spec.limit, token=token, dtype=spec.dtype,
+                                  fast_preprocessing=spec.fast_preprocessing)
             return ContinualEvaluator(task_list, base=base, experts=list(expert_list), expert_names=list(expert_list),
-                                      report=report, evaluator=Evaluator(task_list, limit=spec.limit, token=token))
+                                      report=report, evaluator=evaluator)
 
         if done and len(tasks) == total - done:  # tasks given for the new experts only
             return _FromStep(continual(tasks, list(experts)[done:]), done)
@@ -65,17 +67,19 @@ def evaluation_hook(
             logger.warning("No per-step evaluation of the first %d steps to continue; evaluating from step %d on", done, done + 1)
             return _FromStep(continual(tasks[done:], list(experts)[done:]), done)
         return continual(tasks, list(experts), report)
-    return _FinalEvaluation(list(tasks), limit=spec.limit, final_step=total, token=token)
+    return _FinalEvaluation(list(tasks), spec, final_step=total, token=token)
 
 
 class _FromStep:
     """Shift step numbers so an evaluator that starts fresh can follow an earlier, unevaluated part."""
 
+    receives_weights = True  # passed on to the evaluator (see ContinualEvaluator)
+
     def __init__(self, evaluator: Callable, offset: int):
         self.evaluator, self.offset = evaluator, offset
 
-    def __call__(self, step: int, output_dir: Path, state: Any = None) -> Any:
-        report = self.evaluator(step - self.offset, output_dir, state)
+    def __call__(self, step: int, output_dir: Path, state: Any = None, weights: Any = None) -> Any:
+        report = self.evaluator(step - self.offset, output_dir, state, weights=weights)
         # The saved rows keep the real step numbers, so the card's table and plot line up.
         report.steps[-1]["step"] = step
         MergeFolder(output_dir).write_results_text(report.to_json())
@@ -85,8 +89,8 @@ class _FromStep:
 class _FinalEvaluation:
     """Evaluate only the final model, on every task (``eval.every_step: false``)."""
 
-    def __init__(self, tasks: list[str], *, limit: int | None, final_step: int, token: str | None = None):
-        self.tasks, self.limit, self.final_step, self.token = tasks, limit, final_step, token
+    def __init__(self, tasks: list[str], spec: EvalSpec, *, final_step: int, token: str | None = None):
+        self.tasks, self.spec, self.final_step, self.token = tasks, spec, final_step, token
 
     def __call__(self, step: int, output_dir: Path, state: Any = None) -> None:
         if step != self.final_step:
@@ -94,8 +98,11 @@ class _FinalEvaluation:
         from hf_merge.evaluation import EvaluationReport, Evaluator
 
         unique = list(dict.fromkeys(self.tasks))
-        results = Evaluator(unique, limit=self.limit, token=self.token).evaluate(str(output_dir), tasks=unique)
-        report = EvaluationReport(limit=self.limit)
+        evaluator = Evaluator(unique, limit=self.spec.limit, token=self.token, dtype=self.spec.dtype,
+                              fast_preprocessing=self.spec.fast_preprocessing)
+        results = evaluator.evaluate(str(output_dir), tasks=unique)
+        report = EvaluationReport(limit=self.spec.limit, eval_dtype=self.spec.dtype,
+                                  preprocessing=evaluator.preprocessing.label if evaluator.preprocessing else None)
         report.add_step(1, results, unique)
         report.steps[0]["step"] = step  # one row: the final model after `step` experts
         MergeFolder(output_dir).write_results_text(report.to_json())
@@ -115,7 +122,8 @@ def continued_tasks(recipe: MergeRecipe, spec: EvalSpec | None, done: int, new: 
     every_step = spec.every_step or (recipe.eval.every_step if recipe.eval is not None else False)
     tasks = previous + list(spec.tasks) if every_step and len(spec.tasks) == new and len(previous) == done else list(spec.tasks)
     limit = spec.limit if spec.limit is not None else (recipe.eval.limit if recipe.eval else None)
-    return tasks, EvalSpec(tasks=tasks, every_step=every_step, limit=limit)
+    return tasks, EvalSpec(tasks=tasks, every_step=every_step, limit=limit, dtype=spec.dtype,
+                           fast_preprocessing=spec.fast_preprocessing)
 
 
 def average_accuracy(output_dir: Path, n_steps: int) -> list[float | None]:
@@ -134,4 +142,4 @@ def final_only_unless_continual(spec: EvalSpec | None, method: Any) -> EvalSpec 
         return spec
     logger.info("%s merges every expert at once, so there is no model between steps: evaluating the final model only",
                 method.name)
-    return EvalSpec(tasks=list(spec.tasks), every_step=False, limit=spec.limit)
+    return spec.model_copy(update={"every_step": False})

@@ -20,7 +20,8 @@ def test_candidates_from_every_source_pinned_and_oldest_first(hub_server, hub_ur
     first = _repo(carol, "carol/disc-ft-1", "base_model: alice/disc-base\nlicense: mit")
     second = _repo(alice, "alice/disc-ft-2", "base_model: alice/disc-base")
     _repo(alice, "alice/disc-merged", "base_model:\n- alice/disc-base\n- carol/disc-ft-1")
-    _repo(alice, "alice/disc-adapter", "base_model: alice/disc-base\nbase_model_relation: adapter")
+    adapter = _repo(alice, "alice/disc-adapter", "base_model: alice/disc-base\nbase_model_relation: adapter")
+    _repo(alice, "alice/disc-quantized", "base_model: alice/disc-base\nbase_model_relation: quantized")
     searched = _repo(carol, "carol/disc-findme-special", "license: mit")
     pinned = _repo(carol, "carol/disc-pinned", "license: mit")
     _repo(carol, "carol/disc-pinned", "license: apache-2.0")  # main moves on; the allow-list pins the first
@@ -30,9 +31,11 @@ def test_candidates_from_every_source_pinned_and_oldest_first(hub_server, hub_ur
     found = Discovery(base="alice/disc-base", exclude=["alice/disc-merged"], searches=["disc-findme"],
                       allow_list=allow).find(alice_token)
     by_id = {c.repo_id: c for c in found}
-    assert set(by_id) == {"carol/disc-ft-1", "alice/disc-ft-2", "carol/disc-findme-special", "carol/disc-pinned"}
+    # An adapter of the base is a candidate (merged as the model it stands for); a quantized copy is not.
+    assert set(by_id) == {"carol/disc-ft-1", "alice/disc-ft-2", "alice/disc-adapter", "carol/disc-findme-special",
+                          "carol/disc-pinned"}
     assert [(by_id[r].sha, by_id[r].source) for r in sorted(by_id)] == [
-        (second, "base_model"), (searched, "search"), (first, "base_model"), (pinned, "allow-list")]
+        (adapter, "adapter"), (second, "base_model"), (searched, "search"), (first, "base_model"), (pinned, "allow-list")]
     assert [c.repo_id for c in found][:2] == ["carol/disc-ft-1", "alice/disc-ft-2"]  # oldest first
     assert by_id["carol/disc-ft-1"].license == "mit" and by_id["alice/disc-ft-2"].license is None
     assert by_id["carol/disc-ft-1"].reference == f"carol/disc-ft-1@{first}"

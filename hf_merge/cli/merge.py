@@ -64,6 +64,10 @@ def _add_eval_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--eval", nargs="+", metavar="TASK", help="Evaluate on these tasks (names, comma or space separated).")
     group.add_argument("--eval-every-step", action="store_true", default=None, help="Evaluate after every step, not only at the end.")
     group.add_argument("--eval-limit", type=int, metavar="N", help="At most N test examples per task.")
+    group.add_argument("--eval-dtype", choices=("float32", "bfloat16", "float16"),
+                       help="Dtype of the evaluation's forward pass (default float32, as the paper).")
+    group.add_argument("--fast-preprocessing", action="store_true", default=None,
+                       help="Preprocess with the torchvision image processor instead of the reference PIL one.")
 
 
 def _add_hub_flags(parser: argparse.ArgumentParser, *, push_help: str = "Push the result to this model repo.") -> None:
@@ -174,6 +178,10 @@ def _eval_fields(args: argparse.Namespace) -> dict[str, Any]:
         evaluation["every_step"] = True
     if args.eval_limit is not None:
         evaluation["limit"] = args.eval_limit
+    if args.eval_dtype is not None:
+        evaluation["dtype"] = args.eval_dtype
+    if args.fast_preprocessing:
+        evaluation["fast_preprocessing"] = True
     return evaluation
 
 
@@ -218,7 +226,8 @@ def run_add(args: argparse.Namespace) -> int:
     evaluation = _eval_fields(args)
     spec = None
     if evaluation:
-        spec = EvalSpec(tasks=evaluation.get("tasks", []), every_step=evaluation.get("every_step", False), limit=evaluation.get("limit"))
+        spec = EvalSpec(tasks=evaluation.get("tasks", []), every_step=evaluation.get("every_step", False), limit=evaluation.get("limit"),
+                        dtype=evaluation.get("dtype", "float32"), fast_preprocessing=evaluation.get("fast_preprocessing", False))
     result = add(
         args.merged,
         args.experts,

@@ -3,6 +3,8 @@
 - :mod:`.tasks`: :class:`Task` / :class:`DatasetSpec` and the registry (``get_task``,
   ``register_task``, ``list_tasks``) with the 20 tasks of the published experiments.
 - :mod:`.datasets`: a task's dataset as checked, lazily decoded images and labels.
+- :mod:`.preprocessing`: the pinned image processor (PIL by default) and its exact uint8-to-float lookup.
+- :mod:`.preprocess_cache`: :class:`PixelCache`, each task's images preprocessed once, in parallel.
 - :mod:`.heads`: zero-shot heads from the text tower, cached while the text tower is unchanged.
 - :mod:`.metric`: :class:`ZeroShotAccuracy`, an ``evaluate`` metric (accuracy, top-5, per class).
 - :mod:`.runner`: :class:`Evaluator` and :func:`evaluate_model` (``hf-merge eval``).
@@ -15,7 +17,9 @@ from hf_merge.evaluation.datasets import TaskData, load_task_data
 from hf_merge.evaluation.heads import HeadCache, ZeroShotHead, build_head, text_tower_fingerprint
 from hf_merge.evaluation.metric import ZeroShotAccuracy
 from hf_merge.evaluation.paper_tasks import PAPER_TASKS_8, PAPER_TASKS_14, PAPER_TASKS_20
-from hf_merge.evaluation.runner import Evaluator, evaluate_model, load_clip
+from hf_merge.evaluation.preprocess_cache import PixelCache, PixelSet
+from hf_merge.evaluation.preprocessing import Preprocessing, pin_image_processor
+from hf_merge.evaluation.runner import Evaluator, evaluate_model, evaluate_models, load_clip
 from hf_merge.evaluation.tasks import DatasetSpec, Task, get_task, list_tasks, register_task
 
 __all__ = [
@@ -28,16 +32,21 @@ __all__ = [
     "EvaluationReport",
     "Evaluator",
     "HeadCache",
+    "PixelCache",
+    "PixelSet",
+    "Preprocessing",
     "Task",
     "TaskData",
     "ZeroShotAccuracy",
     "ZeroShotHead",
     "build_head",
     "evaluate_model",
+    "evaluate_models",
     "get_task",
     "list_tasks",
     "load_clip",
     "load_task_data",
+    "pin_image_processor",
     "register_task",
     "text_tower_fingerprint",
 ]

@@ -1,7 +1,8 @@
 """Continual evaluation: after merge step t, accuracy on the tasks of experts 1..t.
 
 :class:`ContinualEvaluator` is the engine's ``on_step(step, output_dir, state)`` callback. Step
-``t`` (1-based: ``t`` experts merged) loads the merged model from ``output_dir`` and evaluates it
+``t`` (1-based: ``t`` experts merged) evaluates the merged model (read from ``output_dir`` once, then
+updated in place with the merged tensors the engine passes as ``weights``)
 on the tasks of experts 1..t, giving row ``t`` of the accuracy matrix. It can also evaluate the
 base model (zero-shot reference) and each expert on its own task (fine-tuned reference). After
 every step the :class:`EvaluationReport` is written to ``<output_dir>/eval_results.json``.
@@ -13,6 +14,8 @@ every step the :class:`EvaluationReport` is written to ``<output_dir>/eval_resul
   "schema_version": 1,
   "metric": "zero-shot top-1 accuracy",          # what the numbers in the matrix are
   "limit": null | int,                            # examples kept per task (null: whole split)
+  "preprocessing": "CLIPImageProcessorPil (PIL, as the reference)",  # image processor used (optional)
+  "eval_dtype": "float32",                        # dtype of the forward pass (optional; float32)
   "tasks": ["sun397", "stanford-cars", ...],      # tasks[i] = task of expert i+1, merge order
   "experts": ["org/expert-a", ...] | null,        # names of the experts, same order (optional)
   "accuracy_matrix": [[a11, null, ...],           # accuracy_matrix[t-1][i-1] = accuracy after
@@ -25,7 +28,8 @@ every step the :class:`EvaluationReport` is written to ``<output_dir>/eval_resul
   "expert_accuracy": [float | null, ...] | null,  # accuracy of expert i on its own task tasks[i]
   "steps": [                                      # full metrics per step
     {"step": 1, "results": {"sun397": {"accuracy": .., "top5_accuracy": .., "num_samples": ..,
-                                       "num_classes": .., "dataset": ".."}}}, ...]
+                                       "num_classes": .., "dataset": "..",
+                                       "undecodable": 0}}}, ...]   # images skipped: not decodable
 }
 ```
 Accuracies are fractions in [0, 1].
@@ -37,10 +41,12 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from hf_merge.errors import EvaluationError
 from hf_merge.evaluation.runner import Evaluator
@@ -52,7 +58,7 @@ logger = get_logger(__name__)
 
 SCHEMA_VERSION = 1
 # Per-class lists are left out of the saved steps: they are large and the card does not use them.
-_SAVED_KEYS = ("accuracy", "top5_accuracy", "num_samples", "num_classes", "dataset")
+_SAVED_KEYS = ("accuracy", "top5_accuracy", "num_samples", "num_classes", "dataset", "undecodable")
 
 
 def backward_transfer(pairs: Sequence[tuple[float, float]]) -> float | None:
@@ -77,6 +83,8 @@ class EvaluationReport:
     experts: list[str] | None = None
     limit: int | None = None
     metric: str = "zero-shot top-1 accuracy"
+    preprocessing: str | None = None
+    eval_dtype: str = "float32"
 
     @property
     def num_steps(self) -> int:
@@ -117,6 +125,8 @@ class EvaluationReport:
             "schema_version": SCHEMA_VERSION,
             "metric": self.metric,
             "limit": self.limit,
+            "preprocessing": self.preprocessing,
+            "eval_dtype": self.eval_dtype,
             "tasks": list(self.tasks),
             "experts": self.experts,
             "accuracy_matrix": self.accuracy_matrix(),
@@ -154,6 +164,8 @@ class EvaluationReport:
             experts=data.get("experts"),
             limit=data.get("limit"),
             metric=data.get("metric", "zero-shot top-1 accuracy"),
+            preprocessing=data.get("preprocessing"),
+            eval_dtype=data.get("eval_dtype") or "float32",
         )
 
     @classmethod
@@ -198,12 +210,13 @@ class ContinualEvaluator:
         base: Any = None,
         experts: Sequence[Any] | None = None,
         limit: int | None = None,
-        batch_size: int = 64,
+        batch_size: int | None = None,
         device: Any = None,
         evaluator: Evaluator | None = None,
         report: EvaluationReport | None = None,
         expert_names: Sequence[str] | None = None,
     ):
+        self._resident: tuple[Any, Any, Path] | None = None  # (model, processor, folder) of the last step
         self.tasks = [get_task(t) for t in tasks]
         if experts is not None and len(experts) > len(self.tasks):
             raise EvaluationError(f"{len(experts)} experts but only {len(self.tasks)} tasks: give one task per expert")
@@ -237,8 +250,17 @@ class ContinualEvaluator:
             )
         return cls(tasks, report=report, **options)
 
-    def __call__(self, step: int, output_dir: str | Path, state: Any = None) -> EvaluationReport:
-        """Evaluate the model saved in ``output_dir`` after step ``step`` and save the report there."""
+    # The engine passes the merged tensors it holds (``weights=``) to callbacks that say they take them.
+    receives_weights = True
+
+    def __call__(
+        self, step: int, output_dir: str | Path, state: Any = None, weights: Mapping[str, torch.Tensor] | None = None
+    ) -> EvaluationReport:
+        """Evaluate the model saved in ``output_dir`` after step ``step`` and save the report there.
+
+        With ``weights`` (the merged tensors by name, as the engine holds them) the model of the
+        previous step is updated in place instead of being read again from ``output_dir``.
+        """
         if step < 1 or step > len(self.tasks):
             raise EvaluationError(f"step {step} has no task: {len(self.tasks)} tasks were given, one per expert")
         current = self.tasks[:step]
@@ -247,14 +269,31 @@ class ContinualEvaluator:
         if self.experts is not None and self.report.expert_accuracy is not None and step <= len(self.experts):
             self._reference("expert", self.report.expert_accuracy, self.experts[step - 1], [step - 1])
         # One task can be the task of several experts: evaluate it once.
-        results = self.evaluator.evaluate(str(output_dir), tasks=list({t.name: t for t in current}.values()))
+        model, processor = self._merged(Path(output_dir), weights)
+        results = self.evaluator.evaluate(model, processor, tasks=list({t.name: t for t in current}.values()))
         self.report.add_step(step, results, [t.name for t in current])
+        self._describe_evaluation()
         MergeFolder(output_dir).write_results_text(self.report.to_json())
         logger.info(
             "Step %d: average accuracy %.4f over %d tasks%s", step, self.report.average_accuracy, step,
             f", BWT {self.report.bwt:+.4f}" if self.report.bwt is not None else "",
         )
         return self.report
+
+    def _merged(self, output_dir: Path, weights: Mapping[str, torch.Tensor] | None) -> tuple[Any, Any]:
+        """The merged model: the resident one updated with ``weights``, else read from ``output_dir``."""
+        if self._resident is not None and weights is not None and self._resident[2] == output_dir:
+            model, processor, _ = self._resident
+            if load_weights(model, weights):
+                return model, processor
+        model, processor = self.evaluator.prepare(str(output_dir))
+        self._resident = (model, processor, output_dir)
+        return model, processor
+
+    def _describe_evaluation(self) -> None:
+        if self.evaluator.preprocessing is not None:
+            self.report.preprocessing = self.evaluator.preprocessing.label
+        self.report.eval_dtype = self.evaluator.dtype_name
 
     def _reference(self, kind: str, values: list[float | None], model: Any, indices: Any) -> None:
         missing = [i for i in indices if values[i] is None]
@@ -272,6 +311,19 @@ class ContinualEvaluator:
         results = self.evaluator.evaluate(model, processor, tasks=[by_name[n] for n in names], base=base)
         for i in missing:
             values[i] = float(results[self.tasks[i].name]["accuracy"])
+        self._describe_evaluation()
+
+
+def load_weights(model: torch.nn.Module, weights: Mapping[str, torch.Tensor]) -> bool:
+    """Copy ``weights`` (tensor name to tensor) into ``model`` in place; ``False``, and nothing copied,
+    when a name or shape is not the model's."""
+    own = model.state_dict()  # shares storage with the parameters
+    if any(name not in own or own[name].shape != tensor.shape for name, tensor in weights.items()):
+        return False
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            own[name].copy_(tensor)
+    return True
 
 
 def _finite(value: Any) -> Any:

@@ -12,6 +12,7 @@ ones: many test splits are sorted by class.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,12 +36,15 @@ class TaskData:
         task: The task these examples belong to.
         labels: Label of every kept example.
         source: Human description of where the images come from.
+        fingerprint: SHA-256 of what decides the kept examples (the dataset's revision or content,
+            split and limit): the pixel cache is keyed by it.
     """
 
     task: Task
     labels: list[int]
     source: str
     _fetch: Callable[[int, int], Sequence[Any]]
+    fingerprint: str = ""
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -49,6 +53,10 @@ class TaskData:
         """Examples ``start`` to ``stop`` (exclusive) as RGB PIL images."""
         raw = self._fetch(start, stop)
         return [_to_rgb(self.task, item, start + offset) for offset, item in enumerate(raw)]
+
+    def image(self, index: int) -> Image.Image:
+        """Example ``index`` as an RGB PIL image (an :class:`EvaluationError` naming it if it cannot be decoded)."""
+        return self.images(index, index + 1)[0]
 
     def batches(self, batch_size: int):
         """Yield ``(images, labels)`` in order, ``batch_size`` at a time."""
@@ -102,6 +110,8 @@ def _load_hub(task: Task, limit: int | None) -> TaskData:
             f"task {task.name}: dataset {spec.describe()} has {declared} classes "
             f"but the task has {task.num_classes} class names"
         )
+    # datasets' fingerprint changes with the data files (so with the revision) and with every transform.
+    fingerprint = _digest("hub", spec.describe(), spec.revision, getattr(dataset, "_fingerprint", None), len(dataset), limit)
     dataset = dataset.select(subsample_indices(len(dataset), limit))
     labels = _check_labels(task, list(dataset[spec.label_column]))
     images = dataset.select_columns([spec.image_column])
@@ -119,7 +129,7 @@ def _load_hub(task: Task, limit: int | None) -> TaskData:
                 ) from error
         return out
 
-    return TaskData(task=task, labels=labels, source=spec.describe(), _fetch=fetch)
+    return TaskData(task=task, labels=labels, source=spec.describe(), _fetch=fetch, fingerprint=fingerprint)
 
 
 def _load_image_folder(task: Task, limit: int | None) -> TaskData:
@@ -153,6 +163,9 @@ def _load_image_folder(task: Task, limit: int | None) -> TaskData:
     keep = subsample_indices(len(files), limit)
     files = [files[i] for i in keep]
     labels = [labels[i] for i in keep]
+    # A file replaced in place changes its size or modification time.
+    fingerprint = _digest("imagefolder", str(root.resolve()), labels,
+                          [(str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns) for f in files])
 
     def fetch(start: int, stop: int) -> list[Any]:
         out = []
@@ -165,7 +178,7 @@ def _load_image_folder(task: Task, limit: int | None) -> TaskData:
                 raise EvaluationError(f"task {task.name}: unreadable image {file}: {_first_line(error)}") from error
         return out
 
-    return TaskData(task=task, labels=labels, source=str(root), _fetch=fetch)
+    return TaskData(task=task, labels=labels, source=str(root), _fetch=fetch, fingerprint=fingerprint)
 
 
 def _load_python(task: Task, limit: int | None) -> TaskData:
@@ -197,7 +210,10 @@ def _load_python(task: Task, limit: int | None) -> TaskData:
     keep = subsample_indices(len(images), limit)
     labels = _check_labels(task, [raw_labels[i] for i in keep])
     kept = [images[i] for i in keep]
-    return TaskData(task=task, labels=labels, source=spec.path, _fetch=lambda start, stop: kept[start:stop])
+    # A function has no revision: its examples themselves are the fingerprint.
+    fingerprint = _digest("python", spec.path, sorted(spec.options.items()), labels, *(_content(item) for item in kept))
+    return TaskData(task=task, labels=labels, source=spec.path, _fetch=lambda start, stop: kept[start:stop],
+                    fingerprint=fingerprint)
 
 
 def _check_labels(task: Task, labels: list[Any]) -> list[int]:
@@ -243,6 +259,23 @@ def _to_rgb(task: Task, item: Any, index: int) -> Image.Image:
         f"task {task.name}: unreadable image at index {index}: expected a PIL image or uint8 array, "
         f"got {type(item).__name__}"
     )
+
+
+def _digest(*parts: Any) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part if isinstance(part, bytes) else repr(part).encode())
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def _content(item: Any) -> bytes:
+    """The bytes of one example as a python dataset returned it (array, PIL image or other)."""
+    if isinstance(item, np.ndarray):
+        return f"{item.dtype}{item.shape}".encode() + np.ascontiguousarray(item).tobytes()
+    if isinstance(item, Image.Image):
+        return f"{item.mode}{item.size}".encode() + item.tobytes()
+    return repr(item).encode()
 
 
 def _first_line(error: BaseException) -> str:

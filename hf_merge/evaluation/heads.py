@@ -101,8 +101,9 @@ class HeadCache:
 
     def fingerprint(self, model: CLIPModel) -> str:
         """Text-tower fingerprint, remembered per model object while its weights keep their version."""
-        # Hashing a ViT-L text tower takes a second; a model evaluated on 20 tasks is hashed once.
-        version = sum(p._version for p in model.parameters())
+        # Hashing a ViT-L text tower takes a second; a model evaluated on 20 tasks is hashed once, and a
+        # merged model updated in place is hashed again only if its text tower changed.
+        version = sum(p._version for n, p in model.named_parameters() if n.startswith(_TEXT_PREFIXES))
         known = self._fingerprints.get(model)
         if known is None or known[0] != version:
             known = (version, text_tower_fingerprint(model))

@@ -9,21 +9,27 @@ Images are encoded in batches on the Accelerate device (``accelerate.PartialStat
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from hf_merge.errors import EvaluationError
 from hf_merge.evaluation.datasets import load_task_data
 from hf_merge.evaluation.heads import HeadCache
-from hf_merge.evaluation.metric import ZeroShotAccuracy
+from hf_merge.evaluation.metric import accuracy_scores
+from hf_merge.evaluation.preprocess_cache import PixelCache
+from hf_merge.evaluation.preprocessing import Preprocessing, pin_image_processor
 from hf_merge.evaluation.tasks import Task, get_task
 from hf_merge.log import get_logger
 from hf_merge.progress import inner_bar_allowed
 
 logger = get_logger(__name__)
+
+EVAL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def default_device() -> torch.device:
@@ -41,15 +47,17 @@ def load_clip(
 
     Weights are read from safetensors only; the processor comes from the same snapshot. A
     tower-only checkpoint (``CLIPVisionModel``, ``CLIPTextModel``) is evaluated as its model card
-    says to use it: the ``base`` CLIP model with that tower's tensors replaced.
+    says to use it: the ``base`` CLIP model with that tower's tensors replaced; a PEFT LoRA adapter
+    as the ``base`` with the adapter merged in.
     """
     from transformers import CLIPModel, CLIPProcessor
 
     from hf_merge.hub.sources import resolve
+    from hf_merge.io.lora import is_adapter_folder
 
     source = resolve(model, token=token)
     tower_only = _model_type(source.path) in ("clip_vision_model", "clip_text_model")
-    if tower_only:
+    if tower_only or is_adapter_folder(source.path):
         return _with_tower(source, base, device=device, token=token)
     try:
         clip = CLIPModel.from_pretrained(source.path, use_safetensors=True, dtype=torch.float32)
@@ -85,7 +93,16 @@ def _with_tower(source: Any, base: Any, *, device: Any, token: Any) -> tuple[Any
         clip, processor = copy.deepcopy(base[0]), base[1]
     else:
         clip, processor = load_clip(base, device="cpu", token=token)
-    with Checkpoint.open(source.path) as checkpoint:
+    from hf_merge.io.lora import is_adapter_folder
+    from hf_merge.io.lora_checkpoint import open_adapter
+
+    opened: Checkpoint
+    if is_adapter_folder(source.path):  # a LoRA adapter: the tensors of the model it stands for
+        state = {n: t.detach().to("cpu") for n, t in clip.state_dict().items()}
+        opened = open_adapter(source.path, Checkpoint(source.path, clip.config.to_dict(), [], state), source.name)
+    else:
+        opened = Checkpoint.open(source.path)
+    with opened as checkpoint:
         tensors = {name: checkpoint.get(name) for name in checkpoint.names()}
     own = clip.state_dict()
     unknown = [n for n in tensors if n not in own and not n.endswith("position_ids")]
@@ -99,13 +116,23 @@ def _with_tower(source: Any, base: Any, *, device: Any, token: Any) -> tuple[Any
 class Evaluator:
     """Zero-shot evaluation of CLIP models on a fixed list of tasks.
 
+    Each task's images are preprocessed once (by ``workers`` processes) into a :class:`PixelCache`
+    that every later evaluation reads: the next merge step, the base, each expert.
+
     Args:
         tasks: Task names or :class:`Task` objects.
         limit: Keep at most this many examples per task (evenly spaced; ``None`` keeps all).
-        batch_size: Images encoded per forward pass.
+        batch_size: Images encoded per forward pass (default 256 on CUDA, 64 elsewhere). Out of GPU
+            memory, it is halved (said once) rather than failing.
         device: Where to run; defaults to the Accelerate device.
         head_cache: Shared :class:`HeadCache`; heads are reused while the text tower is unchanged.
         token: Hub token for models given as repo ids (never logged).
+        dtype: ``"float32"`` (default, the paper's), ``"bfloat16"`` or ``"float16"``: the dtype of the
+            model's forward pass.
+        fast_preprocessing: Use transformers' torchvision image processor instead of the PIL one the
+            reference evaluation uses.
+        workers: Preprocessing processes (default one per core, at most 8; 0: this process).
+        pixel_cache: Shared :class:`PixelCache` (overrides ``workers``).
     """
 
     def __init__(
@@ -113,18 +140,32 @@ class Evaluator:
         tasks: Sequence[str | Task],
         *,
         limit: int | None = None,
-        batch_size: int = 64,
+        batch_size: int | None = None,
         device: torch.device | str | None = None,
         head_cache: HeadCache | None = None,
-        token: str | None = None,
+        token: str | bool | None = None,
+        dtype: str = "float32",
+        fast_preprocessing: bool = False,
+        workers: int | None = None,
+        pixel_cache: PixelCache | None = None,
     ):
+        if dtype not in EVAL_DTYPES:
+            raise EvaluationError(f"eval dtype must be one of {', '.join(EVAL_DTYPES)}, got {dtype!r}")
+        if batch_size is not None and batch_size <= 0:
+            raise EvaluationError(f"batch size must be positive, got {batch_size}")
         self.token = token
         self.tasks = [get_task(t) for t in tasks]
         self.limit = limit
-        self.batch_size = batch_size
         self.device = torch.device(device) if device is not None else default_device()
+        self.batch_size = batch_size or (256 if self.device.type == "cuda" else 64)
+        self.dtype_name = dtype
+        self.dtype = EVAL_DTYPES[dtype]
+        self.fast_preprocessing = fast_preprocessing
         self.head_cache = head_cache if head_cache is not None else HeadCache()
+        self.pixel_cache = pixel_cache if pixel_cache is not None else PixelCache(workers=workers)
+        self.preprocessing: Preprocessing | None = None  # the last one used, for the report
         self._data: dict[str, Any] = {}
+        self._fits: int | None = None  # the batch size that fits the GPU, once one did not
 
     def evaluate(
         self, model: Any, processor: Any = None, tasks: Sequence[str | Task] | None = None, *, base: Any = None
@@ -132,44 +173,105 @@ class Evaluator:
         """Metrics of ``model`` per task name (all of this evaluator's tasks unless ``tasks`` is given).
 
         ``model`` is a folder, a ``repo_id[@revision]`` or a ``CLIPModel`` (moved to this
-        evaluator's device). A ``CLIPModel`` needs ``processor`` unless it was loaded from a folder
-        that holds its processor files. ``base`` completes a tower-only checkpoint (see :func:`load_clip`).
+        evaluator's device and dtype). A ``CLIPModel`` needs ``processor`` unless it was loaded from a
+        folder that holds its processor files. ``base`` completes a tower-only checkpoint (see :func:`load_clip`).
         """
+        model, processor = self.prepare(model, processor, base=base)
+        preprocessing = pin_image_processor(processor, fast=self.fast_preprocessing)
+        self.preprocessing = preprocessing
+        selected = [get_task(t) for t in tasks] if tasks is not None else self.tasks
+        return {task.name: self.evaluate_task(model, processor, task, preprocessing) for task in selected}
+
+    def prepare(self, model: Any, processor: Any = None, *, base: Any = None) -> tuple[Any, Any]:
+        """``(CLIPModel, processor)`` on this evaluator's device and dtype, loading ``model`` if it is a name."""
         if not hasattr(model, "get_image_features"):
-            model, loaded = load_clip(model, device=self.device, token=self.token, base=base)
+            model, loaded = load_clip(model, device=self.device, token=self.token if isinstance(self.token, str) else None, base=base)
             processor = processor or loaded
         elif processor is None:
             processor = _processor_beside(model)
-        model.eval().to(self.device)
-        selected = [get_task(t) for t in tasks] if tasks is not None else self.tasks
-        return {task.name: self.evaluate_task(model, processor, task) for task in selected}
+        model.eval().to(self.device, self.dtype)
+        return model, processor
 
     @torch.no_grad()
-    def evaluate_task(self, model: Any, processor: Any, task: Task) -> dict[str, Any]:
-        """Accuracy, top-5 accuracy and per-class accuracy of ``model`` on one task."""
-        data = self._data.get(task.name)
-        if data is None or data.task != task:
-            data = self._data[task.name] = load_task_data(task, limit=self.limit)
-        head = self.head_cache.get(model, _tokenizer(processor), task, device=self.device)
-        metric = ZeroShotAccuracy(keep_in_memory=True)
+    def evaluate_task(
+        self, model: Any, processor: Any, task: Task, preprocessing: Preprocessing | None = None
+    ) -> dict[str, Any]:
+        """Accuracy, top-5 accuracy, per-class accuracy and undecodable images of ``model`` on one task."""
+        self.head_cache.get(model, _tokenizer(processor), task, device=self.device)  # not part of images/s
+        started = time.perf_counter()
+        builds = self.pixel_cache.builds
+        ranked, labels, undecodable = self.predictions(model, processor, task, preprocessing)
+        seconds = time.perf_counter() - started
         top_k = min(5, task.num_classes)
-        batches = data.batches(self.batch_size)
-        if inner_bar_allowed():
-            from tqdm.auto import tqdm
-
-            batches = tqdm(batches, total=-(-len(data) // self.batch_size), desc=task.name, leave=False)
-        for images, labels in batches:
-            pixels = _image_processor(processor)(images=images, return_tensors="pt")["pixel_values"]
-            embeds = model.get_image_features(pixel_values=pixels.to(self.device, model.dtype)).pooler_output
-            ranked = head.logits(embeds).topk(top_k, dim=-1).indices.cpu().tolist()
-            metric.add_batch(predictions=ranked, references=labels)
-        result = metric.compute(num_classes=task.num_classes, top_k=top_k)
+        result = accuracy_scores(ranked, labels, num_classes=task.num_classes, top_k=top_k)
         # With fewer than 5 classes the top 5 is every class; one key name for every task.
         result["top5_accuracy"] = result.pop(f"top{top_k}_accuracy")
         result["num_classes"] = task.num_classes
-        result["dataset"] = data.source
-        logger.info("%s: accuracy %.4f on %d examples", task.name, result["accuracy"], result["num_samples"])
+        result["dataset"] = self._data[task.name].source
+        result["undecodable"] = undecodable
+        fresh = "preprocessed now" if self.pixel_cache.builds > builds else "cached pixels"
+        logger.info("%s: accuracy %.4f on %d images, %.0f images/s (%s)", task.name, result["accuracy"],
+                    result["num_samples"], len(labels) / max(seconds, 1e-9), fresh)
         return result
+
+    @torch.no_grad()
+    def predictions(
+        self, model: Any, processor: Any, task: Task, preprocessing: Preprocessing | None = None
+    ) -> tuple[list[list[int]], list[int], int]:
+        """``(ranked class ids per image, labels, undecodable images)`` of ``model`` on ``task``."""
+        data = self._data.get(task.name)
+        if data is None or data.task != task:
+            data = self._data[task.name] = load_task_data(task, limit=self.limit)
+        preprocessing = preprocessing or pin_image_processor(processor, fast=self.fast_preprocessing)
+        head = self.head_cache.get(model, _tokenizer(processor), task, device=self.device)
+        top_k = min(5, task.num_classes)
+        ranked: list[list[int]] = []
+        pixel_set = None
+        bar = _progress(task.name, len(data))
+        for batch, pixel_set in self.pixel_cache.batches(data, preprocessing, self.batch_size):
+            embeds = self._encode(model, batch, pixel_set.lookup)
+            ranked.extend(head.logits(embeds).topk(top_k, dim=-1).indices.cpu().tolist())
+            if bar is not None:
+                bar.update(len(batch))
+        if bar is not None:
+            bar.close()
+        assert pixel_set is not None  # a task has at least one decodable image, or the cache raised
+        labels = [data.labels[i] for i in pixel_set.kept]
+        return ranked, labels, len(pixel_set.undecodable)
+
+    def _encode(self, model: Any, batch: Any, lookup: Any) -> torch.Tensor:
+        """Image embeddings of one stored batch: copied to the device (pinned, non-blocking on CUDA)."""
+        tensor = torch.from_numpy(batch if batch.flags.writeable else np.array(batch))
+        if self.device.type == "cuda":
+            tensor = tensor.pin_memory().to(self.device, non_blocking=True)
+        else:
+            tensor = tensor.to(self.device)
+        pixels = lookup(tensor) if lookup is not None else tensor
+        return self._forward(model, pixels.to(model.dtype))
+
+    def _forward(self, model: Any, pixels: torch.Tensor) -> torch.Tensor:
+        size = self._fits or len(pixels)
+        if len(pixels) > size:
+            return torch.cat([self._forward(model, part) for part in pixels.split(size)])
+        try:
+            return model.get_image_features(pixel_values=pixels).pooler_output
+        except torch.cuda.OutOfMemoryError:
+            if len(pixels) == 1:
+                raise EvaluationError("out of GPU memory with one image per batch; evaluate on a larger GPU or the CPU") from None
+            torch.cuda.empty_cache()
+            if self._fits is None:
+                logger.warning("Out of GPU memory at batch size %d: continuing with batches of %d",
+                               len(pixels), (len(pixels) + 1) // 2)
+            self._fits = (len(pixels) + 1) // 2
+            return self._forward(model, pixels)
+
+
+def _progress(name: str, total: int) -> Any:
+    if not inner_bar_allowed():
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=name, unit="img", leave=False)
 
 
 def evaluate_model(
@@ -178,18 +280,41 @@ def evaluate_model(
     limit: int | None = None,
     processor: Any = None,
     *,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     device: torch.device | str | None = None,
-    token: str | None = None,
+    token: str | bool | None = None,
+    **options: Any,
 ) -> dict[str, dict[str, Any]]:
     """Evaluate one model (folder, ``repo_id[@revision]`` or ``CLIPModel``) on ``tasks``.
 
-    Returns ``{task name: metrics}``; see :meth:`Evaluator.evaluate_task` for the keys.
+    Returns ``{task name: metrics}``; see :meth:`Evaluator.evaluate_task` for the keys. ``options``
+    are :class:`Evaluator`'s (``dtype``, ``fast_preprocessing``, ``workers``).
     """
     if not tasks:
         raise EvaluationError("no tasks to evaluate; pass at least one task name")
-    evaluator = Evaluator(tasks, limit=limit, batch_size=batch_size, device=device, token=token)
+    evaluator = Evaluator(tasks, limit=limit, batch_size=batch_size, device=device, token=token, **options)
     return evaluator.evaluate(model, processor)
+
+
+def evaluate_models(
+    models: Sequence[str | Path], tasks: Sequence[str | Task], limit: int | None = None, *, base: Any = None,
+    **options: Any,
+) -> list[dict[str, dict[str, Any]]]:
+    """Evaluate several models on the same ``tasks``, preprocessing each task's images once for all.
+
+    ``base`` completes tower-only checkpoints among ``models``. Returns one ``{task name: metrics}``
+    per model, in order; ``options`` are :class:`Evaluator`'s.
+    """
+    if not tasks:
+        raise EvaluationError("no tasks to evaluate; pass at least one task name")
+    if not models:
+        raise EvaluationError("no models to evaluate; pass at least one folder or repo id")
+    evaluator = Evaluator(tasks, limit=limit, **options)
+    results = []
+    for model in models:
+        logger.info("Evaluating %s", model)
+        results.append(evaluator.evaluate(model, base=base))
+    return results
 
 
 def _processor_beside(model: Any) -> Any:
@@ -204,10 +329,3 @@ def _processor_beside(model: Any) -> Any:
 
 def _tokenizer(processor: Any) -> Any:
     return getattr(processor, "tokenizer", processor)
-
-
-def _image_processor(processor: Any) -> Any:
-    image_processor = getattr(processor, "image_processor", None)
-    if image_processor is None:
-        raise EvaluationError("the processor has no image processor; pass a CLIPProcessor")
-    return image_processor

@@ -51,6 +51,7 @@ MODEL_PATTERNS = (
     "vocab.json",
     "merges.txt",
     "README.md",
+    "adapter_config.json",  # a PEFT adapter's (its weights are *.safetensors)
 )
 PICKLE_PATTERNS = ("*.bin", "pytorch_model.bin.index.json")
 # What continuing a merged repo additionally needs.

@@ -16,6 +16,7 @@ import huggingface_hub
 
 from hf_merge.errors import UsageError
 from hf_merge.hub import client as hub
+from hf_merge.io.lora import is_adapter_repo
 from hf_merge.log import get_logger
 
 if TYPE_CHECKING:
@@ -155,7 +156,9 @@ def download_model(
                 "%s has only pickle weights at %s; using the safetensors of the Hub's conversion pull request %s (%s)",
                 reference, pr.revision_commit[:10], pr.ref, pr.commit_sha[:10],
             )
-        if tensor_prefixes is not None and local_dir is None and weights.commit_sha and not pickle:
+        # An adapter is small and its tensor names are not the model's: always downloaded whole.
+        if tensor_prefixes is not None and local_dir is None and weights.commit_sha and not pickle \
+                and not is_adapter_repo(weights.files):
             from hf_merge.hub.ranged import download_ranged
 
             partial = download_ranged(repo_id, weights.commit_sha, weights.files, tensor_prefixes, token=token, transfer=transfer)

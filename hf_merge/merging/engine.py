@@ -3,9 +3,8 @@
 :class:`ContinualMerger` holds the merged weights (one model's worth of memory) and reads the base
 and each expert lazily. After every expert the output folder holds a complete, loadable model
 (``config.json``, weights, processor and tokenizer files from the base) and ``merge_state.json``,
-replaced atomically; :meth:`ContinualMerger.resume` continues from it. :func:`merge` is the
-one-call form. A method that needs every expert at once is merged by the same driver
-(:mod:`hf_merge.merging.all_at_once`).
+replaced atomically; :meth:`ContinualMerger.resume` continues from it; :func:`merge` in one call. A method
+that needs every expert at once is merged by the same driver (:mod:`hf_merge.merging.all_at_once`).
 """
 
 from __future__ import annotations
@@ -21,13 +20,14 @@ import torch
 from hf_merge.errors import CheckpointError, MergeStateError, UsageError
 from hf_merge.hub.sources import ModelSource, resolve
 from hf_merge.io.checkpoint import Checkpoint, SafetensorsFile
+from hf_merge.io.lora_checkpoint import lineage_record, open_expert, planning_view
 from hf_merge.io.validation import MergePlan, check_compatible, linear_weight_names, merged_names, plan_merge
 from hf_merge.log import get_logger
 from hf_merge.merging.all_at_once import AllAtOnceSteps
 from hf_merge.merging.distributed import Executor
 from hf_merge.merging.methods import MergeContext, MergeMethod, get_method, release_scratch
 from hf_merge.merging.state import STATE_NAME, STATE_TENSORS_NAME, MergeState, recover
-from hf_merge.merging.step_results import EngineResult, StepResult
+from hf_merge.merging.step_results import EngineResult, StepResult, call_on_step
 from hf_merge.merging.step_writer import PendingWrite, StepWriter
 
 logger = get_logger(__name__)
@@ -46,7 +46,7 @@ class ContinualMerger(AllAtOnceSteps):
         method: A registered method name (see :func:`hf_merge.merging.methods.available_methods`).
         scope: ``"vision"`` (vision tower + ``visual_projection``), ``"all"`` or name prefixes.
         hyperparameters: The method's hyperparameters; missing ones take their defaults.
-        on_step: Called as ``on_step(step, output_dir, state)`` after each step is saved.
+        on_step: Called as ``on_step(step, output_dir, state)`` after each step is saved (see :func:`call_on_step`).
         device: Device for the math (default: what ``accelerate`` picks for this process).
         compute_dtype: ``"float32"`` (default) or ``"float64"``.
         max_shard_size: Largest weight file written (``"5GB"``, bytes, ...).
@@ -223,7 +223,7 @@ class ContinualMerger(AllAtOnceSteps):
         source = resolve(expert, token=self.token, allow_pickle=self.allow_pickle)
         if not self.method.continual:
             return self._gather(source, final=final)
-        with Checkpoint.open(source.path, allow_pickle=self.allow_pickle) as checkpoint:
+        with open_expert(source.path, source.name, self.base, self.base_source, self.allow_pickle) as checkpoint:
             self._check_expert(checkpoint, source)
             started = time.perf_counter()
             self._broken = True  # until the step is both merged and saved
@@ -252,7 +252,7 @@ class ContinualMerger(AllAtOnceSteps):
                 self.method.ready = None
             merge_seconds = time.perf_counter() - started
         self.state.step = step
-        self.state.lineage.append({**source.to_dict(), "step": step})
+        self.state.lineage.append({**source.to_dict(), **lineage_record(checkpoint), "step": step})
         self.state.method_state = self.method.state_dict()
         self._broken = False  # merged: memory is consistent, whether or not this step is written now
         result = StepResult(step, source, merge_seconds, 0.0, metrics)
@@ -266,7 +266,7 @@ class ContinualMerger(AllAtOnceSteps):
         """Check an expert against the base (the first one decides the merged names)."""
         source.require_tensors(self.names or merged_names(self.base, self.scope))  # a partial download
         if not self.names:
-            self._plan(plan_merge(self.base, checkpoint, self.scope, source.name))
+            self._plan(plan_merge(self.base, planning_view(checkpoint), self.scope, source.name))
         else:
             check_compatible(self.base, checkpoint, source.name, self.names, self.scope)
         checkpoint.require_finite(self.names, source.name)
@@ -297,7 +297,7 @@ class ContinualMerger(AllAtOnceSteps):
         if self.steps and self.steps[-1].step == self.state.step:
             self.steps[-1].save_seconds = time.perf_counter() - started
         if self.on_step is not None and self.executor.is_main_process:
-            self.on_step(self.state.step, self.output_dir, self.state)
+            call_on_step(self.on_step, self.output_dir, self.state, lambda: {n: self.method.output(n) for n in self.names})
 
     def result(self) -> EngineResult:
         """What has been merged so far in this run."""

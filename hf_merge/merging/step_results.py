@@ -5,8 +5,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from hf_merge.hub.sources import ModelSource
 from hf_merge.merging.state import MergeState
@@ -38,3 +42,14 @@ class EngineResult:
     state: MergeState
     steps: list[StepResult]
     timings: dict[str, float]
+
+
+def call_on_step(on_step: Callable[..., Any], output_dir: Path, state: MergeState,
+                 weights: Callable[[], Mapping[str, torch.Tensor]]) -> None:
+    """Call the engine's ``on_step(step, output_dir, state)``; a callback with a true
+    ``receives_weights`` attribute also gets ``weights=``: the merged tensors by name, as the engine
+    holds them (not copies: read them, never write them), so an evaluator can update a resident model."""
+    if getattr(on_step, "receives_weights", False):
+        on_step(state.step, output_dir, state, weights=weights())
+    else:
+        on_step(state.step, output_dir, state)

@@ -14,6 +14,7 @@ from typing import Any
 from hf_merge.evaluation.continual import backward_transfer
 from hf_merge.io.merge_folder import MergeFolder
 from hf_merge.log import get_logger
+from hf_merge.publish.escape import markdown_text
 
 logger = get_logger(__name__)
 
@@ -146,3 +147,19 @@ def plot_accuracy(accuracy: AccuracyTable, path: str | Path) -> Path:
     fig.savefig(path, format="png")
     plt.close(fig)
     return Path(path)
+
+
+def evaluation_settings(output_dir: str | Path) -> dict[str, Any]:
+    """For the card, from ``eval_results.json``: the image processor and dtype of the evaluation, and
+    per task the images that could not be decoded (``{}`` without results)."""
+    data = MergeFolder(output_dir).results_data()
+    if not isinstance(data, dict):
+        return {}
+    undecodable: dict[str, int] = {}
+    for step in data.get("steps") or []:
+        for task, metrics in (step.get("results") or {}).items():
+            undecodable[task] = max(undecodable.get(task, 0), int(metrics.get("undecodable") or 0))
+    preprocessing = data.get("preprocessing")
+    return {"preprocessing": markdown_text(preprocessing) if preprocessing else None,
+            "eval_dtype": markdown_text(data.get("eval_dtype") or "float32"),
+            "undecodable": [{"task": markdown_text(t), "count": n} for t, n in undecodable.items() if n]}

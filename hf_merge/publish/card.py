@@ -18,7 +18,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from hf_merge.io.merge_folder import CARD_FILENAME, PLOT_FILENAME, MergeFolder, MergeState, lineage, parse_yaml_field
 from hf_merge.io.yaml_file import load_yaml
 from hf_merge.log import get_logger
-from hf_merge.publish.accuracy_table import AccuracyTable, load_accuracy, plot_accuracy
+from hf_merge.publish.accuracy_table import AccuracyTable, evaluation_settings, load_accuracy, plot_accuracy
 from hf_merge.publish.escape import code_block, code_span, markdown_text, one_line, url_part
 from hf_merge.resources import templates_dir
 
@@ -236,6 +236,8 @@ def _decorate(source: dict[str, Any], hub: str) -> None:
     else:
         source["url"] = "#"
     source["commit_display"] = code_span(sha) if sha else "local folder"
+    if isinstance(adapter := source.get("adapter"), dict):  # merged as the base plus its low-rank update
+        source["commit_display"] += f" (a PEFT LoRA adapter, rank {markdown_text(str(adapter.get('r')))})"
     pr = source.get("conversion_pr")
     if isinstance(pr, dict):
         source["commit_display"] += (
@@ -340,4 +342,5 @@ def _accuracy_context(accuracy: AccuracyTable, output_dir: Path, plot: bool) -> 
         "bwt": f"{100 * bwt:+.1f}" if bwt is not None else None,
         "limit": accuracy.limit,
         "plot": plot_name,
+        **evaluation_settings(output_dir),
     }

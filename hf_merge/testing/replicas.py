@@ -55,7 +55,7 @@ _LFS_SUFFIXES = (".bin", ".msgpack", ".h5", ".safetensors", ".parquet")
 # Files that never reach a merge: their content is a marker a test looks for in the cache.
 PLACEHOLDER = b"hf-merge replica placeholder: this file must never be downloaded\n"
 
-_GITATTRIBUTES_BASE = "".join(
+GITATTRIBUTES_BASE = "".join(
     f"{pattern} filter=lfs diff=lfs merge=lfs -text\n"
     for pattern in ("*.bin.*", "*.lfs.*", "*.bin", "*.h5", "*.tflite", "*.tar.gz", "*.ot", "*.onnx", "*.arrow",
                     "*.ftz", "*.joblib", "*.model", "*.msgpack", "*.pb", "*.pt", "*.pth")
@@ -80,7 +80,7 @@ _PREPROCESSOR = {
     "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
     "resample": 3, "size": 224,
 }
-_BASE_CARD = """---
+BASE_CARD = """---
 tags:
 - vision
 widget:
@@ -133,7 +133,7 @@ def build_replica_files(cache_dir: str | Path) -> Path:
             write_dataset(dataset, staging / "datasets" / dataset.repo_id)
         for task, repo_id in zip(TASKS, EXPERT_IDS, strict=False):
             dataset = next(d for d in REAL_DATASETS if d.task == task)
-            _write_expert(model, tokenizer, task, dataset, staging / repo_id)
+            write_expert(model, tokenizer, task, dataset, staging / repo_id)
         try:
             staging.rename(root)
         except OSError:  # built by another process meanwhile
@@ -144,7 +144,7 @@ def build_replica_files(cache_dir: str | Path) -> Path:
     return root
 
 
-def _base_config() -> dict:
+def base_config() -> dict:
     config = json.loads((_FILES / "openai-clip-vit-base-patch32.config.json").read_text(encoding="utf-8"))
     vocab, _ = tiny_bpe()
     for tower in ("text_config", "vision_config"):
@@ -160,7 +160,7 @@ def _write_base(out: Path):
     from transformers import CLIPConfig, CLIPModel
 
     out.mkdir(parents=True, exist_ok=True)
-    config = _base_config()
+    config = base_config()
     tiny, processor = create_tiny_clip(image_size=224, patch_size=32, hidden_size=WIDTH, num_layers=LAYERS,
                                        num_heads=HEADS, projection_dim=512)
     with torch.random.fork_rng(devices=[]):
@@ -175,8 +175,8 @@ def _write_base(out: Path):
     torch.save(state, out / "pytorch_model.bin")
     (out / "pr").mkdir()
     save_file(state, out / "pr" / "model.safetensors", metadata={"format": "pt"})
-    (out / "pr" / ".gitattributes").write_text(_GITATTRIBUTES_BASE + "model.safetensors filter=lfs diff=lfs merge=lfs -text\n")
-    (out / ".gitattributes").write_text(_GITATTRIBUTES_BASE)
+    (out / "pr" / ".gitattributes").write_text(GITATTRIBUTES_BASE + "model.safetensors filter=lfs diff=lfs merge=lfs -text\n")
+    (out / ".gitattributes").write_text(GITATTRIBUTES_BASE)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "preprocessor_config.json").write_text(json.dumps(_PREPROCESSOR, indent=2) + "\n")
     (out / "tokenizer_config.json").write_text(_TOKENIZER_CONFIG)
@@ -190,28 +190,21 @@ def _write_base(out: Path):
     (out / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
     (out / "flax_model.msgpack").write_bytes(PLACEHOLDER)
     (out / "tf_model.h5").write_bytes(PLACEHOLDER)
-    (out / "README.md").write_text(_BASE_CARD)
+    (out / "README.md").write_text(BASE_CARD)
     return model, processor
 
 
-def _write_expert(base_model, processor, task: str, dataset: ReplicaDataset, out: Path) -> None:
-    """A ``CLIPVisionModel`` fine-tuned on the replica's train split, vision tower only."""
-    import copy
-
-    from safetensors.torch import save_file
-
+def fine_tune(model, processor, task: str, dataset: ReplicaDataset, params: list, lr: float = 5e-3) -> None:
+    """A few Adam steps of ``params`` (constant learning rate) on the replica's train split, with
+    the zero-shot head of ``task`` as the classifier, as the real experts were trained."""
     from hf_merge.evaluation.heads import class_embeddings
     from hf_merge.evaluation.tasks import get_task
 
-    out.mkdir(parents=True, exist_ok=True)
-    registry_task = get_task(task)
-    model = copy.deepcopy(base_model)
-    head = class_embeddings(model, processor.tokenizer, registry_task)
+    head = class_embeddings(model, processor.tokenizer, get_task(task))
     images, labels = split_rows(dataset, "train")
     pixels = processor.image_processor([image.convert("RGB") for image in images], return_tensors="pt")["pixel_values"]
     targets = torch.tensor(labels)
-    params = [p for n, p in model.named_parameters() if n.startswith("vision_model.")]
-    optimizer = torch.optim.Adam(params, lr=5e-3)
+    optimizer = torch.optim.Adam(params, lr=lr)
     model.train()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -221,6 +214,19 @@ def _write_expert(base_model, processor, task: str, dataset: ReplicaDataset, out
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+    model.eval()
+
+
+def write_expert(base_model, processor, task: str, dataset: ReplicaDataset, out: Path, base_id: str = BASE_ID,
+                  architecture: str = "ViT-Base with patch size 32") -> None:
+    """A ``CLIPVisionModel`` fine-tuned on the replica's train split, vision tower only."""
+    import copy
+
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    model = copy.deepcopy(base_model)
+    fine_tune(model, processor, task, dataset, [p for n, p in model.named_parameters() if n.startswith("vision_model.")])
     tensors = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items() if k.startswith("vision_model.")}
     tensors.pop("vision_model.embeddings.position_ids", None)
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
@@ -232,14 +238,15 @@ def _write_expert(base_model, processor, task: str, dataset: ReplicaDataset, out
         "image_size": 224, "initializer_factor": 1.0, "initializer_range": 0.02,
         "intermediate_size": vision.intermediate_size, "layer_norm_eps": 1e-05, "model_type": "clip_vision_model",
         "num_attention_heads": vision.num_attention_heads, "num_channels": 3,
-        "num_hidden_layers": vision.num_hidden_layers, "patch_size": 32, "projection_dim": 512,
+        "num_hidden_layers": vision.num_hidden_layers, "patch_size": vision.patch_size,
+        "projection_dim": base_model.config.projection_dim,
         "torch_dtype": "float32", "transformers_version": "4.39.1",
     }
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     card_dataset = _CARD_DATASETS.get(task, f"tanganke/{task}")
     (out / "README.md").write_text(
-        f"---\nbase_model:\n- {BASE_ID}\ndatasets:\n- {card_dataset}\nmetrics:\n- accuracy\n---\n"
-        f"# Model Card\n\n## Model Details\n\n- Architecture: ViT-Base with patch size 32\n"
+        f"---\nbase_model:\n- {base_id}\ndatasets:\n- {card_dataset}\nmetrics:\n- accuracy\n---\n"
+        f"# Model Card\n\n## Model Details\n\n- Architecture: {architecture}\n"
         f"- Training Data: {_TRAINING_DATA[task]}\n\n## Training Details\n\n"
         "  Adam Optimizer with a constant learning rate for a few steps (replica).\n"
         "  Only the vision encoder is fine-tuned.\n"
@@ -259,7 +266,7 @@ def publish_replicas(storage: HubStorage, cache_dir: str | Path, *, models: bool
             folder = root / "datasets" / dataset.repo_id
             files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
             storage.create_repo(RepoRecord("dataset", dataset.repo_id), author=dataset.repo_id.split("/")[0])
-            _commit(storage, "dataset", dataset.repo_id, folder, files, "Convert dataset to Parquet", "parquet-converter")
+            commit(storage, "dataset", dataset.repo_id, folder, files, "Convert dataset to Parquet", "parquet-converter")
     if not models:
         return Replicas(base=BASE_ID, experts=[], datasets=[d.repo_id for d in REAL_DATASETS], main_sha="", pr_sha="", folder=root)
     refs = storage.read_refs("model", BASE_ID)
@@ -275,22 +282,22 @@ def _publish_models(storage: HubStorage, root: Path) -> None:
     main_files = sorted(p.name for p in base_dir.iterdir() if p.is_file() and p.name != ".gitattributes")
     if storage.get_repo("model", BASE_ID) is None:
         storage.create_repo(RepoRecord("model", BASE_ID), author="openai")
-        _commit(storage, "model", BASE_ID, base_dir, [".gitattributes", "README.md", "config.json"], "add files", "valhalla")
+        commit(storage, "model", BASE_ID, base_dir, [".gitattributes", "README.md", "config.json"], "add files", "valhalla")
         # An older conversion PR, on an earlier main: it must not be the one picked.
-        _commit(storage, "model", BASE_ID, base_dir / "pr", ["model.safetensors", ".gitattributes"], PR_TITLE,
+        commit(storage, "model", BASE_ID, base_dir / "pr", ["model.safetensors", ".gitattributes"], PR_TITLE,
                 CONVERSION_BOT, pr_num=OLD_PR_NUM)
-        _commit(storage, "model", BASE_ID, base_dir, main_files, "Updates incorrect tokenizer configuration file (#13)",
+        commit(storage, "model", BASE_ID, base_dir, main_files, "Updates incorrect tokenizer configuration file (#13)",
                 "lysandre")
-        _commit(storage, "model", BASE_ID, base_dir / "pr", ["model.safetensors", ".gitattributes"], PR_TITLE,
+        commit(storage, "model", BASE_ID, base_dir / "pr", ["model.safetensors", ".gitattributes"], PR_TITLE,
                 CONVERSION_BOT, pr_num=PR_NUM)
     for repo_id in EXPERT_IDS:
         if storage.get_repo("model", repo_id) is None:
             storage.create_repo(RepoRecord("model", repo_id), author="tanganke")
-            _commit(storage, "model", repo_id, root / repo_id, ["README.md", "config.json", "model.safetensors"],
+            commit(storage, "model", repo_id, root / repo_id, ["README.md", "config.json", "model.safetensors"],
                     "Upload folder using huggingface_hub", "tanganke")
 
 
-def _commit(storage: HubStorage, repo_type: str, repo_id: str, folder: Path, files: list[str], title: str,
+def commit(storage: HubStorage, repo_type: str, repo_id: str, folder: Path, files: list[str], title: str,
             author: str, pr_num: int | None = None) -> str:
     """Commit ``files`` of ``folder`` to ``main`` (or as pull request ``pr_num``); returns the commit id."""
     operations = []

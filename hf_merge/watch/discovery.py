@@ -2,7 +2,8 @@
 
 Sources, all through ``HfApi.list_models`` / ``model_info``:
 
-- the Hub's relation tag ``base_model:finetune:<base>``, newest first (``sort=createdAt``);
+- the Hub's relation tags ``base_model:finetune:<base>`` and ``base_model:adapter:<base>`` (PEFT LoRA
+  adapters, merged as the model they stand for), newest first (``sort=createdAt``);
 - every model of the given authors (``--author``) and search terms (``--search``);
 - an allow-list file: one ``REPO[@REV]`` per line (``#`` starts a comment).
 
@@ -33,7 +34,8 @@ class Candidate:
         modified: When ``sha`` was committed (``None`` if the Hub did not say).
         tags: The Hub's tags of the repo (licence, ``base_model:...``, library, ...).
         card: The card's metadata (``license``, ``datasets``, ``model-index``, ...).
-        source: How it was found: ``base_model``, ``author``, ``search``, ``allow-list``, ``webhook``.
+        source: How it was found: ``base_model`` (a fine-tune), ``adapter`` (an adapter of the base),
+            ``author``, ``search``, ``allow-list``, ``webhook``.
     """
 
     repo_id: str
@@ -115,7 +117,8 @@ class Discovery:
                 if info.id not in found and info.id not in self.exclude and info.sha:
                     found[info.id] = from_model_info(info, source)
 
-        queries: list[tuple[dict[str, Any], str]] = [({"filter": f"base_model:finetune:{self.base}"}, "base_model")]
+        queries: list[tuple[dict[str, Any], str]] = [({"filter": f"base_model:finetune:{self.base}"}, "base_model"),
+                                                     ({"filter": f"base_model:adapter:{self.base}"}, "adapter")]
         queries += [({"author": author}, "author") for author in self.authors]
         queries += [({"search": text}, "search") for text in self.searches]
         with hub.hub_errors(f"models of {self.base}", token=token):

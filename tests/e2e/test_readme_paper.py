@@ -276,3 +276,34 @@ def test_readme_watch_commands_against_replicas(replica_hub, tmp_path_factory):
     assert sorted(lineage) == sorted(experts)  # the first pass merged the other six fine-tunes of the base
     assert sum(line.startswith("merged ") for line in done[0].stdout.splitlines()) == 6
     assert storage.get_repo("space", f"{USER}/clip-watcher") is not None
+
+
+REPRODUCTION_SECTION = "### Reproducing the published 75.5 %"
+
+
+def test_paper_reproduction_commands_against_replicas(replica_hub, tmp_path_factory):
+    """The reproduction block, verbatim but for 2 task orders instead of 10: the first release
+    (``--no-zero-diagonal``) and the corrected default, on full test splits, with their means."""
+    _, _, env, _ = replica_hub
+    (block,) = readme_blocks(REPRODUCTION_SECTION, "bash")
+    commands = shell_commands(block)
+    assert sum("for seed in 0 1 2 3 4 5 6 7 8 9;" in c for c in commands) == 2 and not any("--eval-limit" in c for c in commands)
+    cwd = fresh_folder(tmp_path_factory, "reproduction")
+    done = run_block([c.replace("0 1 2 3 4 5 6 7 8 9", "0 1") for c in commands], env, cwd)
+    for variant, zero_diagonal, printed in (("first-release", False, done[1]), ("corrected", True, done[3])):
+        finals, orders = [], []
+        for seed in (0, 1):
+            out = cwd / f"b32-opcm-{variant}-{seed}"
+            state = json.loads((out / "merge_state.json").read_text())
+            assert state["hyperparameters"]["zero_diagonal"] is zero_diagonal and state["step"] == 8
+            orders.append([e["repo_id"] for e in state["lineage"]])
+            results = json.loads((out / "eval_results.json").read_text())
+            assert results["limit"] is None and len(results["accuracy_matrix"]) == 8  # full splits, every step
+            assert results["eval_dtype"] == "float32" and "PIL" in results["preprocessing"]
+            assert all(v is not None for v in results["base_accuracy"] + results["expert_accuracy"])
+            finals.append(results["average_accuracy"])
+        assert orders[0] != orders[1] and sorted(orders[0]) == sorted(orders[1])
+        assert printed.stdout.strip() == f"{100 * sum(finals) / 2:.1f} % over 2 orders"
+    # Same order, the two releases: the no-op zeroing gives other weights.
+    first, corrected = tensors(cwd / "b32-opcm-first-release-0"), tensors(cwd / "b32-opcm-corrected-0")
+    assert any(not torch.equal(first[n], corrected[n]) for n in first if n.startswith("vision_model."))
