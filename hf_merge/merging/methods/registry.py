@@ -9,6 +9,7 @@ from __future__ import annotations
 from hf_merge.errors import NotContinualError, UsageError
 from hf_merge.merging.methods.average import ContinualAverage
 from hf_merge.merging.methods.base import MergeMethod
+from hf_merge.merging.methods.dop import DOP
 from hf_merge.merging.methods.iso_c import IsoC
 from hf_merge.merging.methods.iso_cts import IsoCTS
 from hf_merge.merging.methods.magmax import MagMax
@@ -19,7 +20,7 @@ from hf_merge.merging.methods.tsv_m import TSVM
 from hf_merge.merging.methods.wudi import WUDI
 
 METHODS: dict[str, type[MergeMethod]] = {
-    cls.name: cls for cls in (OPCM, ContinualAverage, TaskArithmetic, ContinualTies, MagMax, IsoC, TSVM, IsoCTS, WUDI)
+    cls.name: cls for cls in (OPCM, ContinualAverage, TaskArithmetic, ContinualTies, MagMax, IsoC, TSVM, IsoCTS, WUDI, DOP)
 }
 
 
