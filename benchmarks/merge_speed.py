@@ -33,8 +33,10 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-METHODS = ["opcm", "average", "task_arithmetic", "ties", "magmax", "iso_c", "tsv_m", "iso_cts", "wudi"]
+METHODS = ["opcm", "average", "task_arithmetic", "ties", "magmax", "iso_c", "tsv_m", "iso_cts", "wudi", "dop"]
 ALL_AT_ONCE = ("iso_cts", "wudi")  # no naive counterpart in naive_reference.py
+# DOP has no naive counterpart either (naive_reference.py does not implement it)
+NO_NAIVE = ALL_AT_ONCE + ("dop",)
 QUICK_SHAPE = {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 4}
 
 
@@ -182,6 +184,7 @@ def max_abs_diff(left: Path, right: Path) -> float:
 # -- the table -------------------------------------------------------------------------------------
 DECOMPOSITIONS = ["svd", "gram_mixed", "gram64", "gram32"]
 CHEAP = ("average", "task_arithmetic")  # methods whose step is cheaper than writing the model
+DOP_STEPS = [200]  # set from --dop-steps
 
 
 def variants(method: str, decompositions: list[str], backends: list[str]) -> list[tuple[str, dict]]:
@@ -204,6 +207,9 @@ def variants(method: str, decompositions: list[str], backends: list[str]) -> lis
                 found.append((label + f", linalg={backend}" + (" (auto)" if backend == auto else ""),
                               {"decomposition": d, "linalg": backend}))
         return found
+    if method == "dop":  # 200 Adam steps per layer by default: --dop-steps measures fewer
+        steps = DOP_STEPS[0]
+        return [(f"num_steps={steps}" + (" (default)" if steps == 200 else ""), {"num_steps": steps})]
     if method in CHEAP:
         from hf_merge.merging.methods import get_method
 
@@ -234,6 +240,8 @@ def main() -> None:
                         help="runs of each non-OPCM measurement, naive and streaming interleaved; the fastest "
                              "counts (a few seconds each, and noisy on a shared machine)")
     parser.add_argument("--opcm-repeat", type=int, default=2, help="the same for OPCM (minutes per run)")
+    parser.add_argument("--dop-steps", type=int, default=200,
+                        help="DOP's Adam steps per layer (200, the default, takes minutes per expert on a CPU)")
     parser.add_argument("--note", default="", help="a line about the machine's state, printed under the table")
     parser.add_argument("--cache", type=Path, default=HERE / ".cache")
     parser.add_argument("--results", type=Path, default=HERE / "results" / "merge_speed.md")
@@ -245,6 +253,7 @@ def main() -> None:
         return
 
     counts = args.experts or ([2, 4] if args.quick else [2, 4, 8])
+    DOP_STEPS[0] = args.dop_steps
     opcm_counts = args.opcm_experts or counts
     base, experts = build_models(args.cache, max(counts + opcm_counts), args.quick, args.width)
     model_bytes = (base / "model.safetensors").stat().st_size
@@ -276,7 +285,7 @@ def main() -> None:
         repeats = max(args.opcm_repeat if method == "opcm" else args.repeat, 1)
         for n in opcm_counts if method == "opcm" else counts:
             naive_dir, f64 = work / "naive", work / f"float64-{n}"
-            skip_naive = method in ALL_AT_ONCE or (
+            skip_naive = method in NO_NAIVE or (
                 method == "opcm" and args.naive_opcm_max is not None and n > args.naive_opcm_max)
             naive_runs: list[dict] = []
             durable_runs: list[dict] = []  # the naive code with its one write fsynced, as ours are

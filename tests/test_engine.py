@@ -98,7 +98,7 @@ def test_bad_expert_is_rejected_and_earlier_state_untouched(defect, tiny_base, t
     assert snapshot(out)["model.safetensors"] == snapshot(clean_three)["model.safetensors"]
 
 
-@pytest.mark.parametrize("method", ["opcm", "average", "task_arithmetic", "ties", "magmax", "iso_c", "tsv_m"])
+@pytest.mark.parametrize("method", ["opcm", "average", "task_arithmetic", "ties", "magmax", "iso_c", "tsv_m", "dop"])
 @pytest.mark.parametrize("first", [True, False], ids=["first-step", "later-step"])
 def test_nan_found_midway_undoes_the_half_done_step(method, first, tiny_base, tiny_experts, tmp_path):
     poisoned = tmp_path / "poisoned"

@@ -156,7 +156,7 @@ def test_paper_merge_records_the_conversion_pr_and_eight_steps(paper_run):
 def test_paper_baselines_and_orders_ran(paper_run):
     cwd, replicas, _, _ = paper_run
     expected = {"clip-vit-b32-opcm-8tasks": "opcm", "b32-opcm-no-eval": "opcm", "b32-average": "average", "b32-ta": "task_arithmetic",
-                "b32-ties": "ties", "b32-magmax": "magmax", "b32-iso-c": "iso_c", "b32-tsv-m": "tsv_m",
+                "b32-ties": "ties", "b32-magmax": "magmax", "b32-iso-c": "iso_c", "b32-tsv-m": "tsv_m", "b32-dop": "dop",
                 "b32-opcm-seed1": "opcm", "b32-iso-cts": "iso_cts", "b32-wudi": "wudi"}
     for folder, method in expected.items():
         state = json.loads((cwd / folder / "merge_state.json").read_text())
@@ -178,6 +178,23 @@ def test_paper_baselines_and_orders_ran(paper_run):
     assert [e["repo_id"] for e in shuffled["lineage"]] != [
         e["repo_id"] for e in json.loads((cwd / "b32-average" / "merge_state.json").read_text())["lineage"]
     ]
+
+
+def test_paper_dop_ran_at_the_reference_settings(paper_run):
+    """The README's DOP line runs as written (200 Adam steps per layer: the replicas are small) and
+    its output shows the reference's choices: class_embedding back at θ0, the linear weights moved."""
+    cwd, replicas, _, _ = paper_run
+    state = json.loads((cwd / "b32-dop" / "merge_state.json").read_text())
+    assert state["hyperparameters"]["num_steps"] == 200 and state["hyperparameters"]["alpha"] == 0.8
+    assert len(state["method_state"]["stability"]) == 7  # one mean MGDA weight per step after the first
+    assert all(0.0 < w < 1.0 for w in state["method_state"]["stability"])
+    base = load_file(replicas.folder / replicas.base / "pr" / "model.safetensors")
+    merged, average = tensors(cwd / "b32-dop"), tensors(cwd / "b32-average")
+    assert torch.equal(merged["vision_model.embeddings.class_embedding"], base["vision_model.embeddings.class_embedding"])
+    fc1 = "vision_model.encoder.layers.0.mlp.fc1.weight"
+    assert not torch.equal(merged[fc1], average[fc1]) and not torch.equal(merged[fc1], base[fc1])
+    results = json.loads((cwd / "b32-dop" / "eval_results.json").read_text())
+    assert len(results["steps"]) == 8
 
 
 def test_pushed_model_loads_with_pipeline_and_space_exists(paper_run):

@@ -1,15 +1,18 @@
 """DOP: dual orthogonal projections for continual merging without data (Yang et al., NeurIPS 2025).
 
 Follows FusionBench's ``ContinualDOPForCLIP`` (``fusion_bench/method/dop/dop.py``, commit
-54c9e8c9 of ``tanganke/fusion_bench``) with the defaults of ``config/method/dop/dop.yaml``; line
-numbers below are of those files.
+54c9e8c9 of ``tanganke/fusion_bench``) with the defaults of ``config/method/dop/dop.yaml`` (lines
+13-30: what ``method=dop/dop`` and examples/dop/main_vitb32.sh run; the class's own defaults,
+dop.py:52-60, differ: ``ema_beta`` 0.99, ``svd_epsilon`` 1.0, ``alpha`` unset); line numbers below
+are of those files.
 
 Step 1 (dop.py:109-110): M_1 = θ_1, every tensor.
 
 Step t ≥ 2 merges two models, the previous result M_{t−1} and the new expert θ_t
 (dop.py:112-120), walking the *leaf* modules of a fresh copy of θ0 (dop.py:143-145):
 
-- **Weights of ``nn.Linear``** (every one: q/k/v/out projections, fc1, fc2, ``visual_projection``;
+- **Weights of ``nn.Linear``** (every one: q/k/v/out projections, fc1, fc2, and
+  ``visual_projection`` where the experts have it, which FusionBench's ``CLIPVisionModel`` lacks;
   dop.py:147-165) are optimised. For i ∈ {M_{t−1}, θ_t} with task vector τ_i = W_i − θ0 and its SVD
   U S Vᵀ, keep the k leading triplets, k = ``searchsorted(cumsum(s) / sum(s), svd_epsilon)`` (the
   number of prefixes holding less than ``svd_epsilon`` of the singular-value mass; dop.py:228-239).
@@ -21,7 +24,7 @@ Step t ≥ 2 merges two models, the previous result M_{t−1} and the new expert
   Adam step balances the two objectives (dop.py:248-304): each gradient is divided by its loss
   (``gradient_normalizers(..., "loss")``, min_norm_solvers.py:214-216), the min-norm point of the
   two normalised gradients' segment gives weights (γ, 1 − γ) (``MinNormSolver`` with two vectors is
-  its closed form, min_norm_solvers.py:28-49, with γ clipped to 0.999 / 0.001 at the ends), and
+  its closed form, min_norm_solvers.py:28-49 and 135-137, with γ clipped to 0.999 / 0.001 at the ends), and
   with ``ema`` (true) the weights used are an exponential moving average, started at
   (``alpha``, 1 − ``alpha``) = (0.8, 0.2) for every layer and step, ``ema_beta`` 0.999
   (dop.py:242-243, 282-287). Without ``mgda`` the weights are fixed at (``alpha``, 1 − ``alpha``)
