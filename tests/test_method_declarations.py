@@ -13,7 +13,8 @@ from hf_merge.merging.methods.registry import METHODS
 def test_every_method_declares_itself_and_its_defaults_pass_their_own_checks(name):
     cls = METHODS[name]
     assert cls.name == name
-    assert cls.display_name and cls.summary and cls.paper.startswith("https://arxiv.org/abs/")
+    # the arXiv abstract page; OpenReview's for a paper not on arXiv (DOP, NeurIPS 2025)
+    assert cls.display_name and cls.summary and cls.paper.startswith(("https://arxiv.org/abs/", "https://openreview.net/forum?id="))
     assert cls.defaults == {p.name: p.default for p in cls.parameters}
     assert cls.check_parameters({}) == cls.defaults
     for parameter in cls.parameters:

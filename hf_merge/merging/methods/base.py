@@ -128,7 +128,7 @@ class MergeMethod(ABC):
     name: ClassVar[str]
     #: How the card and ``--help`` name the method ("Task Arithmetic").
     display_name: ClassVar[str] = ""
-    #: The paper's link (arXiv abstract page).
+    #: The paper's link (arXiv abstract page; OpenReview's where the paper is not on arXiv).
     paper: ClassVar[str] = ""
     #: One line for the README's method table and ``--help``.
     summary: ClassVar[str] = ""
