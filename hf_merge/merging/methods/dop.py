@@ -216,6 +216,12 @@ class DOP(MergeMethod):
 
     name = "dop"
     display_name = "DOP"
+    card_title = "DOP (dual orthogonal projections)"
+    description = (
+        "DOP optimises each linear layer to stay close to both the merged model and the new expert "
+        "inside their task vectors' singular subspaces, balancing the two by multi-gradient descent "
+        "([Yang et al., NeurIPS 2025](https://openreview.net/forum?id=zD5cUX67b9))."
+    )
     paper = "https://openreview.net/forum?id=zD5cUX67b9"
     summary = ("Per linear layer, Adam on the distances to the merged model and the new expert inside "
                "their task vectors' singular subspaces, balanced by MGDA.")
