@@ -24,9 +24,9 @@ Step t ≥ 2 merges two models, the previous result M_{t−1} and the new expert
   torch's order of operations, to spare the optimiser's imports). With ``mgda`` (true), every
   Adam step balances the two objectives (dop.py:248-304): each gradient is divided by its loss
   (``gradient_normalizers(..., "loss")``, min_norm_solvers.py:214-216), the min-norm point of the
-  two normalised gradients' segment gives weights (γ, 1 − γ) (``MinNormSolver`` with two vectors is
-  its closed form, min_norm_solvers.py:28-49 and 135-137, with γ clipped to 0.999 / 0.001 at the ends), and
-  with ``ema`` (true) the weights used are an exponential moving average, started at
+  two normalised gradients' segment gives weights (γ, 1 − γ) (``MinNormSolver`` with two vectors
+  is its closed form, min_norm_solvers.py:28-49 and 135-137, with γ clipped to 0.999 / 0.001 at
+  the ends), and with ``ema`` (true) the weights used are an exponential moving average, started at
   (``alpha``, 1 − ``alpha``) = (0.8, 0.2) for every layer and step, ``ema_beta`` 0.999
   (dop.py:242-243, 282-287). Without ``mgda`` the weights are fixed at (``alpha``, 1 − ``alpha``)
   (dop.py:306-323). The seed plays no part: nothing here is random.
