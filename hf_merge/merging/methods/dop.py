@@ -164,7 +164,7 @@ def dop_merge_matrix(
     with torch.no_grad():
         for _ in range(num_steps):
             grads, losses = [], []
-            for (left, right), target in zip(sides, targets):
+            for (left, right), target in zip(sides, targets, strict=False):
                 grad, loss = _objective(left, right, weight - target, svd_proj_space)
                 grads.append(grad)
                 losses.append(loss)
