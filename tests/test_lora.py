@@ -164,6 +164,27 @@ def test_engine_merges_an_adapter_like_the_model_it_stands_for(base_dir, tmp_pat
     assert "a PEFT LoRA adapter, rank 4" in readme
 
 
+def test_an_all_at_once_method_reads_an_adapter_as_the_model_it_stands_for(base_dir, tmp_path):
+    from transformers import CLIPModel
+
+    from hf_merge.merging.engine import merge_weights as merge
+
+    adapter, merged = _peft_adapter(base_dir, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj", "fc2"])
+    full = tmp_path / "full"
+    model = CLIPModel.from_pretrained(base_dir)
+    model.load_state_dict(merged)
+    model.save_pretrained(full)
+    # WUDI needs every task vector at once; a few Adam steps keep the comparison smooth
+    via_adapter = merge(base_dir, [adapter, full], "wudi", tmp_path / "out-a", iter_num=3)
+    via_full = merge(base_dir, [full, full], "wudi", tmp_path / "out-f", iter_num=3)
+    left, right = load_file(via_adapter.output_dir / "model.safetensors"), load_file(via_full.output_dir / "model.safetensors")
+    assert left.keys() == right.keys()
+    for key in left:
+        assert torch.allclose(left[key], right[key], atol=1e-5, rtol=0), key
+    lineage = json.loads((via_adapter.output_dir / "merge_state.json").read_text())["lineage"]
+    assert lineage[0]["adapter"]["r"] == 4 and "adapter" not in lineage[1]
+
+
 # ------------------------------------------------------------------------------------ bad input
 def _lora_pair(module: str, rank_a: int = 2, rank_b: int = 2, width: int = 16):
     prefix = f"base_model.model.{module}"

@@ -13,6 +13,7 @@ position, as a continual merge of the same experts would.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from hf_merge.errors import NotContinualError
 from hf_merge.hub.sources import ModelSource
 from hf_merge.io.checkpoint import Checkpoint
+from hf_merge.io.lora_checkpoint import lineage_record, open_expert
 from hf_merge.log import get_logger
 from hf_merge.merging.methods.base import AllAtOnceMethod
 from hf_merge.merging.step_results import StepResult
@@ -42,11 +44,17 @@ class AllAtOnceSteps:
     names: list[str]
     output_dir: Path
     allow_pickle: bool
+    base: Checkpoint
+    base_source: ModelSource
     writer: StepWriter
     _pending: PendingWrite | None
 
-    #: Experts checked and waiting for the merge, in order.
-    _gathered: list[ModelSource]
+    #: Experts checked and waiting for the merge, in order, each with what the lineage says of it
+    #: as an adapter (``{}`` for a full checkpoint).
+    _gathered: list[tuple[ModelSource, dict[str, Any]]]
+
+    def _open(self, source: ModelSource) -> Checkpoint:
+        return open_expert(source.path, source.name, self.base, self.base_source, self.allow_pickle)
 
     def _check_expert(self, checkpoint: Checkpoint, source: ModelSource) -> None:  # pragma: no cover - engine's
         raise NotImplementedError
@@ -62,9 +70,10 @@ class AllAtOnceSteps:
                 "it cannot take one more; re-run `hf-merge merge` with all the experts"
             )
         started = time.perf_counter()
-        with Checkpoint.open(source.path, allow_pickle=self.allow_pickle) as checkpoint:
+        with self._open(source) as checkpoint:  # a LoRA adapter reads as the model it stands for
             self._check_expert(checkpoint, source)
-        self._gathered.append(source)
+            adapter = lineage_record(checkpoint)
+        self._gathered.append((source, adapter))
         result = StepResult(len(self._gathered), source, time.perf_counter() - started, 0.0, {})
         self.steps.append(result)
         logger.info("checked %s (expert %d); %s merges every expert at once, after the last",
@@ -80,7 +89,8 @@ class AllAtOnceSteps:
         """Merge every gathered expert at once into the method's buffer (the step is written by the
         caller). If it fails (an expert holds NaN, Ctrl-C), nothing was written and the gathered
         experts are dropped: the merge is back before its first expert."""
-        sources, self._gathered = self._gathered, []
+        gathered, self._gathered = self._gathered, []
+        sources = [source for source, _ in gathered]
         method = self.method
         assert isinstance(method, AllAtOnceMethod)
         started = time.perf_counter()
@@ -88,7 +98,7 @@ class AllAtOnceSteps:
             self._pending = self.writer.start(self.names, method.output)
         method.ready = self._pending.ready if self._pending is not None else None
         try:
-            metrics = merge_experts(method, sources, self.names, allow_pickle=self.allow_pickle)
+            metrics = merge_experts(method, sources, self.names, opener=self._open)
         except BaseException:
             self._cancel_pending()
             method.buffer = {}
@@ -98,7 +108,8 @@ class AllAtOnceSteps:
             method.ready = None
         seconds = time.perf_counter() - started
         self.state.step = len(sources)
-        self.state.lineage.extend({**source.to_dict(), "step": i} for i, source in enumerate(sources, start=1))
+        self.state.lineage.extend({**source.to_dict(), "step": i, **adapter}
+                                  for i, (source, adapter) in enumerate(gathered, start=1))
         self.state.method_state = method.state_dict()
         if self.steps:
             self.steps[-1].merge_seconds += seconds
@@ -107,13 +118,13 @@ class AllAtOnceSteps:
 
 
 def merge_experts(method: AllAtOnceMethod, sources: list[ModelSource], names: list[str], *,
-                  allow_pickle: bool = False) -> dict[str, Any]:
+                  opener: Callable[[ModelSource], Checkpoint]) -> dict[str, Any]:
     """Open every expert lazily (each checked for NaN and Inf as its tensors are read) and let
     ``method`` merge them, name by name."""
     with ExitStack() as stack:
         checkpoints = []
         for source in sources:
-            checkpoint = stack.enter_context(Checkpoint.open(source.path, allow_pickle=allow_pickle))
+            checkpoint = stack.enter_context(opener(source))
             checkpoint.require_finite(names, source.name)
             checkpoints.append(checkpoint)
         return method.merge_all(checkpoints)

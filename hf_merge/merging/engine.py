@@ -126,7 +126,7 @@ class ContinualMerger(AllAtOnceSteps):
         self.writer = StepWriter(self.output_dir, self.base, self.base_source.path, max_shard_size,
                                  writes=self.executor.is_main_process)
         self._pending: PendingWrite | None = None  # the next written step's files, begun early
-        self._gathered: list[ModelSource] = []  # an all-at-once method's experts, checked, not merged yet
+        self._gathered: list[tuple[ModelSource, dict[str, Any]]] = []  # an all-at-once method's, not merged yet
         if _saved is not None:
             self._restore(_saved)
 
