@@ -268,6 +268,42 @@ def test_readme_command_line_and_python_api_against_replicas(replica_hub, tmp_pa
     assert storage.get_repo("space", f"{USER}/clip-opcm") is not None
 
 
+def test_readme_community_pull_request_against_replicas(tmp_path_factory):
+    """"Continue a merged model": another user's ``add --create-pr`` on someone's merged repo opens a
+    pull request authored by that user, and leaves ``main`` as it was."""
+    owner, owner_token = "someone", "hf_someone_3c1e5f0a9d2b4c7e"
+    server = LocalHubServer(tmp_path_factory.mktemp("community-hub"), tokens={USER: TOKEN, owner: owner_token}).start()
+    try:
+        publish_replicas(server.api.storage, Path(tempfile.gettempdir()) / "hf-merge-replicas")
+        env = {**os.environ, "HF_ENDPOINT": server.url, "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": owner_token,
+               "HF_HOME": str(tmp_path_factory.mktemp("hf-home-owner")), "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+               "PYTHONPATH": str(ROOT), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+        (merge_block,) = readme_blocks("### Merge", "bash")  # the owner's merged model
+        owner_commands = [c.replace("YOUR-USER", owner) for c in shell_commands(merge_block)]
+        run_block(owner_commands, env, fresh_folder(tmp_path_factory, "owner"))
+        repo = f"{owner}/clip-vit-b32-opcm"
+        storage = server.api.storage
+        main_before = storage.read_refs("model", repo).branches["main"]
+
+        proposal = shell_commands(readme_blocks("### Continue a merged model", "bash")[1])
+        assert len(proposal) == 1 and proposal[0].startswith("hf-merge add SOMEONE/")
+        visitor = {**env, "HF_TOKEN": TOKEN, "HF_HOME": str(tmp_path_factory.mktemp("hf-home-visitor"))}
+        run_block([proposal[0].replace("SOMEONE", owner)], visitor, fresh_folder(tmp_path_factory, "visitor"))
+
+        refs = storage.read_refs("model", repo)
+        assert refs.branches["main"] == main_before  # only the owner merges
+        (number,) = refs.pull_requests
+        from huggingface_hub import HfApi
+
+        discussion = HfApi(endpoint=server.url, token=owner_token).get_discussion_details(repo, int(number))
+        assert discussion.is_pull_request and discussion.author == USER and discussion.status == "open"
+        pr_state = storage.resolve_revision("model", repo, f"refs/pr/{number}").tree["merge_state.json"]
+        lineage = [e["repo_id"] for e in json.loads(storage.read_content(pr_state))["lineage"]]
+        assert lineage[-1] == "tanganke/clip-vit-base-patch32_eurosat" and len(lineage) == 3
+    finally:
+        server.stop()
+
+
 def test_readme_watch_commands_against_replicas(replica_hub, tmp_path_factory):
     """"Keep a merged model up to date": the one-pass commands and the watcher Space, verbatim
     (``--interval`` and ``--webhook`` aside: they serve until stopped). The replicas' experts carry
