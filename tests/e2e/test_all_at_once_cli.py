@@ -57,7 +57,7 @@ def test_the_watcher_refuses_in_one_line(merged, alice_token, tmp_path):
     run = hf_merge(["watch", REPO, "--once", "--work-dir", str(tmp_path / "watch"), "--token", alice_token])
     assert run.returncode == 2
     (line,) = error_lines(run.stderr)
-    assert "merges every expert at once: the watcher cannot add one; re-run `hf-merge merge`" in line
+    assert "merges every expert at once and cannot take one more; re-run `hf-merge merge`" in line  # as add says
 
 
 @pytest.mark.parametrize(("args", "message"), [
