@@ -42,7 +42,9 @@ def test_merge_refuses_a_bad_target_before_merging(flag, tiny_base, tiny_experts
         argv += ["--push-to-hub", "alice/fine"]
     assert main(argv) == 2
     line = _one_error_line(capsys)
-    assert "'alice/x y'" in line and "not a valid repo id" in line
+    # the recipe refuses it while it is read, before any download or merge
+    target = "push_to_hub" if flag == "--push-to-hub" else "space"
+    assert f"`{target}` must be a repo id `USER/NAME`, got 'alice/x y'" in line
     assert not out.exists()
 
 
