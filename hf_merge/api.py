@@ -81,7 +81,6 @@ def merge(recipe: MergeRecipe | str | Path | None = None, *, token: str | None =
     check_names(repo_ids={"push_to_hub": recipe.push_to_hub, "space": recipe.space},
                 references={"base": recipe.base, "expert": recipe.experts})
     token = hub.resolve_token(token)
-    get_method(recipe.method).check_parameters(recipe.hyperparameters())  # out of range: before any download
     output_dir = recipe.output_dir()
     if MergeFolder(output_dir).has_state():
         raise UsageError(
