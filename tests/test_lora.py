@@ -140,17 +140,23 @@ def test_fan_in_fan_out_and_prefixless_names_follow_the_documented_formula(base_
         assert torch.equal(view.get(other), base.get(other))
 
 
-def test_engine_merges_an_adapter_like_the_model_it_stands_for(base_dir, tmp_path):
+def _adapter_and_its_full_model(base_dir, tmp_path):
+    """A peft adapter (rank 4 on q_proj and fc2) and the full model peft's merge_and_unload makes of it."""
     from transformers import CLIPModel
-
-    from hf_merge.api import card
-    from hf_merge.merging.engine import merge_weights as merge
 
     adapter, merged = _peft_adapter(base_dir, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj", "fc2"])
     full = tmp_path / "full"
     model = CLIPModel.from_pretrained(base_dir)
     model.load_state_dict(merged)
     model.save_pretrained(full)
+    return adapter, full
+
+
+def test_engine_merges_an_adapter_like_the_model_it_stands_for(base_dir, tmp_path):
+    from hf_merge.api import card
+    from hf_merge.merging.engine import merge_weights as merge
+
+    adapter, full = _adapter_and_its_full_model(base_dir, tmp_path)
     via_adapter = merge(base_dir, [adapter], "task_arithmetic", tmp_path / "out-a", scaling_factor=0.7)
     via_full = merge(base_dir, [full], "task_arithmetic", tmp_path / "out-f", scaling_factor=0.7)
     left, right = load_file(via_adapter.output_dir / "model.safetensors"), load_file(via_full.output_dir / "model.safetensors")
@@ -165,15 +171,9 @@ def test_engine_merges_an_adapter_like_the_model_it_stands_for(base_dir, tmp_pat
 
 
 def test_an_all_at_once_method_reads_an_adapter_as_the_model_it_stands_for(base_dir, tmp_path):
-    from transformers import CLIPModel
-
     from hf_merge.merging.engine import merge_weights as merge
 
-    adapter, merged = _peft_adapter(base_dir, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj", "fc2"])
-    full = tmp_path / "full"
-    model = CLIPModel.from_pretrained(base_dir)
-    model.load_state_dict(merged)
-    model.save_pretrained(full)
+    adapter, full = _adapter_and_its_full_model(base_dir, tmp_path)
     # WUDI needs every task vector at once; a few Adam steps keep the comparison smooth
     via_adapter = merge(base_dir, [adapter, full], "wudi", tmp_path / "out-a", iter_num=3)
     via_full = merge(base_dir, [full, full], "wudi", tmp_path / "out-f", iter_num=3)
