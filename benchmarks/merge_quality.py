@@ -1,18 +1,27 @@
-"""Merge quality on the offline zoo: every continual method, 10 random task orders, the paper's table.
+"""Merge quality on the offline zoo: every method, continual ones over 10 task orders, with and without ``--tune``.
 
-For each method (opcm, average, task_arithmetic, ties, magmax) the one hyperparameter it has is chosen
-from the same grid ({0.1, 0.3, 0.5, 0.7, 1.0}: OPCM's alpha, the scaling factor of the others) by the
-average accuracy of the final merged model on the tasks' VALIDATION splits, merging in the canonical
-task order. Then each method merges the experts in 10 random orders; after step t the merged model is
-evaluated on task t's test split (acc_{t,t}) and after the last step on every test split (acc_{T,i}).
-Reported: final average accuracy and backward transfer BWT = mean_{i<T}(acc_{T,i} - acc_{i,i}), mean
-± std over the orders, next to the base's zero-shot accuracy and the individual experts.
+Rows, each merging the zoo's 6 experts into its base with the product's engine:
+
+- **fixed hyperparameters**: a method's tuned parameter (OPCM's alpha, the others' scaling factor) is
+  chosen once from the method's own declared grid (``Parameter.tune_grid``) by the average accuracy
+  of the final merged model on the tasks' VALIDATION splits, merging in the canonical task order; a
+  method without a grid runs with its defaults. Continual methods then merge the experts in 10
+  random orders; after step t the model is scored on task t's test split (acc_{t,t}) and after the
+  last step on every test split (acc_{T,i}). All-at-once methods (Iso-CTS, WUDI) merge once, in the
+  canonical order (their result does not depend on it).
+- **--tune**: the same orders, with the product's per-step tuning (``hf_merge.merging.tuning`` with
+  ``hf_merge.validation_scoring.ValidationScorer``): at step t every grid value is merged from the
+  state of step t-1 and scored on the validation splits of tasks 1..t; the best is kept.
+
+Reported: final average accuracy and BWT = mean_{i<T}(acc_{T,i} - acc_{i,i}), mean ± std over the
+orders, beside the base's zero-shot accuracy and the individual experts. Test splits are only ever
+used to report, never to choose.
 
 The models are the offline zoo's (``hf_merge.zoo``): a small CLIP pretrained here, not OpenAI's
-CLIP; the figures are not comparable with the paper's, only the protocol is.
+CLIP; the figures are not comparable with the paper's, only the protocol and the ranking are.
 
     python benchmarks/merge_quality.py                # writes benchmarks/results/merge_quality.{md,json}
-    python benchmarks/merge_quality.py --tiny --orders 2 --out /tmp/mq   # a quick smoke run
+    python benchmarks/merge_quality.py --tiny --orders 2 --methods opcm iso_c --out /tmp/mq   # a smoke run
 """
 
 from __future__ import annotations
@@ -25,27 +34,33 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from hf_merge.evaluation import Evaluator, HeadCache
 from hf_merge.merging.engine import ContinualMerger
+from hf_merge.merging.methods import available_methods, get_method
+from hf_merge.merging.tuning import StepTuner
+from hf_merge.validation_scoring import ValidationScorer
 from hf_merge.zoo import ZooConfig, build_zoo, register_offline_tasks, task_name
 
-METHODS = ("opcm", "average", "task_arithmetic", "ties", "magmax")
-GRID = (0.1, 0.3, 0.5, 0.7, 1.0)
-TUNED = {"opcm": "alpha", "task_arithmetic": "scaling_factor", "ties": "scaling_factor", "magmax": "scaling_factor"}
 RESULTS = Path(__file__).parent / "results"
+
+
+def tunable(method: str) -> str | None:
+    """The parameter ``--tune`` chooses for ``method``, or None."""
+    return next((p.name for p in get_method(method).parameters if p.tune_grid), None)
 
 
 class Bench:
     """Merges with the product's engine and evaluates with the product's evaluator."""
 
-    def __init__(self, base: Path, experts: dict[str, Path], limit: int | None, workdir: Path):
+    def __init__(self, base: Path, experts: dict[str, Path], limit: int | None, tune_limit: int | None, workdir: Path):
         from transformers import CLIPModel, CLIPProcessor
 
-        self.base, self.experts, self.workdir = base, experts, workdir
+        self.base, self.experts, self.workdir, self.tune_limit = base, experts, workdir, tune_limit
         self.tasks = list(experts)
         self.processor = CLIPProcessor.from_pretrained(base)
         self.model_cls = CLIPModel
@@ -59,7 +74,8 @@ class Bench:
         out = evaluator.evaluate(model, self.processor, tasks=[task_name(t, split) for t in tasks])
         return {t: out[task_name(t, split)]["accuracy"] for t in tasks}
 
-    def run(self, method: str, order: list[str], hyperparameters: dict, split: str, per_step: bool) -> dict:
+    def run(self, method: str, order: list[str], hyperparameters: dict, split: str, per_step: bool,
+            tune: bool = False) -> dict[str, Any]:
         out_dir = Path(tempfile.mkdtemp(dir=self.workdir))
         diagonal: dict[str, float] = {}
 
@@ -67,21 +83,32 @@ class Bench:
             if per_step and step < len(order):
                 diagonal.update(self.accuracy(folder, [order[step - 1]], split))
 
+        tuner = None
+        if tune:
+            scorer = ValidationScorer(str(self.base), [task_name(t, "val") for t in order], per_expert=True,
+                                      limit=self.tune_limit)
+            tuner = StepTuner(scorer)
+        continual = get_method(method).continual
         try:
             with ContinualMerger(self.base, out_dir / "m", method, hyperparameters=hyperparameters,
-                                 on_step=on_step, device="cpu") as merger:
+                                 on_step=on_step if continual else None, device="cpu", tuner=tuner) as merger:
                 merger.add_all([self.experts[t] for t in order])
+                tuning = list(merger.state.tuning or [])
             final = self.accuracy(out_dir / "m", order, split)
         finally:
             shutil.rmtree(out_dir, ignore_errors=True)
         diagonal[order[-1]] = final[order[-1]]
-        result = {"final": final, "average": float(np.mean(list(final.values())))}
-        if per_step:
+        result: dict[str, Any] = {"final": final, "average": float(np.mean(list(final.values())))}
+        if per_step and continual:
             result["bwt"] = float(np.mean([final[t] - diagonal[t] for t in order[:-1]]))
+        if tuning:
+            result["chosen"] = [r["chosen"] for r in tuning]
         return result
 
 
 def mean_std(values: list[float]) -> str:
+    if not values:
+        return ""
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{100 * statistics.mean(values):.1f} ± {100 * sd:.1f}"
 
@@ -89,7 +116,10 @@ def mean_std(values: list[float]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--orders", type=int, default=10)
+    ap.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
     ap.add_argument("--limit", type=int, default=None, help="evaluate at most N images per task split")
+    ap.add_argument("--tune-limit", type=int, default=None, help="validation images per task for --tune rows")
+    ap.add_argument("--no-tune", action="store_true", help="leave out the --tune rows")
     ap.add_argument("--tiny", action="store_true", help="use the miniature zoo (a smoke test of this script)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--ft-steps", type=int, default=None, help="override the zoo's expert fine-tuning steps")
@@ -103,8 +133,9 @@ def main() -> None:
         config = dataclasses.replace(config, finetune=dataclasses.replace(config.finetune, steps=args.ft_steps))
     zoo = build_zoo(config=config)
     register_offline_tasks()
+    methods = args.methods or available_methods()
     workdir = Path(tempfile.mkdtemp(prefix="hf-merge-bench-"))
-    bench = Bench(zoo.base, zoo.experts, args.limit, workdir)
+    bench = Bench(zoo.base, zoo.experts, args.limit, args.tune_limit, workdir)
     tasks = bench.tasks
     zero_shot = bench.accuracy(zoo.base, tasks, "test")
     experts = {t: bench.accuracy(zoo.experts[t], [t], "test")[t] for t in tasks}
@@ -112,35 +143,41 @@ def main() -> None:
 
     tuning: dict[str, dict[str, float]] = {}
     chosen: dict[str, dict] = {}
-    for method in METHODS:
-        if method not in TUNED:
+    for method in methods:
+        parameter = tunable(method)
+        if parameter is None:
             chosen[method] = {}
             continue
         scores = {}
-        for value in GRID:
-            hp = {TUNED[method]: value}
-            scores[str(value)] = bench.run(method, tasks, hp, "val", per_step=False)["average"]
-            print(f"tune {method} {TUNED[method]}={value}: val {scores[str(value)]:.3f}", flush=True)
+        for value in get_method(method).parameter(parameter).tune_grid:
+            scores[str(value)] = bench.run(method, tasks, {parameter: value}, "val", per_step=False)["average"]
+            print(f"grid {method} {parameter}={value}: val {scores[str(value)]:.3f}", flush=True)
         tuning[method] = scores
-        best = max(GRID, key=lambda v: (scores[str(v)], -v))
-        chosen[method] = {TUNED[method]: best}
+        best = max(scores, key=lambda v: (scores[v], -float(v)))
+        chosen[method] = {parameter: float(best)}
 
     rng = np.random.default_rng(0)
     orders = [list(rng.permutation(tasks)) for _ in range(args.orders)]
-    runs: dict[str, list[dict]] = {m: [] for m in METHODS}
-    for method in METHODS:
-        for order in orders:
-            runs[method].append(bench.run(method, order, chosen[method], "test", per_step=True))
-        print(f"{method}: {mean_std([r['average'] for r in runs[method]])}  BWT {mean_std([r['bwt'] for r in runs[method]])}",
-              flush=True)
+    rows: list[dict[str, Any]] = []
+    for method in methods:
+        continual = get_method(method).continual
+        variants = [False] + ([True] if tunable(method) and not args.no_tune else [])
+        for tune in variants:
+            runs = [bench.run(method, order if continual else tasks, {} if tune else chosen[method], "test",
+                              per_step=True, tune=tune)
+                    for order in (orders if continual else [tasks])]
+            row = {"method": method, "continual": continual, "tune": tune,
+                   "hyperparameters": "per step (--tune)" if tune else chosen[method],
+                   "average": [r["average"] for r in runs], "bwt": [r["bwt"] for r in runs if "bwt" in r],
+                   "final_per_task_mean": {t: float(np.mean([r["final"][t] for r in runs])) for t in tasks},
+                   "chosen_per_step": [r.get("chosen") for r in runs] if tune else None}
+            rows.append(row)
+            print(f"{method}{' --tune' if tune else ''}: {mean_std(row['average'])}  BWT {mean_std(row['bwt'])}", flush=True)
     shutil.rmtree(workdir, ignore_errors=True)
     report = {
         "zoo": {"fingerprint": zoo.root.name, "config": config.to_dict(), "tasks": tasks},
-        "limit": args.limit, "orders": orders, "grid": list(GRID), "tuning_val": tuning, "chosen": chosen,
-        "zero_shot_test": zero_shot, "experts_test": experts,
-        "methods": {m: {"average": [r["average"] for r in rs], "bwt": [r["bwt"] for r in rs],
-                        "final_per_task_mean": {t: float(np.mean([r["final"][t] for r in rs])) for t in tasks}}
-                    for m, rs in runs.items()},
+        "limit": args.limit, "tune_limit": args.tune_limit, "orders": orders, "tuning_val": tuning, "chosen": chosen,
+        "zero_shot_test": zero_shot, "experts_test": experts, "rows": rows,
         "seconds": round(time.time() - started),
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -149,39 +186,54 @@ def main() -> None:
     print(render(report))
 
 
+def _label(row: dict[str, Any]) -> str:
+    name = get_method(row["method"]).display_name or row["method"]
+    kind = "continual" if row["continual"] else "all at once"
+    return f"{name} ({kind}{', --tune' if row['tune'] else ''})"
+
+
+def _hyper(row: dict[str, Any]) -> str:
+    if row["tune"]:
+        values = [v for chosen in row["chosen_per_step"] or [] for v in (chosen or [])]
+        return "chosen per step: " + ", ".join(f"{v:g}" for v in sorted(set(values))) if values else "chosen per step"
+    return ", ".join(f"{k}={v:g}" for k, v in row["hyperparameters"].items()) or "defaults"
+
+
 def render(report: dict) -> str:
     tasks = report["zoo"]["tasks"]
     zs, ex = report["zero_shot_test"], report["experts_test"]
+    n_orders = len(report["orders"])
     lines = [
-        f"# Merge quality on the offline zoo ({len(tasks)} tasks, {len(report['orders'])} random task orders)",
+        f"# Merge quality on the offline zoo ({len(tasks)} tasks; continual methods over {n_orders} random task orders)",
         "",
         "Small CLIP models built offline by `hf_merge.zoo` (not OpenAI's CLIP), test splits"
         + (f" (at most {report['limit']} images per task)" if report["limit"] else "") + ".",
-        "Hyperparameters chosen on the validation splits from the grid "
-        + ", ".join(str(v) for v in report["grid"]) + " (OPCM: alpha; others: scaling factor).",
+        "Fixed rows: the tuned parameter chosen once from the method's declared grid on the validation splits "
+        "(final model, canonical order). `--tune` rows: chosen at every step by the product's tuner on the "
+        "validation splits of the tasks merged so far"
+        + (f" (at most {report['tune_limit']} images per task)" if report.get("tune_limit") else "") + ".",
+        "All-at-once methods merge once (their result does not depend on the order): no ± and no BWT.",
         "",
         "| method | hyperparameters | average accuracy (%) | BWT (%) |",
         "|---|---|---|---|",
         f"| pretrained zero-shot | | {100 * np.mean(list(zs.values())):.1f} | |",
         f"| individual fine-tuned | | {100 * np.mean(list(ex.values())):.1f} | |",
     ]
-    names = {"average": "continual average", "task_arithmetic": "continual task arithmetic",
-             "ties": "continual TIES", "magmax": "MagMax", "opcm": "OPCM"}
-    for method in ("average", "task_arithmetic", "ties", "magmax", "opcm"):
-        r = report["methods"][method]
-        hp = ", ".join(f"{k}={v}" for k, v in report["chosen"][method].items()) or "none"
-        lines.append(f"| {names[method]} | {hp} | {mean_std(r['average'])} | {mean_std(r['bwt'])} |")
+    ranked = sorted(report["rows"], key=lambda r: -statistics.mean(r["average"]))
+    for row in ranked:
+        lines.append(f"| {_label(row)} | {_hyper(row)} | {mean_std(row['average'])} | {mean_std(row['bwt'])} |")
     lines += ["", "Final accuracy per task (%, mean over orders):", "",
               "| | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|",
               "| zero-shot | " + " | ".join(f"{100 * zs[t]:.1f}" for t in tasks) + " |",
               "| fine-tuned | " + " | ".join(f"{100 * ex[t]:.1f}" for t in tasks) + " |"]
-    for method in ("average", "task_arithmetic", "ties", "magmax", "opcm"):
-        per = report["methods"][method]["final_per_task_mean"]
-        lines.append(f"| {names[method]} | " + " | ".join(f"{100 * per[t]:.1f}" for t in tasks) + " |")
-    lines += ["", "Validation accuracy of the final model for each grid value (canonical order):", "",
-              "| method | " + " | ".join(str(v) for v in report["grid"]) + " |", "|---" * (len(report["grid"]) + 1) + "|"]
+    for row in ranked:
+        per = row["final_per_task_mean"]
+        lines.append(f"| {_label(row)} | " + " | ".join(f"{100 * per[t]:.1f}" for t in tasks) + " |")
+    lines += ["", "Validation accuracy of the final model for each value of the method's grid (canonical order):", ""]
     for method, scores in report["tuning_val"].items():
-        lines.append(f"| {method} | " + " | ".join(f"{100 * scores[str(v)]:.1f}" for v in report["grid"]) + " |")
+        cells = ", ".join(f"{v}: {100 * s:.1f}" for v, s in scores.items())
+        lines.append(f"- {method} ({tunable(method)}): {cells}")
+    lines += ["", f"Took {report['seconds']} s."]
     return "\n".join(lines)
 
 

@@ -29,6 +29,7 @@ from hf_merge.publish.card import read_license, write_card
 from hf_merge.recipe import EvalSpec, MergeRecipe
 from hf_merge.recipe_overrides import build_recipe
 from hf_merge.step_evaluation import average_accuracy, evaluation_hook, final_only_unless_continual
+from hf_merge.validation_scoring import tuner_for
 
 logger = get_logger(__name__)
 
@@ -91,6 +92,7 @@ def merge(recipe: MergeRecipe | str | Path | None = None, *, token: str | None =
     check_output_folder(output_dir)
     spec = final_only_unless_continual(recipe.eval, get_method(recipe.method))
     hook = evaluation_hook(spec, recipe.ordered_eval_tasks(), experts, done=0, base=recipe.base, token=token)
+    tuner = tuner_for(recipe, recipe.ordered_eval_tasks(), len(experts), base=recipe.base, token=token)
     check_models(recipe.base, experts, token=token, allow_pickle=recipe.allow_pickle, scope=recipe.scope)
     check_output_folder(output_dir, weights_bytes=weights_bytes(recipe.base, token=token))
 
@@ -108,6 +110,7 @@ def merge(recipe: MergeRecipe | str | Path | None = None, *, token: str | None =
         token=token,
         allow_pickle=recipe.allow_pickle,
         checkpoint_every=_checkpoint_every(recipe),
+        tuner=tuner,
     )
     with merger:
         _merge_experts(merger, experts, recipe, token, licenses)
@@ -130,6 +133,7 @@ def add(
     evict: bool | None = None,
     space: str | None = None,
     partial_download: bool | None = None,
+    tune: bool | None = None,
 ) -> MergeResult:
     """Continue a merge: pull a merged repo with its merge state, merge more experts, push a new commit.
 
@@ -141,7 +145,7 @@ def add(
         push_to_hub: Where to push (default: the repo it came from; a local folder pushes nowhere).
         create_pr: Open a pull request instead of committing to ``main``.
         eval: Evaluation settings (default: the recipe's).
-        allow_pickle, evict, space, partial_download: As in the recipe (default: the recipe's values).
+        allow_pickle, evict, space, partial_download, tune: As in the recipe (default: the recipe's values).
     """
     experts = [str(e) for e in experts]
     if not experts:
@@ -154,11 +158,12 @@ def add(
     recipe, tasks = continued_recipe(
         recipe_of(output_dir), merged, done, experts, output_dir=output_dir, push_to_hub=push_to_hub or source_repo,
         eval=eval, overrides={"allow_pickle": allow_pickle, "evict": evict, "space": space,
-                              "partial_download": partial_download},
+                              "partial_download": partial_download, "tune": tune},
     )
     base_reference = pinned_base(base_entry, recipe.base)
     hook = evaluation_hook(recipe.eval, tasks, recipe.experts, done=len(done), output_dir=output_dir,
                            base=base_reference, token=token)
+    tuner = tuner_for(recipe, tasks, len(recipe.experts), base=base_reference, token=token)
     check_models(base_reference, experts, token=token, allow_pickle=recipe.allow_pickle,
                  scope=recipe.scope, merged_names=folder.state().merged_names)
 
@@ -171,7 +176,7 @@ def add(
     if licenses.get(base_name) is None:
         licenses[base_name] = read_license(base.path)
     merger = ContinualMerger.resume(output_dir, base=base, on_step=_step_hook(hook, recipe), token=token,
-                                    allow_pickle=recipe.allow_pickle, checkpoint_every=_checkpoint_every(recipe))
+                                    allow_pickle=recipe.allow_pickle, checkpoint_every=_checkpoint_every(recipe), tuner=tuner)
     with merger:
         _merge_experts(merger, experts, recipe, token, licenses)
     if not merger.executor.is_main_process:

@@ -119,6 +119,8 @@ class MergeRecipe(BaseModel):
         evict: Delete each expert's snapshot from the local cache once merged (flat disk use).
         partial_download: Download only the experts' tensors in ``scope`` (HTTP ranges), not whole
             snapshots, where the server allows it.
+        tune: Choose the method's tuned hyperparameter (its declared ``tune_grid``) at every step
+            by the validation accuracy of each candidate merge on the ``eval`` tasks (``--tune``).
         checkpoint_every: Write the output folder after every N-th step (the last step is always
             written; a crash resumes from the last written one). ``None``: the method's default
             (OPCM, TIES, MagMax 1; average and task arithmetic more, see the README's benchmark).
@@ -145,6 +147,7 @@ class MergeRecipe(BaseModel):
     evict: StrictBool = False
     partial_download: StrictBool = True
     checkpoint_every: StrictInt | None = Field(default=None, ge=1, json_schema_extra=POSITIVE_INTEGER)
+    tune: StrictBool = False
     sections: dict[str, Any] = Field(default_factory=dict)
 
     def __init__(self, **data: Any) -> None:
@@ -293,7 +296,7 @@ class MergeRecipe(BaseModel):
         for name in ("output", "push_to_hub", "space", "seed", "checkpoint_every"):
             if getattr(self, name) is not None:
                 data[name] = getattr(self, name)
-        for name in ("private", "shuffle", "allow_pickle", "evict"):
+        for name in ("private", "shuffle", "allow_pickle", "evict", "tune"):
             if getattr(self, name):
                 data[name] = True
         if not self.partial_download:

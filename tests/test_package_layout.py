@@ -158,7 +158,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("publish", ("hf_merge.publish",)),
     ("config and api", ("hf_merge.recipe", "hf_merge.recipe_sections", "hf_merge.recipe_parameters",
                         "hf_merge.recipe_overrides", "hf_merge.step_evaluation", "hf_merge.output_folder", "hf_merge.api",
-                        "hf_merge.resume", "hf_merge.continuation")),
+                        "hf_merge.resume", "hf_merge.continuation", "hf_merge.validation_scoring")),
     ("watch", ("hf_merge.watch",)),
     ("cli", ("hf_merge.cli", "hf_merge.demo")),
 ]

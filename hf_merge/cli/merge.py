@@ -68,6 +68,9 @@ def _add_eval_flags(parser: argparse.ArgumentParser) -> None:
                        help="Dtype of the evaluation's forward pass (default float32, as the paper).")
     group.add_argument("--fast-preprocessing", action="store_true", default=None,
                        help="Preprocess with the torchvision image processor instead of the reference PIL one.")
+    group.add_argument("--tune", action="store_true", default=None,
+                       help="Choose the method's scaling (or alpha) at every step from its declared grid by the validation "
+                            "accuracy of each candidate merge on the --eval tasks (never their test splits).")
 
 
 def _add_hub_flags(parser: argparse.ArgumentParser, *, push_help: str = "Push the result to this model repo.") -> None:
@@ -142,7 +145,7 @@ def _recipe_fields(args: argparse.Namespace, method: str | None = None) -> dict[
 
     fields: dict[str, Any] = {}
     for key in ("base", "experts", "method", "scope", "output", "push_to_hub", "private", "space", "seed", "shuffle", "allow_pickle", "evict",
-                "partial_download", "checkpoint_every"):
+                "partial_download", "checkpoint_every", "tune"):
         value = getattr(args, key, None)
         if value is not None:
             fields[key] = value
@@ -240,6 +243,7 @@ def run_add(args: argparse.Namespace) -> int:
         evict=args.evict,
         space=args.space,
         partial_download=args.partial_download,
+        tune=args.tune,
     )
     _print_summary(result, quiet=args.quiet)
     return 0

@@ -58,6 +58,8 @@ class MergeState:
         from_base: Tensors of the scope kept from the base, with the reason.
         parent_licenses: The licence each parent declares, by display name (``None``: none
             declared), so that a card regenerated after the experts left the cache still knows them.
+        tuning: What ``--tune`` tried and kept, one record per tuned step
+            (:class:`~hf_merge.merging.tuning.TuningRecord`); ``None`` for an untuned merge.
     """
 
     method: str
@@ -71,6 +73,7 @@ class MergeState:
     merged_names: list[str] | None = None
     from_base: dict[str, str] | None = None
     parent_licenses: dict[str, str | None] | None = None
+    tuning: list[dict[str, Any]] | None = None
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
@@ -78,6 +81,8 @@ class MergeState:
         data = asdict(self)
         if data["parent_licenses"] is None:
             del data["parent_licenses"]  # states of merges that never published read as before
+        if data["tuning"] is None:
+            del data["tuning"]
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     def save(self, folder: str | Path) -> Path:

@@ -25,6 +25,7 @@ from hf_merge.io.lora_checkpoint import lineage_record, open_expert
 from hf_merge.log import get_logger
 from hf_merge.merging.methods.base import AllAtOnceMethod
 from hf_merge.merging.step_results import StepResult
+from hf_merge.merging.tuning import StepTuner, record_tuning
 
 if TYPE_CHECKING:
     from hf_merge.merging.methods import MergeMethod
@@ -48,6 +49,7 @@ class AllAtOnceSteps:
     base_source: ModelSource
     writer: StepWriter
     _pending: PendingWrite | None
+    tuner: StepTuner | None
 
     #: Experts checked and waiting for the merge, in order, each with what the lineage says of it
     #: as an adapter (``{}`` for a full checkpoint).
@@ -98,7 +100,10 @@ class AllAtOnceSteps:
             self._pending = self.writer.start(self.names, method.output)
         method.ready = self._pending.ready if self._pending is not None else None
         try:
-            metrics = merge_experts(method, sources, self.names, opener=self._open)
+            def run() -> dict[str, Any]:
+                return merge_experts(method, sources, self.names, opener=self._open)
+
+            metrics = self.tuner.merge_all(method, run, len(sources)) if self.tuner else run()
         except BaseException:
             self._cancel_pending()
             method.buffer = {}
@@ -111,6 +116,7 @@ class AllAtOnceSteps:
         self.state.lineage.extend({**source.to_dict(), "step": i, **adapter}
                                   for i, (source, adapter) in enumerate(gathered, start=1))
         self.state.method_state = method.state_dict()
+        record_tuning(self.state, self.tuner, method)
         if self.steps:
             self.steps[-1].merge_seconds += seconds
             self.steps[-1].metrics = metrics

@@ -29,6 +29,7 @@ from hf_merge.merging.methods import MergeContext, MergeMethod, get_method, rele
 from hf_merge.merging.state import STATE_NAME, STATE_TENSORS_NAME, MergeState, recover
 from hf_merge.merging.step_results import EngineResult, StepResult, call_on_step
 from hf_merge.merging.step_writer import PendingWrite, StepWriter
+from hf_merge.merging.tuning import StepTuner, plain_step, record_tuning
 
 logger = get_logger(__name__)
 
@@ -50,6 +51,8 @@ class ContinualMerger(AllAtOnceSteps):
         device: Device for the math (default: what ``accelerate`` picks for this process).
         compute_dtype: ``"float32"`` (default) or ``"float64"``.
         max_shard_size: Largest weight file written (``"5GB"``, bytes, ...).
+        tuner: Chooses the method's tuned hyperparameter at every step (``--tune``; see
+            :mod:`hf_merge.merging.tuning`); its choices go into ``state.tuning``.
         checkpoint_every: Write the output after every N-th step. ``None``: 1 with ``on_step``, else
             the method's ``checkpoint_every``, with step 1 written only if it is the last (it copies or
             scales θ_1: cheaper to redo than to write). The step passed ``final=True`` to :meth:`add`,
@@ -73,6 +76,7 @@ class ContinualMerger(AllAtOnceSteps):
         token: str | None = None,
         allow_pickle: bool = False,
         checkpoint_every: int | None = None,
+        tuner: StepTuner | None = None,
         _saved: MergeState | None = None,
     ):
         started = time.perf_counter()
@@ -84,7 +88,7 @@ class ContinualMerger(AllAtOnceSteps):
         self.output_dir = Path(output_dir).expanduser().resolve()
         self.executor = Executor.from_accelerate(device)
         self._compute_dtype = _COMPUTE_DTYPES[compute_dtype]
-        self.on_step = on_step
+        self.on_step, self.tuner = on_step, tuner
         self.max_shard_size = max_shard_size
         self.token = token
         self.allow_pickle = allow_pickle
@@ -214,10 +218,7 @@ class ContinualMerger(AllAtOnceSteps):
         A rejected expert (:class:`~hf_merge.errors.IncompatibleExpertError`,
         :class:`~hf_merge.errors.CheckpointError`) leaves the merge, on disk and in memory, as it was.
         """
-        if self._broken:
-            raise MergeStateError(
-                f"an earlier step failed midway; continue with ContinualMerger.resume({str(self.output_dir)!r})"
-            )
+        self._check_not_broken()
         step = self.state.step + 1
         writes = final or (step - self._written_step >= self.checkpoint_every and (step > 1 or self._write_first_step))
         source = resolve(expert, token=self.token, allow_pickle=self.allow_pickle)
@@ -233,8 +234,7 @@ class ContinualMerger(AllAtOnceSteps):
                 self._pending = self.writer.start(self.names, self.method.output)
             self.method.ready = self._pending.ready if writes and self._pending else None
             try:
-                metrics = self.method.step(checkpoint)
-                self.method.finalize()
+                metrics = self.tuner.step(self.method, checkpoint, step) if self.tuner else plain_step(self.method, checkpoint)
             except BaseException as err:
                 self._cancel_pending()
                 if not isinstance(err, CheckpointError):
@@ -254,13 +254,18 @@ class ContinualMerger(AllAtOnceSteps):
         self.state.step = step
         self.state.lineage.append({**source.to_dict(), **lineage_record(checkpoint), "step": step})
         self.state.method_state = self.method.state_dict()
+        record_tuning(self.state, self.tuner, self.method)
         self._broken = False  # merged: memory is consistent, whether or not this step is written now
         result = StepResult(step, source, merge_seconds, 0.0, metrics)
         self.steps.append(result)
-        logger.info("step %d: merged %s in %.2fs %s", step, source.name, merge_seconds, _format(metrics))
+        logger.info("step %d: merged %s in %.2fs %s", step, source.name, merge_seconds, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
         if writes:
             self.flush()
         return result
+
+    def _check_not_broken(self) -> None:
+        if self._broken:
+            raise MergeStateError(f"an earlier step failed midway; continue with ContinualMerger.resume({str(self.output_dir)!r})")
 
     def _check_expert(self, checkpoint: Checkpoint, source: ModelSource) -> None:
         """Check an expert against the base (the first one decides the merged names)."""
@@ -283,10 +288,7 @@ class ContinualMerger(AllAtOnceSteps):
 
     def flush(self) -> None:
         """Write the merged steps the output folder does not hold yet (nothing if none)."""
-        if self._broken:
-            raise MergeStateError(
-                f"an earlier step failed midway; continue with ContinualMerger.resume({str(self.output_dir)!r})"
-            )
+        self._check_not_broken()
         if self._gathered:
             self._merge_gathered()
         if not self.unwritten_steps:
@@ -345,8 +347,7 @@ class ContinualMerger(AllAtOnceSteps):
 
 def _fresh(state: MergeState) -> MergeState:
     """``state`` before its first step."""
-    return MergeState(method=state.method, hyperparameters=state.hyperparameters, scope=state.scope,
-                      base=state.base, state_tensors=state.state_tensors)
+    return MergeState(state.method, state.hyperparameters, state.scope, base=state.base, state_tensors=state.state_tensors)
 
 
 def _recorded_base(state: MergeState) -> ModelRef:
@@ -357,10 +358,6 @@ def _recorded_base(state: MergeState) -> ModelRef:
     if base.get("local_path") and Path(base["local_path"]).is_dir():
         return base["local_path"]
     raise MergeStateError("the saved merge does not say where its base is; pass base= to resume()")
-
-
-def _format(metrics: dict[str, float]) -> str:
-    return " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
 
 
 def merge_weights(

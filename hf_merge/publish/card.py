@@ -188,6 +188,7 @@ def build_card(
         "hyperparameters": {markdown_text(k): code_span(v) for k, v in hyperparameters.items()},
         "scope": SCOPE_DESCRIPTIONS.get(scope, markdown_text(scope)),
         "tensors": _tensor_context(output_dir, state, scope),
+        "tuning": tuning_context(state.tuning),
         "license_note": license_note,
         "accuracy": _accuracy_context(accuracy, output_dir, plot) if accuracy else None,
         "recipe_block": code_block(recipe_yaml or "# no recipe.yaml in this folder\n", "yaml"),
@@ -272,6 +273,24 @@ def _tensor_context(output_dir: Path, state: MergeState, scope: str) -> dict[str
         "buffers": ", ".join(code_span(n) for n in buffers),
         "scope": code_span(scope),
     }
+
+
+def tuning_context(records: Sequence[Mapping[str, Any]] | None) -> dict[str, Any] | None:
+    """The card's table of ``--tune``'s choices (one row per tuned step), or ``None`` when untuned."""
+    rows = [r for r in records or () if isinstance(r, Mapping) and r.get("grid") and r.get("scores")]
+    if not rows:
+        return None
+    grid = [float(v) for v in rows[-1]["grid"]]
+    table = []
+    for record in rows:
+        scores = dict(zip((float(v) for v in record["grid"]), (float(s) for s in record["scores"]), strict=False))
+        chosen = float(record["chosen"])
+        cells = [("**{:.1f}**" if v == chosen else "{:.1f}").format(100 * scores[v]) if v in scores else "" for v in grid]
+        table.append({"step": int(record["step"]), "cells": cells, "chosen": f"{chosen:g}"})
+    per_task = rows[-1].get("per_task") or [{}]
+    tasks = ", ".join(str(t) for t in per_task[0]) if isinstance(per_task[0], Mapping) else ""
+    return {"parameter": markdown_text(str(rows[-1]["parameter"])), "grid": [f"{v:g}" for v in grid], "rows": table,
+            "source": markdown_text(f"validation tasks: {tasks}" if tasks else "validation data")}
 
 
 def _groups(names: Sequence[str]) -> str:
