@@ -8,6 +8,7 @@
 - :mod:`.heads`: zero-shot heads from the text tower, cached while the text tower is unchanged.
 - :mod:`.metric`: :class:`ZeroShotAccuracy`, an ``evaluate`` metric (accuracy, top-5, per class).
 - :mod:`.runner`: :class:`Evaluator` and :func:`evaluate_model` (``hf-merge eval``).
+- :mod:`.validation`: :func:`validation_task`, the task scored on a task's validation data (for tuning).
 - :mod:`.continual`: :class:`ContinualEvaluator` (the merge engine's ``on_step`` callback) and
   :class:`EvaluationReport`, saved as ``eval_results.json``.
 """
@@ -21,6 +22,7 @@ from hf_merge.evaluation.preprocess_cache import PixelCache, PixelSet
 from hf_merge.evaluation.preprocessing import Preprocessing, pin_image_processor
 from hf_merge.evaluation.runner import Evaluator, evaluate_model, evaluate_models, load_clip
 from hf_merge.evaluation.tasks import DatasetSpec, Task, get_task, list_tasks, register_task
+from hf_merge.evaluation.validation import validation_task
 
 __all__ = [
     "PAPER_TASKS_8",
@@ -49,4 +51,5 @@ __all__ = [
     "pin_image_processor",
     "register_task",
     "text_tower_fingerprint",
+    "validation_task",
 ]

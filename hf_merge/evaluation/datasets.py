@@ -7,7 +7,8 @@ images are decoded batch by batch, so a large test split is never held in memory
 is an :class:`~hf_merge.errors.EvaluationError` of one line that names the task.
 
 ``limit`` keeps ``limit`` examples evenly spaced over the split (deterministic), not the first
-ones: many test splits are sorted by class.
+ones: many test splits are sorted by class. A hub spec with a ``holdout_fraction`` keeps only its
+held-out examples (:func:`~hf_merge.evaluation.validation.holdout_indices`), before ``limit``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from PIL import Image
 
 from hf_merge.errors import EvaluationError
 from hf_merge.evaluation.tasks import Task
+from hf_merge.evaluation.validation import holdout_indices
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
@@ -37,7 +39,7 @@ class TaskData:
         labels: Label of every kept example.
         source: Human description of where the images come from.
         fingerprint: SHA-256 of what decides the kept examples (the dataset's revision or content,
-            split and limit): the pixel cache is keyed by it.
+            split, holdout and limit): the pixel cache is keyed by it.
     """
 
     task: Task
@@ -111,7 +113,18 @@ def _load_hub(task: Task, limit: int | None) -> TaskData:
             f"but the task has {task.num_classes} class names"
         )
     # datasets' fingerprint changes with the data files (so with the revision) and with every transform.
-    fingerprint = _digest("hub", spec.describe(), spec.revision, getattr(dataset, "_fingerprint", None), len(dataset), limit)
+    parts = ["hub", spec.describe(), spec.revision, getattr(dataset, "_fingerprint", None), len(dataset), limit]
+    if spec.holdout_fraction is not None:
+        # Keyed apart from the plain split; appended only here so existing caches keep their keys.
+        parts += ["holdout", float(spec.holdout_fraction), spec.holdout_seed]
+        held_out = holdout_indices(len(dataset), spec.holdout_fraction, spec.holdout_seed)
+        if not held_out:
+            raise EvaluationError(
+                f"task {task.name}: {spec.describe()} holds out no examples: {len(dataset)} examples are too few"
+            )
+        # The holdout comes first so that a limit subsamples the validation set, never the whole split.
+        dataset = dataset.select(held_out)
+    fingerprint = _digest(*parts)
     dataset = dataset.select(subsample_indices(len(dataset), limit))
     labels = _check_labels(task, list(dataset[spec.label_column]))
     images = dataset.select_columns([spec.image_column])

@@ -11,7 +11,7 @@ reproduces the processor's float output from them bit for bit (checked on the fi
 set built), else the float pixels. A set is kept in memory while the cache's memory budget allows,
 else in a memory-mapped ``.npy`` file under ``<cache>/eval-pixels/<key>/`` (``$HF_MERGE_CACHE`` or
 ``~/.cache/hf-merge``), which later runs reuse. The key is a SHA-256 of the dataset's fingerprint
-(revision or content, split, limit) and the processor's class and settings, so a set written under
+(revision or content, split, holdout, limit) and the processor's class and settings, so a set written under
 another processor config or dataset revision is never read.
 
 An image that cannot be decoded is skipped with one warning naming its index, and counted

@@ -45,6 +45,10 @@ class DatasetSpec:
         label_column: Column holding the integer labels (hub only).
         revision: Dataset revision (hub only).
         options: Keyword arguments for the function (python only).
+        holdout_fraction: When set, only a seeded random ``holdout_fraction`` of ``split`` is used:
+            a validation set carved out of the train split (hub only; see
+            :mod:`hf_merge.evaluation.validation`).
+        holdout_seed: Seed of the permutation that picks the held-out examples.
     """
 
     kind: DatasetKind
@@ -55,18 +59,33 @@ class DatasetSpec:
     label_column: str = "label"
     revision: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    holdout_fraction: float | None = None
+    holdout_seed: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
             raise EvaluationError(f"unknown dataset kind {self.kind!r}; use one of {', '.join(_KINDS)}")
         if self.kind == "python" and ":" not in self.path:
             raise EvaluationError(f"python dataset {self.path!r} must be written 'module:function'")
+        if self.holdout_fraction is not None:
+            fraction = self.holdout_fraction
+            if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+                raise EvaluationError(f"holdout_fraction must be a number between 0 and 1 (exclusive), got {fraction!r}")
+            # Only the hub loader selects a holdout; elsewhere the fraction would be silently ignored.
+            if self.kind != "hub":
+                raise EvaluationError(f"holdout_fraction is supported for hub datasets only, not {self.kind} {self.path}")
+        if isinstance(self.holdout_seed, bool) or not isinstance(self.holdout_seed, int):
+            raise EvaluationError(f"holdout_seed must be an integer, got {self.holdout_seed!r}")
 
     def describe(self) -> str:
-        """Short human description, e.g. ``tanganke/sun397 (test)``."""
+        """Short human description, e.g. ``tanganke/sun397 (test)`` or
+        ``tanganke/sun397 (train, held-out 10 % seed 0)``."""
         if self.kind == "hub":
             config = f"/{self.config}" if self.config else ""
-            return f"{self.path}{config} ({self.split})"
+            holdout = ""
+            if self.holdout_fraction is not None:
+                holdout = f", held-out {self.holdout_fraction * 100:g} % seed {self.holdout_seed}"
+            return f"{self.path}{config} ({self.split}{holdout})"
         return f"{self.kind} {self.path}"
 
 
@@ -178,6 +197,13 @@ def get_task(task: str | Task) -> Task:
     if Path(task).expanduser().is_dir():
         return Task.from_image_folder(task)
     raise EvaluationError(f"unknown task {task!r}; known tasks: {', '.join(list_tasks())}")
+
+
+def registered_task(name: str) -> Task | None:
+    """The registered task called ``name`` (matched as :func:`get_task` matches), else ``None``;
+    unlike :func:`get_task`, a folder of that name is not turned into a task."""
+    _load_builtins()
+    return _REGISTRY.get(_key(name))
 
 
 def list_tasks() -> list[str]:
