@@ -153,7 +153,9 @@ def _refused(task, name):
 
 
 def test_tasks_without_validation_data_are_refused(tmp_path):
-    _refused("synthetic/colors", "synthetic/colors")
+    generated = Task("generated/shapes", ("circle", "square"), ("a {}.",),
+                     DatasetSpec(kind="python", path="hf_merge.evaluation.synthetic:solid_colors"))
+    _refused(generated, "generated/shapes")
     folder = tmp_path / "flowers"
     for label in ("rose", "tulip"):
         (folder / label).mkdir(parents=True)
@@ -163,3 +165,13 @@ def test_tasks_without_validation_data_are_refused(tmp_path):
     # A hub task tested on its train split has no train data left that is not test data.
     message = _refused(_hub_task(tmp_path / "ds", name="on-train", split="train"), "on-train")
     assert "train split" in message
+
+
+def test_the_colour_task_has_a_validation_split_of_other_images():
+    val = validation_task("synthetic/colors")
+    assert val.name == "synthetic/colors/val"
+    test_data, val_data = load_task_data(get_task("synthetic/colors")), load_task_data(val)
+    assert val.classes == get_task("synthetic/colors").classes and len(val_data) == len(test_data)
+    assert val_data.fingerprint != test_data.fingerprint
+    first_test, first_val = np.asarray(test_data.images(0, 1)[0]), np.asarray(val_data.images(0, 1)[0])
+    assert not np.array_equal(first_test, first_val)  # the same colour, other noise: not the test images

@@ -237,6 +237,10 @@ def _load_builtins() -> None:
         dataset=DatasetSpec(kind="python", path="hf_merge.evaluation.synthetic:solid_colors"),
     )
     _REGISTRY[_key(colors.name)] = colors
+    # Its validation split: other images of the same colours (another seed), for ``--tune``.
+    colors_val = Task(f"{colors.name}/val", colors.classes, colors.templates,
+                      DatasetSpec(kind="python", path="hf_merge.evaluation.synthetic:solid_colors", options={"seed": 1}))
+    _REGISTRY[_key(colors_val.name)] = colors_val
     _load_plugins()
 
 
