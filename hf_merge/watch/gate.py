@@ -14,7 +14,7 @@ The candidate's task comes from the policy (``watch.tasks``), else its card's ``
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,6 +67,38 @@ def candidate_task(repo_id: str, card: dict[str, Any], policy: AdmissionPolicy) 
     return None
 
 
+def _scores(evaluator: Any, model: Path, tasks: Sequence[str], known: Mapping[str, float] | None) -> dict[str, float]:
+    """Accuracy of ``model`` on ``tasks``: those ``known`` already reused, the rest evaluated."""
+    scores = {t: float(known[t]) for t in tasks if known and t in known}
+    missing = [t for t in tasks if t not in scores]
+    if missing:
+        scores.update({t: float(r["accuracy"]) for t, r in evaluator.evaluate(str(model), tasks=missing).items()})
+    return scores
+
+
+def tuned_scores(pending: Path, merged: Path) -> tuple[dict[str, float] | None, dict[str, float] | None]:
+    """``(after, before)`` for :func:`run_gate` from ``--tune``'s records: the validation scores of the
+    candidate kept at the pending merge's last step and of the merged model's own last step
+    (``(None, None)`` when that last step was not tuned)."""
+    from hf_merge.io.merge_folder import MergeFolder
+
+    state = MergeFolder(pending).state()
+    after = state.tuning[-1] if state.tuning else None
+    if after is None or after.get("step") != state.step:
+        return None, None
+    before = MergeFolder(merged).state().tuning
+    return kept_scores(after), kept_scores(before[-1] if before else None)
+
+
+def kept_scores(record: Mapping[str, Any] | None) -> dict[str, float] | None:
+    """The validation accuracy per task of the candidate a ``--tune`` record kept (``None``: no record)."""
+    if not record or record.get("chosen") not in (record.get("grid") or []):
+        return None
+    per_task = record.get("per_task") or []
+    index = record["grid"].index(record["chosen"])
+    return {str(k): float(v) for k, v in per_task[index].items()} if index < len(per_task) else None
+
+
 def _list_of(value: Any) -> list[Any]:
     return value if isinstance(value, list) else []
 
@@ -80,8 +112,16 @@ def run_gate(
     old_tasks: Sequence[str],
     new_task: str | None,
     token: str | None = None,
+    tuned_after: Mapping[str, float] | None = None,
+    tuned_before: Mapping[str, float] | None = None,
 ) -> GateResult:
-    """Evaluate and decide; ``before``/``after``/``base`` are model folders."""
+    """Evaluate and decide; ``before``/``after``/``base`` are model folders.
+
+    A merge tuned with ``--tune`` has scored the kept candidate (``tuned_after``) and the merged model
+    before it (``tuned_before``) on the tasks' validation splits, accuracy by validation task name:
+    the gate then decides on the validation splits too and reuses those scores, evaluating only what
+    they lack (the base on the new task's validation split).
+    """
     from hf_merge.evaluation import Evaluator
 
     result = GateResult(new_task=new_task)
@@ -89,23 +129,28 @@ def run_gate(
         result.refusal = Refusal("quality", "no evaluation task for it: declare one in `watch.tasks` or its card's model-index")
         return result
     old = list(dict.fromkeys(old_tasks))
-    tasks = old + ([new_task] if new_task and new_task not in old else [])
-    if not tasks:
-        return result
     try:
+        if tuned_after is not None:
+            from hf_merge.evaluation import validation_task
+
+            old = list(dict.fromkeys(validation_task(t).name for t in old))
+            new_task = result.new_task = validation_task(new_task).name if new_task else None
+        tasks = old + ([new_task] if new_task and new_task not in old else [])
+        if not tasks:
+            return result
         evaluator = Evaluator(tasks, limit=policy.eval_limit, token=token)
-        after_scores = evaluator.evaluate(str(after))
+        after_scores = _scores(evaluator, after, tasks, tuned_after)
         if old and policy.max_forgetting is not None:
-            before_scores = evaluator.evaluate(str(before), tasks=old)
-            result.old_before = 100 * sum(before_scores[t]["accuracy"] for t in old) / len(old)
-            result.old_after = 100 * sum(after_scores[t]["accuracy"] for t in old) / len(old)
+            before_scores = _scores(evaluator, before, old, tuned_before if tuned_after is not None else None)
+            result.old_before = 100 * sum(before_scores[t] for t in old) / len(old)
+            result.old_after = 100 * sum(after_scores[t] for t in old) / len(old)
         if new_task and policy.min_gain is not None:
-            result.new_after = 100 * after_scores[new_task]["accuracy"]
-            result.new_base = 100 * evaluator.evaluate(str(base), tasks=[new_task])[new_task]["accuracy"]
+            result.new_after = 100 * after_scores[new_task]
+            result.new_base = 100 * _scores(evaluator, base, [new_task], None)[new_task]
     except EvaluationError as error:
         result.refusal = Refusal("quality", f"could not be evaluated: {error}")
         return result
-    result.scores = {t: after_scores[t]["accuracy"] for t in tasks}
+    result.scores = dict(after_scores)
     if result.old_before is not None and result.old_after is not None:
         drop = result.old_before - result.old_after
         logger.info("Gate: merged tasks %.1f -> %.1f (%+.1f points)", result.old_before, result.old_after, -drop)

@@ -234,24 +234,24 @@ class Watcher:
             spec = EvalSpec(tasks=[task], every_step=True, limit=evaluation.limit)
         shutil.copytree(self.mirror.path, pending, ignore=shutil.ignore_patterns(".cache", HEAD_FILE, ".hf-merge-*"))
         # `add` on a local folder pushes nothing; the watcher pushes once the gate has admitted it.
-        # Without a task for the candidate the per-step table cannot grow a row: evaluation is
-        # skipped for this step (the previous rows stay) and the recipe's settings are restored after.
+        # Without a task for the candidate the per-step table cannot grow a row and --tune has nothing to
+        # score on: this step is neither evaluated nor tuned, and the recipe's settings are restored after.
         edit_recipe(pending, push_to_hub=None, space=None, **({} if spec or evaluation is None else {"eval": None}))
-        add(pending, [candidate.reference], token=self.token, eval=spec, allow_pickle=policy.allow_pickle)
-        if spec is None and evaluation is not None:
-            edit_recipe(pending, eval=evaluation)
+        add(pending, [candidate.reference], token=self.token, eval=spec, allow_pickle=policy.allow_pickle, tune=None if spec else False)
+        if spec is None and recipe is not None:
+            edit_recipe(pending, eval=evaluation, tune=recipe.tune)
         return task
 
     def _gate(self, pending: Path, candidate: Candidate, policy: AdmissionPolicy, task: str | None) -> Refusal | None:
         from hf_merge.hub.sources import resolve
-        from hf_merge.watch.gate import run_gate
+        from hf_merge.watch.gate import run_gate, tuned_scores
 
         recipe = self.mirror.recipe()
         old_tasks = list(recipe.eval.tasks) if recipe is not None and recipe.eval is not None else []
         base = resolve(self.mirror.base_reference(), token=self.token)
-        result = run_gate(policy, before=self.mirror.path, after=pending, base=base.path, old_tasks=old_tasks,
-                          new_task=task, token=self.token)
-        return result.refusal
+        after, before = tuned_scores(pending, self.mirror.path)
+        return run_gate(policy, before=self.mirror.path, after=pending, base=base.path, old_tasks=old_tasks,
+                        new_task=task, token=self.token, tuned_after=after, tuned_before=before).refusal
 
     def _finish(self, pending: Path, candidate: Candidate, head: str) -> None:
         """Restore the published recipe fields, record the decision in the ledger, rewrite the card."""
