@@ -129,6 +129,16 @@ def test_the_set_just_written_and_one_mapped_by_this_process_are_never_evicted(p
     assert _keys(cache_dir) == {d}  # A is no longer mapped and C is not the set just written: both go
 
 
+def test_evict_spares_the_key_it_keeps_and_accounts_every_byte(preprocessing, cache_dir, monkeypatch):
+    monkeypatch.setattr(pixel_disk, "RECENT_S", 0.0)
+    a, b, c = (_run(preprocessing, seed)[0] for seed in (1, 2, 3))
+    assert not pixel_disk.in_use()  # what protects a set just written in its run is `keep` alone here
+    _used(cache_dir, a, 3)
+    sizes = {key: _du(cache_dir / key) for key in (a, b, c)}
+    assert pixel_disk.evict(cache_dir, 1, keep=a) == (sizes[b] + sizes[c], sizes[a])  # (freed, still held)
+    assert _keys(cache_dir) == {a} and _du(cache_dir) == sizes[a]
+
+
 def test_a_set_used_seconds_ago_by_another_process_is_kept(preprocessing, cache_dir, monkeypatch):
     a, b = (_run(preprocessing, seed)[0] for seed in (1, 2))
     _used(cache_dir, a, 2)
