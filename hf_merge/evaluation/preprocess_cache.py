@@ -14,6 +14,13 @@ else in a memory-mapped ``.npy`` file under ``<cache>/eval-pixels/<key>/`` (``$H
 (revision or content, split, holdout, limit) and the processor's class and settings, so a set written under
 another processor config or dataset revision is never read.
 
+The sets on disk are bounded: ``$HF_MERGE_EVAL_CACHE_MAX_GB`` GiB (a positive number such as ``20``
+or ``0.5``; 20 GiB when unset). Each read of a set records its use; after a set is completed, the
+least recently used sets are deleted until the rest fit the bound, sparing the set just written, the
+sets this process has mapped and those another process used in the last seconds. A set larger than
+the bound is kept for the run that wrote it, with a warning, and is the first deleted later.
+:func:`clear_pixel_cache` deletes them all (see :mod:`hf_merge.evaluation.pixel_disk`).
+
 An image that cannot be decoded is skipped with one warning naming its index, and counted
 (:attr:`PixelSet.undecodable`).
 """
@@ -25,7 +32,6 @@ import json
 import multiprocessing
 import os
 import re
-import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -36,7 +42,9 @@ import numpy as np
 import torch
 
 from hf_merge.errors import EvaluationError
+from hf_merge.evaluation import pixel_disk
 from hf_merge.evaluation.datasets import TaskData
+from hf_merge.evaluation.pixel_disk import MAX_GB_ENV, clear_pixel_cache, default_cache_dir, human
 from hf_merge.evaluation.preprocessing import (
     PixelLookup,
     Preprocessing,
@@ -51,14 +59,8 @@ CACHE_FORMAT = 1
 CHUNK = 32  # images per worker task: large enough to amortise the transfer, small enough to start soon
 _VERIFY = 8  # images whose uint8 crops are checked against the processor's float output
 _WARNINGS = 10  # undecodable images named one by one, per task; the rest are only counted
-_META = "meta.json"
-_PIXELS = "pixels.npy"
-
-
-def default_cache_dir() -> Path:
-    """``$HF_MERGE_CACHE/eval-pixels``, else ``~/.cache/hf-merge/eval-pixels``."""
-    root = os.environ.get("HF_MERGE_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "hf-merge") / "eval-pixels"
+_META, _PIXELS = pixel_disk.META, pixel_disk.PIXELS
+__all__ = ["PixelCache", "PixelSet", "clear_pixel_cache", "default_cache_dir", "default_workers"]
 
 
 def default_workers() -> int:
@@ -102,15 +104,22 @@ class PixelCache:
         workers: Processes that decode and preprocess (0: in this process).
         memory_budget: Bytes of pixels kept in memory; sets beyond it go to memory-mapped files.
         cache_dir: Folder of the memory-mapped files (default :func:`default_cache_dir`).
+        disk_budget: Bytes the completed sets on disk may hold, all runs together (default
+            ``$HF_MERGE_EVAL_CACHE_MAX_GB`` GiB, else 20 GiB); see the module docstring.
     """
 
     def __init__(self, *, workers: int | None = None, memory_budget: int = 2 * 1024**3,
-                 cache_dir: str | Path | None = None):
+                 cache_dir: str | Path | None = None, disk_budget: int | None = None):
         self.workers = default_workers() if workers is None else workers
         if self.workers < 0:
             raise EvaluationError(f"workers must be 0 or more, got {self.workers}")
         self.memory_budget = memory_budget
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        # Read here, not after the first set is built: a bad value stops the run before any work.
+        self.disk_budget = pixel_disk.disk_budget() if disk_budget is None else disk_budget
+        if self.disk_budget <= 0:
+            raise EvaluationError(f"disk_budget must be a positive number of bytes, got {self.disk_budget}")
+        self._warned_over = False
         self._sets: dict[str, PixelSet] = {}
         self.builds = 0  # sets preprocessed (not read from memory or disk), for tests and benchmarks
 
@@ -131,6 +140,8 @@ class PixelCache:
         ready = self._sets.get(key) or self._from_disk(key)
         if ready is not None:
             self._sets[key] = ready
+            if ready.location != "memory":
+                pixel_disk.touch(Path(ready.location))  # a use: what eviction orders sets by
             for start in range(0, len(ready), batch_size):
                 assert ready.pixels is not None
                 yield ready.pixels[start : start + batch_size], ready
@@ -150,6 +161,23 @@ class PixelCache:
             raise
         self._sets[key] = building.finish()
         self.builds += 1
+        if self._sets[key].location != "memory":
+            self._bound_disk(key, building.data.task.name)
+
+    def _bound_disk(self, key: str, task: str) -> None:
+        """Evict least recently used sets after ``key`` was written; say when the bound cannot be kept."""
+        freed, total = pixel_disk.evict(self.cache_dir, self.disk_budget, keep=key)
+        bound = f"{human(self.disk_budget)} (${MAX_GB_ENV})"
+        if freed:
+            logger.info("pixel cache: freed %s of least recently used sets, to stay within %s", human(freed), bound)
+        written = next((e.size for e in pixel_disk.entries(self.cache_dir) if e.key == key), 0)
+        if written > self.disk_budget:
+            logger.warning("%s: its preprocessed images (%s) are more than the pixel cache's bound of %s: "
+                           "kept for this run, and the first set deleted later", task, human(written), bound)
+        elif total > self.disk_budget and not self._warned_over:
+            self._warned_over = True  # each later set would say the same
+            logger.warning("pixel cache: %s on disk, over its bound of %s: the other sets are in use by this "
+                           "run or were just used by another; they are deleted after it", human(total), bound)
 
     def _in_memory_bytes(self) -> int:
         return sum(s.nbytes for s in self._sets.values() if s.location == "memory")
@@ -163,6 +191,7 @@ class PixelCache:
             pixels = np.load(folder / _PIXELS, mmap_mode="r")
         except (OSError, ValueError):
             return None
+        pixel_disk.hold(folder, pixels)
         lookup = PixelLookup(torch.tensor(meta["lookup"], dtype=torch.float32)) if meta.get("lookup") else None
         return PixelSet(key, list(meta["kept"]), pixels[: len(meta["kept"])], lookup, list(meta["undecodable"]), str(folder))
 
@@ -217,6 +246,8 @@ class _Build:
         stored = len(target.kept)
         target.pixels[stored : stored + len(result.pixels)] = result.pixels
         target.kept.extend(result.kept)
+        if self.staging is not None:
+            pixel_disk.touch(self.staging)  # alive: another process's cleanup keeps this folder
 
     def _allocate(self, sample: np.ndarray) -> np.ndarray:
         shape = (len(self.data), *sample.shape[1:])
@@ -224,7 +255,7 @@ class _Build:
         if self.cache._in_memory_bytes() + size <= self.cache.memory_budget:
             return np.empty(shape, dtype=sample.dtype)
         self.cache.cache_dir.mkdir(parents=True, exist_ok=True)
-        self.staging = Path(tempfile.mkdtemp(prefix=".building-", dir=self.cache.cache_dir))
+        self.staging = Path(tempfile.mkdtemp(prefix=pixel_disk.STAGING, dir=self.cache.cache_dir))
         self.folder = self.cache.cache_dir / self.pixels_set.key
         logger.info("%s: %.1f GB of preprocessed images go to %s", self.data.task.name, size / 1e9, self.folder)
         return np.lib.format.open_memmap(self.staging / _PIXELS, mode="w+", dtype=sample.dtype, shape=shape)
@@ -250,16 +281,24 @@ class _Build:
                 "preprocessing": self.preprocessing.config(), "kept": result.kept, "undecodable": result.undecodable,
                 "lookup": result.lookup.table.tolist() if result.lookup is not None else None}
         (self.staging / _META).write_text(json.dumps(meta), encoding="utf-8")
-        shutil.rmtree(self.folder, ignore_errors=True)  # an incomplete folder under the same key
-        os.replace(self.staging, self.folder)
-        result.pixels = np.load(self.folder / _PIXELS, mmap_mode="r")[: len(result.kept)]
+        (self.staging / pixel_disk.USED).touch()
+        # Mapped before the rename: the mapping follows the file, whatever another process deletes later.
+        mapped = np.load(self.staging / _PIXELS, mmap_mode="r")
+        pixel_disk.remove(self.folder)  # an incomplete folder under the same key
+        try:
+            os.replace(self.staging, self.folder)
+        except OSError:
+            # Another process completed the same set meanwhile: theirs stays, ours is still mapped.
+            pixel_disk.remove(self.staging)
+        pixel_disk.hold(self.folder, mapped)
+        result.pixels = mapped[: len(result.kept)]
         result.location = str(self.folder)
         return result
 
     def abandon(self) -> None:
         """Drop a set whose evaluation stopped midway (its staging file included)."""
         if self.staging is not None:
-            shutil.rmtree(self.staging, ignore_errors=True)
+            pixel_disk.remove(self.staging)
 
 
 @dataclass
