@@ -53,7 +53,7 @@ def test_the_gate_reuses_the_scores_of_the_tuned_step(hub_api, hub_url, alice_to
     monkeypatch.setattr(gate, "run_gate", recording_gate)
     policy = AdmissionPolicy(max_forgetting=100.0, tasks={"carol/watch-tune-ft": TASK}, eval_limit=8)
     outcomes = Watcher(repo, work_dir=tmp_path / "watcher", token=alice_token, policy=policy).run_once()
-    assert [(o.repo_id, o.status) for o in outcomes] == [("carol/watch-tune-ft", "merged")]
+    assert [(o.repo_id, o.sha, o.status) for o in outcomes] == [("carol/watch-tune-ft", sha, "merged")]
 
     state = json.loads(open(hf_hub_download(repo, "merge_state.json", force_download=True)).read())
     records = state["tuning"]
