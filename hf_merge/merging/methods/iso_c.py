@@ -61,7 +61,7 @@ class IsoC(MergeMethod):
     )
     parameters = (
         Parameter("scaling_factor", 1.0, "λ, the scale of the isotropic merged task vector.",
-                  flags=("--scaling", "--lambda"), tune_grid=(0.6, 0.8, 1.0, 1.2, 1.5)),
+                  flags=("--scaling", "--lambda"), tune_grid=(0.6, 0.8, 1.0, 1.2, 1.5, 1.8, 2.0)),
     )
     buffer_is_output = False
     context: MergeContext  # set by init() before any other call
