@@ -159,7 +159,7 @@ def test_paper_baselines_and_orders_ran(paper_run):
     cwd, replicas, _, _ = paper_run
     expected = {"clip-vit-b32-opcm-8tasks": "opcm", "b32-opcm-no-eval": "opcm", "b32-average": "average", "b32-ta": "task_arithmetic",
                 "b32-ties": "ties", "b32-magmax": "magmax", "b32-iso-c": "iso_c", "b32-tsv-m": "tsv_m", "b32-dop": "dop",
-                "b32-opcm-seed1": "opcm", "b32-iso-cts": "iso_cts", "b32-wudi": "wudi"}
+                "b32-opcm-seed1": "opcm", "b32-iso-cts": "iso_cts", "b32-wudi": "wudi", "b32-tsv-m-tuned": "tsv_m"}
     for folder, method in expected.items():
         state = json.loads((cwd / folder / "merge_state.json").read_text())
         assert state["method"] == method and state["step"] == 8, folder
@@ -180,6 +180,22 @@ def test_paper_baselines_and_orders_ran(paper_run):
     assert [e["repo_id"] for e in shuffled["lineage"]] != [
         e["repo_id"] for e in json.loads((cwd / "b32-average" / "merge_state.json").read_text())["lineage"]
     ]
+
+
+def test_paper_tuned_run_chose_each_step_on_held_out_train_images(paper_run):
+    """``--tune`` on the paper's tasks: every step tried TSV-M's grid and scored it on each task's
+    held-out 10 % of its train split (FusionBench's validation recipe), never on the test split."""
+    cwd, _, _, _ = paper_run
+    state = json.loads((cwd / "b32-tsv-m-tuned" / "merge_state.json").read_text())
+    records = state["tuning"]
+    assert [r["step"] for r in records] == list(range(1, 9))
+    tasks = ["sun397", "stanford-cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd"]
+    for record in records:
+        assert record["grid"] == [0.6, 0.8, 1.0, 1.2, 1.5, 1.8, 2.0]
+        assert record["chosen"] == record["grid"][record["scores"].index(max(record["scores"]))]
+        assert list(record["per_task"][0]) == [f"{task}/val" for task in tasks[:record["step"]]]
+    assert state["hyperparameters"]["scaling_factor"] == records[-1]["chosen"]
+    assert "### Hyperparameters chosen on validation data" in (cwd / "b32-tsv-m-tuned" / "README.md").read_text()
 
 
 def test_paper_dop_ran_at_the_reference_settings(paper_run):
