@@ -44,14 +44,9 @@ class Spy(StepTuner):
         super().__init__(scorer, grid)
         self.current = current
 
-    def _choose(self, method, step, run):
-        original = run
-
-        def run_and_note():
-            self.current.update(method.hyperparameters)
-            return original()
-
-        return super()._choose(method, step, run_and_note)
+    def _score(self, step, weights, parameter, value, scores, details):
+        self.current[parameter] = value
+        super()._score(step, weights, parameter, value, scores, details)
 
 
 def plain(base, experts, out, method, **hyper):
@@ -155,6 +150,31 @@ def test_an_all_at_once_method_is_tuned_once_over_its_single_merge(tiny_base, ti
     records = json.loads((tmp_path / "tuned" / "merge_state.json").read_text())["tuning"]
     assert len(records) == 1 and records[0]["step"] == 3 and records[0]["chosen"] == 1.5
     assert {c[0] for c in calls} == {3}
+
+
+def test_a_scaling_of_the_output_is_merged_once_and_scored_per_value(tiny_base, tiny_experts, tmp_path, monkeypatch):
+    """Iso-C's scaling only scales its output: a tuned step merges once and decomposes each matrix
+    once per scoring pass, and every value's weights equal the plain merge's with that value."""
+    from hf_merge.merging.methods.iso_c import IsoC
+
+    steps = []
+    monkeypatch.setattr(IsoC, "_step", lambda self, expert, original=IsoC._step: steps.append(1) or original(self, expert))
+    seen = {}
+
+    def scorer(step, merged):
+        seen.setdefault(step, []).append({n: t.clone() for n, t in merged.items()})
+        return float(step == 2 and len(seen[step]) == 3), {"task": 0.0}
+
+    with ContinualMerger(tiny_base, tmp_path / "tuned", "iso_c", device="cpu", tuner=StepTuner(scorer)) as merger:
+        merger.add_all(tiny_experts[:2])
+    assert len(steps) == 2  # one merge per step, whatever the grid
+    grid = get_method("iso_c").parameter("scaling_factor").tune_grid
+    for index, value in enumerate(grid):
+        expected = plain(tiny_base, tiny_experts[:2], tmp_path / f"plain-{index}", "iso_c", scaling_factor=value)
+        assert all(torch.equal(seen[2][index][n], expected[n]) for n in seen[2][index])
+    records = json.loads((tmp_path / "tuned" / "merge_state.json").read_text())["tuning"]
+    assert records[1]["chosen"] == grid[2]
+    assert all(torch.equal(t, seen[2][2][n]) for n, t in weights(tmp_path / "tuned").items() if n in seen[2][2])
 
 
 def test_ties_keep_the_earlier_grid_value():

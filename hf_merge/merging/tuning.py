@@ -116,34 +116,65 @@ class StepTuner:
     def _choose(self, method: MergeMethod, step: int, run: Callable[[], dict[str, float]]) -> dict[str, float]:
         parameter, grid = self.candidates(method)
         ready, method.ready = method.ready, None  # no candidate reaches the output files
+        try:
+            tried = self._score_scales if parameter.name == method.scaled_output else self._score_states
+            metrics, scores, details = tried(method, step, run, parameter.name, grid)
+        finally:
+            method.ready = ready
+        return self._keep(method, step, parameter.name, grid, scores, details, metrics, ready)
+
+    def _score_states(self, method: MergeMethod, step: int, run: Callable[[], dict[str, float]], parameter: str,
+                      grid: list[Any]) -> tuple[dict[str, float], list[float], list[dict[str, float]]]:
+        """Each value merged from the state before the step and scored; the method is left at the best's result."""
         saved_state, saved = method.state_dict(), {name: tensor.clone() for name, tensor in method.buffer.items()}
         scores: list[float] = []
         details: list[dict[str, float]] = []
         metrics: dict[str, float] = {}
-        try:
-            for i, value in enumerate(grid):
-                if i:
-                    _restore(method, saved_state, saved)
-                _set(method, parameter.name, value)
-                metrics = run()
-                score, per_task = self.scorer(step, {name: method.output(name) for name in method.context.names})
-                scores.append(float(score))
-                details.append(dict(per_task))
-                logger.info("tune step %d: %s=%g -> %.4f", step, parameter.name, value, score)
-            best = best_index(scores)
-            if best != len(grid) - 1:  # the last candidate is in the buffer; the best must be merged again
-                _restore(method, saved_state, saved, copy=False)
-                _set(method, parameter.name, grid[best])
-                metrics = run()
-        finally:
-            method.ready = ready
+        for i, value in enumerate(grid):
+            if i:
+                _restore(method, saved_state, saved)
+            _set(method, parameter, value)
+            metrics = run()
+            self._score(step, {name: method.output(name) for name in method.context.names}, parameter, value, scores, details)
+        best = best_index(scores)
+        if best != len(grid) - 1:  # the last candidate is in the buffer; the best must be merged again
+            _restore(method, saved_state, saved, copy=False)
+            _set(method, parameter, grid[best])
+            metrics = run()
+        return metrics, scores, details
+
+    def _score_scales(self, method: MergeMethod, step: int, run: Callable[[], dict[str, float]], parameter: str,
+                      grid: list[Any]) -> tuple[dict[str, float], list[float], list[dict[str, float]]]:
+        """A parameter that only scales the output: one merge, every value scored from the same
+        merged task vectors (an Iso-C or TSV-M step decomposes each matrix once, not once per value)."""
+        metrics = run()
+        names = method.context.names
+        vectors = {name: method.merged_task_vector(name) for name in names}
+        scores: list[float] = []
+        details: list[dict[str, float]] = []
+        for value in grid:
+            self._score(step, {name: method.scaled(name, vectors[name], value) for name in names}, parameter, value,
+                        scores, details)
+        return metrics, scores, details
+
+    def _score(self, step: int, weights: Mapping[str, torch.Tensor], parameter: str, value: Any, scores: list[float],
+               details: list[dict[str, float]]) -> None:
+        """Score one candidate (``parameter`` = ``value``) and note the result."""
+        score, per_task = self.scorer(step, weights)
+        scores.append(float(score))
+        details.append(dict(per_task))
+        logger.info("tune step %d: %s=%g -> %.4f", step, parameter, value, score)
+
+    def _keep(self, method: MergeMethod, step: int, parameter: str, grid: list[Any], scores: list[float],
+              details: list[dict[str, float]], metrics: dict[str, float], ready: Callable[[str], None] | None) -> dict[str, float]:
+        best = best_index(scores)
+        _set(method, parameter, grid[best])
         if ready is not None:
             for name in method.context.names:
                 ready(name)
-        record = TuningRecord(step, parameter.name, [float(v) for v in grid], scores, float(grid[best]), details)
-        self.records.append(record)
-        logger.info("tune step %d: kept %s=%g (validation %.4f)", step, parameter.name, grid[best], scores[best])
-        return {**metrics, f"tuned_{parameter.name}": float(grid[best])}
+        self.records.append(TuningRecord(step, parameter, [float(v) for v in grid], scores, float(grid[best]), details))
+        logger.info("tune step %d: kept %s=%g (validation %.4f)", step, parameter, grid[best], scores[best])
+        return {**metrics, f"tuned_{parameter}": float(grid[best])}
 
 
 def plain_step(method: MergeMethod, expert: Checkpoint) -> dict[str, float]:

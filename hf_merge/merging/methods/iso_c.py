@@ -64,6 +64,7 @@ class IsoC(MergeMethod):
                   flags=("--scaling", "--lambda"), tune_grid=(0.6, 0.8, 1.0, 1.2, 1.5, 1.8, 2.0)),
     )
     buffer_is_output = False
+    scaled_output = "scaling_factor"
     context: MergeContext  # set by init() before any other call
     # a step is one read and one addition; the SVDs happen when a step is written (output), so
     # writing every step would cost one decomposition of every matrix per expert
@@ -91,6 +92,4 @@ class IsoC(MergeMethod):
     def output(self, name: str) -> torch.Tensor:
         if self.step_count == 0:
             return self.context.base.get(name)
-        scale = float(self.hyperparameters["scaling_factor"])
-        merged = self._math(self.context.base.get(name)).add_(self.merged_task_vector(name), alpha=scale)
-        return self._stored(name, merged)
+        return self.scaled(name, self.merged_task_vector(name), float(self.hyperparameters["scaling_factor"]))

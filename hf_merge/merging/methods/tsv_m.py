@@ -108,6 +108,7 @@ class TSVM(MergeMethod):
                   flags=("--scaling", "--lambda"), tune_grid=(0.6, 0.8, 1.0, 1.2, 1.5, 1.8, 2.0)),
     )
     buffer_is_output = False
+    scaled_output = "scaling_factor"
     context: MergeContext  # set by init() before any other call
 
     def _is_matrix(self, name: str) -> bool:
@@ -160,6 +161,4 @@ class TSVM(MergeMethod):
     def output(self, name: str) -> torch.Tensor:
         if self.step_count == 0:
             return self.context.base.get(name)
-        scale = float(self.hyperparameters["scaling_factor"])
-        merged = self._math(self.context.base.get(name)).add_(self.merged_task_vector(name), alpha=scale)
-        return self._stored(name, merged)
+        return self.scaled(name, self.merged_task_vector(name), float(self.hyperparameters["scaling_factor"]))
