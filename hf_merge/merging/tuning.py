@@ -3,15 +3,17 @@
 At step t the engine merges expert t once per candidate value of the method's tuned parameter (its
 declaration's ``tune_grid``), each time from the same state after step t−1, and asks a
 :data:`Scorer` (the validation accuracy on the tasks of experts 1..t, built by
-:mod:`hf_merge.tuning`) to score each candidate merge. The best candidate is kept (ties: the first in
-the grid), its value becomes the method's hyperparameter from then on, and the step's
+:mod:`hf_merge.validation_scoring`) to score each candidate merge. The best candidate is kept (ties:
+the first in the grid), its value becomes the method's hyperparameter from then on, and the step's
 :class:`TuningRecord` (grid, scores, choice) goes into ``merge_state.json``. An all-at-once method is
 tuned the same way once, over its single merge of every expert.
 
 The method object stays the same (the engine's writer holds its ``output``): candidates are tried by
 restoring its state in place, which is exactly what a resume restores (``state_dict()`` plus the
 buffer), so a tuned step equals a plain step run with the chosen value. Memory: a copy of the buffer
-before the step, besides the candidate being scored.
+before the step, besides the candidate being scored. A parameter that only scales the output
+(``MergeMethod.scaled_output``: Iso-C's and TSV-M's ``scaling_factor``) needs neither: the step is
+merged once and every value is scored from the same merged task vectors.
 """
 
 from __future__ import annotations
