@@ -175,3 +175,14 @@ def test_the_colour_task_has_a_validation_split_of_other_images():
     assert val_data.fingerprint != test_data.fingerprint
     first_test, first_val = np.asarray(test_data.images(0, 1)[0]), np.asarray(val_data.images(0, 1)[0])
     assert not np.array_equal(first_test, first_val)  # the same colour, other noise: not the test images
+
+
+def test_a_hub_task_validation_name_works_wherever_a_task_name_does():
+    """``sun397/val`` (not registered) is found by name: the tuner, the watcher's gate and
+    ``hf-merge eval`` all look tasks up by name."""
+    derived = get_task("sun397/val")
+    assert derived == validation_task("sun397")
+    assert derived.dataset.split == "train" and derived.dataset.holdout_fraction == 0.1
+    assert get_task("Stanford_Cars/val").name == "stanford-cars/val"
+    with pytest.raises(EvaluationError, match="unknown task 'synthetic/nothing/val'"):
+        get_task("synthetic/nothing/val")

@@ -194,6 +194,9 @@ def get_task(task: str | Task) -> Task:
     found = _REGISTRY.get(_key(task))
     if found is not None:
         return found
+    derived = _derived_validation_task(task)
+    if derived is not None:
+        return derived
     if Path(task).expanduser().is_dir():
         return Task.from_image_folder(task)
     raise EvaluationError(f"unknown task {task!r}; known tasks: {', '.join(list_tasks())}")
@@ -204,6 +207,20 @@ def registered_task(name: str) -> Task | None:
     unlike :func:`get_task`, a folder of that name is not turned into a task."""
     _load_builtins()
     return _REGISTRY.get(_key(name))
+
+
+def _derived_validation_task(name: str) -> Task | None:
+    """``<task>/val`` of a registered Hub dataset task: its held-out train images
+    (:func:`hf_merge.evaluation.validation.validation_task`), so the name works wherever a task name does."""
+    key = _key(name)
+    if not key.endswith("/val"):
+        return None
+    test = _REGISTRY.get(key[: -len("/val")])
+    if test is None or test.dataset is None or test.dataset.kind != "hub":
+        return None
+    from hf_merge.evaluation.validation import validation_task
+
+    return validation_task(test)
 
 
 def list_tasks() -> list[str]:
