@@ -101,6 +101,17 @@ def publish(api, repo_id: str, folder: Path, message: str = "Add model") -> str:
     return api.model_info(repo_id).sha
 
 
+def publish_parents(api, prefix: str, base_dir: Path, expert_dirs: list[Path]) -> tuple[str, list[str]]:
+    """``(base repo id, expert repo ids)``: ``alice/<prefix>-base`` and ``alice/<prefix>-expert-<i>``
+    published from the folders; a base of its own, so only its test's fine-tunes claim it."""
+    base = f"alice/{prefix}-base"
+    publish(api, base, base_dir)
+    experts = [f"alice/{prefix}-expert-{index}" for index in range(len(expert_dirs))]
+    for repo, folder in zip(experts, expert_dirs, strict=True):
+        publish(api, repo, folder)
+    return base, experts
+
+
 def merged_repo(api, token: str, prefix: str, base_dir: Path, expert_dirs: list[Path], work: Path,
                 tasks: list[str] | None = None, eval_limit: int | None = 8) -> tuple[str, str]:
     """``(merged repo id, base repo id)``: a base and experts of its own, merged and pushed by hf-merge.

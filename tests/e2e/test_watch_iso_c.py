@@ -9,7 +9,7 @@ from huggingface_hub import HfApi, hf_hub_download
 from safetensors.torch import load_file
 
 from hf_merge.api import merge
-from hf_merge.testing.watch_models import fine_tune, lineage_of, publish
+from hf_merge.testing.watch_models import fine_tune, lineage_of, publish, publish_parents
 from hf_merge.watch.runner import Watcher
 
 pytestmark = pytest.mark.slow
@@ -17,12 +17,7 @@ pytestmark = pytest.mark.slow
 
 def test_watcher_adds_a_fine_tune_to_an_iso_c_merge(hub_api, hub_url, alice_token, carol_token, tiny_base, tiny_experts,
                                                      tmp_path):
-    base = "alice/watch-iso-c-base"  # a base of its own: only this test's fine-tunes claim it
-    publish(hub_api, base, tiny_base)
-    experts = []
-    for index, folder in enumerate(tiny_experts[:2]):
-        experts.append(f"alice/watch-iso-c-expert-{index}")
-        publish(hub_api, experts[-1], folder)
+    base, experts = publish_parents(hub_api, "watch-iso-c", tiny_base, tiny_experts[:2])
     repo = "alice/watch-iso-c-merged"
     merge(base=base, experts=experts, method="iso_c", parameters={"scaling_factor": 0.7},
           output=str(tmp_path / "merged"), push_to_hub=repo, token=alice_token)

@@ -10,7 +10,7 @@ from huggingface_hub import HfApi, hf_hub_download
 
 from hf_merge.api import merge
 from hf_merge.evaluation import Evaluator
-from hf_merge.testing.watch_models import fine_tune, publish
+from hf_merge.testing.watch_models import fine_tune, publish, publish_parents
 from hf_merge.watch import gate
 from hf_merge.watch.policy import AdmissionPolicy
 from hf_merge.watch.runner import Watcher
@@ -21,12 +21,7 @@ TASK = "synthetic/colors"
 
 def test_the_gate_reuses_the_scores_of_the_tuned_step(hub_api, hub_url, alice_token, carol_token, tiny_base, tiny_experts,
                                                       tmp_path, monkeypatch):
-    base = "alice/watch-tune-base"
-    publish(hub_api, base, tiny_base)
-    experts = []
-    for index, folder in enumerate(tiny_experts[:2]):
-        experts.append(f"alice/watch-tune-expert-{index}")
-        publish(hub_api, experts[-1], folder)
+    base, experts = publish_parents(hub_api, "watch-tune", tiny_base, tiny_experts[:2])
     repo = "alice/watch-tune-merged"
     merge(base=base, experts=experts, method="task_arithmetic", tune=True,
           eval={"tasks": [TASK, TASK], "every_step": True, "limit": 8},
