@@ -54,7 +54,8 @@ class DemoResult:
 def run_demo(
     output_dir: str | Path = "demo-output",
     *,
-    method: str = "opcm",
+    method: str = "tsv_m",
+    tune: bool = True,
     eval_limit: int | None = 500,
     port: int = 0,
     serve: bool = False,
@@ -62,6 +63,9 @@ def run_demo(
     zoo_config: Any = None,
 ) -> DemoResult:
     """Run the offline demo; with ``serve=True`` keep the Hub and the Space running until Ctrl-C.
+
+    The default method is TSV-M with ``--tune``: the continual method that ranks first on the zoo's
+    validation splits (``benchmarks/merge_quality.py``), its scaling chosen at every step on them.
 
     Each run starts from a clean demo Hub and merge folder under ``output_dir`` (both are rebuilt
     from the cached zoo in seconds), so the demo can be run again and again. ``zoo_config`` (a
@@ -94,6 +98,8 @@ def run_demo(
         argv = ["hf-merge", "merge", "--base", repos["base"], "--experts", *experts, "--method", method,
                 "--eval", *tasks, "--eval-every-step", "--output", str(merged_dir),
                 "--push-to-hub", merged_repo, "--space", space_repo]
+        if tune:
+            argv += ["--tune"]
         if eval_limit:
             argv += ["--eval-limit", str(eval_limit)]
         print("[3/4] Merging by repo id, as a user would:\n  " + shlex.join(argv), flush=True)

@@ -140,7 +140,7 @@ def test_example_recipes_are_valid():
 
     examples = Path(__file__).resolve().parents[1] / "examples"
     paper = MergeRecipe.load(examples / "paper_vit_b32_8tasks.yaml")
-    assert paper.base == BASE and paper.method == "opcm" and paper.parameters["alpha"] == 0.5
+    assert paper.base == BASE and paper.method == "tsv_m" and paper.parameters == {"scaling_factor": 1.0}
     tasks = ["sun397", "stanford-cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd"]
     assert paper.experts == [f"tanganke/clip-vit-base-patch32_{t}" for t in tasks]
     assert paper.eval.tasks == tasks and paper.eval.every_step
@@ -165,7 +165,7 @@ def test_cli_flags_override_the_yaml(tmp_path, monkeypatch):
 
     monkeypatch.setattr(api, "merge", fake_merge)
     paper = str(Path(__file__).resolve().parents[1] / "examples" / "paper_vit_b32_8tasks.yaml")
-    for argv in (["--alpha", "0.7", "--eval-limit", "5"], ["--method", "ties", "--keep", "0.1", "--shuffle", "--seed", "4"]):
+    for argv in (["--method", "opcm", "--alpha", "0.7", "--eval-limit", "5"], ["--method", "ties", "--keep", "0.1", "--shuffle", "--seed", "4"]):
         with pytest.raises(Stop):
             main(["merge", "--config", paper, *argv])
     opcm, ties = seen

@@ -11,7 +11,7 @@ _EPILOG_MERGE = """examples:
   hf-merge merge --base openai/clip-vit-base-patch32 \\
       --experts tanganke/clip-vit-base-patch32_sun397 tanganke/clip-vit-base-patch32_dtd \\
       --method opcm --alpha 0.5 --eval sun397 dtd --eval-every-step --push-to-hub me/clip-opcm
-  hf-merge merge --config examples/paper_vit_b32_8tasks.yaml --output runs/opcm
+  hf-merge merge --config examples/paper_vit_b32_8tasks.yaml --output runs/tsv-m
 """
 
 

@@ -31,6 +31,12 @@ def test_demo_runs_end_to_end_and_again(tmp_path, monkeypatch, capsys):
     assert report["tasks"] == [f"offline/{task}" for task in config.tasks]
     assert len(report["accuracy_matrix"]) == len(config.tasks)
     assert None not in report["base_accuracy"] and None not in report["expert_accuracy"]
+    state = json.loads((result.output_dir / "merge_state.json").read_text())
+    assert state["method"] == "tsv_m"  # the continual method that ranks first on the zoo's validation splits
+    records = state["tuning"]  # its scaling chosen at every step on the validation splits, never the test ones
+    assert [r["step"] for r in records] == list(range(1, len(config.tasks) + 1))
+    assert set(records[-1]["per_task"][0]) == {f"offline/{task}/val" for task in config.tasks}
+    assert "### Hyperparameters chosen on validation data" in card.text
 
     with LocalHubServer(tmp_path / "demo" / "hub") as server:  # what the demo published survives it
         api = HfApi(endpoint=server.url)

@@ -126,7 +126,7 @@ def paper_run(replica_hub, tmp_path_factory):
 def test_paper_merge_is_a_full_clip_with_the_base_text_tower(paper_run):
     cwd, replicas, _, _ = paper_run
     base = load_file(replicas.folder / replicas.base / "pr" / "model.safetensors")
-    merged = tensors(cwd / "clip-vit-b32-opcm-8tasks")
+    merged = tensors(cwd / "clip-vit-b32-tsv-m-8tasks")
     assert set(merged) == set(base)
     for name, tensor in base.items():
         if name.startswith("vision_model.") and tensor.is_floating_point():
@@ -138,7 +138,7 @@ def test_paper_merge_is_a_full_clip_with_the_base_text_tower(paper_run):
 
 def test_paper_merge_records_the_conversion_pr_and_eight_steps(paper_run):
     cwd, replicas, _, _ = paper_run
-    out = cwd / "clip-vit-b32-opcm-8tasks"
+    out = cwd / "clip-vit-b32-tsv-m-8tasks"
     state = json.loads((out / "merge_state.json").read_text())
     pr = state["base"]["conversion_pr"]
     assert state["base"]["commit_sha"] == pr["commit_sha"] == replicas.pr_sha
@@ -157,15 +157,16 @@ def test_paper_merge_records_the_conversion_pr_and_eight_steps(paper_run):
 
 def test_paper_baselines_and_orders_ran(paper_run):
     cwd, replicas, _, _ = paper_run
-    expected = {"clip-vit-b32-opcm-8tasks": "opcm", "b32-opcm-no-eval": "opcm", "b32-average": "average", "b32-ta": "task_arithmetic",
-                "b32-ties": "ties", "b32-magmax": "magmax", "b32-iso-c": "iso_c", "b32-tsv-m": "tsv_m", "b32-dop": "dop",
+    expected = {"clip-vit-b32-tsv-m-8tasks": "tsv_m", "b32-opcm-no-eval": "opcm", "b32-opcm": "opcm", "b32-average": "average",
+                "b32-ta": "task_arithmetic",
+                "b32-ties": "ties", "b32-magmax": "magmax", "b32-iso-c": "iso_c", "b32-dop": "dop",
                 "b32-opcm-seed1": "opcm", "b32-iso-cts": "iso_cts", "b32-wudi": "wudi", "b32-tsv-m-tuned": "tsv_m"}
     for folder, method in expected.items():
         state = json.loads((cwd / folder / "merge_state.json").read_text())
         assert state["method"] == method and state["step"] == 8, folder
     # the methods that keep state besides the weights saved it, and moved the encoder's weights
     base = load_file(replicas.folder / replicas.base / "pr" / "model.safetensors")
-    for folder in ("b32-iso-c", "b32-tsv-m"):
+    for folder in ("b32-iso-c", "clip-vit-b32-tsv-m-8tasks"):
         assert (cwd / folder / "merge_state.safetensors").is_file(), folder
         merged = tensors(cwd / folder)
         assert torch.equal(merged["text_projection.weight"], base["text_projection.weight"]), folder
@@ -219,7 +220,7 @@ def test_pushed_model_loads_with_pipeline_and_space_exists(paper_run):
     cwd, _, server, home = paper_run
     script = (
         "from PIL import Image\nfrom transformers import pipeline\n"
-        f"c = pipeline('zero-shot-image-classification', model='{USER}/clip-vit-b32-opcm-8tasks')\n"
+        f"c = pipeline('zero-shot-image-classification', model='{USER}/clip-vit-b32-tsv-m-8tasks')\n"
         "r = c(Image.new('RGB', (64, 64), 'red'), candidate_labels=['a photo of a cat', 'a photo of a red square'])\n"
         "print(sorted(x['label'] for x in r), round(sum(x['score'] for x in r), 4))\n"
     )
@@ -227,7 +228,7 @@ def test_pushed_model_loads_with_pipeline_and_space_exists(paper_run):
     process = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert process.returncode == 0, process.stderr[-2000:]
     assert process.stdout.strip().endswith("['a photo of a cat', 'a photo of a red square'] 1.0")
-    assert server.api.storage.get_repo("space", f"{USER}/clip-vit-b32-opcm-8tasks") is not None
+    assert server.api.storage.get_repo("space", f"{USER}/clip-vit-b32-tsv-m-8tasks") is not None
 
 
 def test_flax_tf_and_pickle_weights_were_never_downloaded(paper_run):
