@@ -23,10 +23,13 @@ Everything above depends on the experts only through ``Σ τ_i`` and their numbe
 form keeps the running sum (float, one model's size, saved next to the merge state) and the result
 after step t equals the all-at-once result on the first t experts, in any order. The reference
 computes ``(Σ τ_i / T) · T`` before the SVD (lines 27 and 32); :meth:`IsoC.output` does the same, so
-both decompose the same rounded matrix.
+both decompose the same rounded matrix. In float32 compute the decomposition is the Gram matrix's
+eigendecomposition rather than an SVD (:func:`~hf_merge.merging.methods.spectral.isotropic`).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -37,12 +40,8 @@ from hf_merge.merging.methods.base import (
     Parameter,
     read_scratch,
 )
-
-
-def isotropic(matrix: torch.Tensor) -> torch.Tensor:
-    """``mean(S) · U Vᵀ`` for ``U S Vᵀ = svd(matrix)`` (reduced): the matrix with a flat spectrum."""
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    return (u * s.mean()) @ vh
+from hf_merge.merging.methods.linalg_backend import resolve as resolve_linalg
+from hf_merge.merging.methods.spectral import isotropic
 
 
 class IsoC(MergeMethod):
@@ -70,6 +69,10 @@ class IsoC(MergeMethod):
     # writing every step would cost one decomposition of every matrix per expert
     checkpoint_every = 8
 
+    def __init__(self, **hyperparameters: Any):
+        super().__init__(**hyperparameters)
+        self.linalg = resolve_linalg()  # how, not what: HF_MERGE_LINALG, never part of the recipe
+
     def _initial_buffer(self, name: str) -> torch.Tensor:
         return torch.zeros(self.context.base.shape(name), dtype=self.context.compute_dtype)
 
@@ -87,7 +90,7 @@ class IsoC(MergeMethod):
         mean = total / self.step_count
         if total.dim() != 2:
             return mean
-        return isotropic(mean * self.step_count)
+        return isotropic(mean * self.step_count, self.linalg)
 
     def output(self, name: str) -> torch.Tensor:
         if self.step_count == 0:

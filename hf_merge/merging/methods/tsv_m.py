@@ -33,9 +33,15 @@ expert's block and zeroes the rest, so after step t the result equals the all-at
 first t experts. The factors take ``(m + n + 1) · r`` numbers against the matrix's ``m · n``: 2× for
 a square matrix, 1.25× for ViT-B/32's 768 × 3072 MLP weights (about 1.5× the vision tower's
 matrices in all); other tensors keep their running mean, their own size.
+
+In float32 compute the triplets and polar factors come from Gram eigendecompositions rather than
+SVDs, the zero padding left out of the polar factors where that gives the same product
+(:mod:`hf_merge.merging.methods.spectral`).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -46,26 +52,13 @@ from hf_merge.merging.methods.base import (
     Parameter,
     read_scratch,
 )
+from hf_merge.merging.methods.linalg_backend import resolve as resolve_linalg
+from hf_merge.merging.methods.spectral import leading_triplets, polar_product
 
 
 def kept_rank(rank: int, experts: int) -> int:
     """Triplets kept per expert among ``experts``: the reference's ``int(rank * (1 / experts))``."""
     return int(rank * (1 / experts))
-
-
-def polar(matrix: torch.Tensor) -> torch.Tensor:
-    """The orthogonal polar factor ``u vh`` of ``svd(matrix)`` (reduced)."""
-    u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
-    return u @ vh
-
-
-def leading_triplets(tau: torch.Tensor, k: int) -> torch.Tensor:
-    """``tau``'s k leading singular triplets stacked as one ``(m + 1 + n) × k`` block: the columns
-    of U, the singular values, the rows of Vᵀ as columns."""
-    if not k:
-        return tau.new_zeros(sum(tau.shape) + 1, 0)
-    u, s, vh = torch.linalg.svd(tau, full_matrices=False)
-    return torch.cat([u[:, :k], s[None, :k], vh[:k].T])
 
 
 def add_block(factors: torch.Tensor, block: torch.Tensor, t: int) -> None:
@@ -111,6 +104,10 @@ class TSVM(MergeMethod):
     scaled_output = "scaling_factor"
     context: MergeContext  # set by init() before any other call
 
+    def __init__(self, **hyperparameters: Any):
+        super().__init__(**hyperparameters)
+        self.linalg = resolve_linalg()  # how, not what: HF_MERGE_LINALG, never part of the recipe
+
     def _is_matrix(self, name: str) -> bool:
         return len(self.context.base.shape(name)) == 2
 
@@ -135,7 +132,7 @@ class TSVM(MergeMethod):
 
         def leading(name: str) -> tuple[torch.Tensor, dict[str, float]]:
             tau = self._math(read_scratch(expert, name, 0)).sub_(self._math(read_scratch(base, name, 1)))
-            return leading_triplets(tau, kept_rank(min(tau.shape), t)), {}
+            return leading_triplets(tau, kept_rank(min(tau.shape), t), self.linalg), {}
 
         def keep(name: str, block: torch.Tensor, _: dict[str, float]) -> None:
             factors = self._math(self.buffer[name])
@@ -156,7 +153,7 @@ class TSVM(MergeMethod):
         u_cat, s_cat, v_cat = split_factors(state, rows)
         if not s_cat.any():  # no triplet kept (more experts than the rank): nothing to add
             return torch.zeros(self.context.base.shape(name), dtype=state.dtype, device=state.device)
-        return (polar(u_cat) * s_cat) @ polar(v_cat.T)
+        return polar_product(u_cat, s_cat, v_cat, self.linalg)
 
     def output(self, name: str) -> torch.Tensor:
         if self.step_count == 0:
