@@ -103,6 +103,9 @@ class TSVM(MergeMethod):
     buffer_is_output = False
     scaled_output = "scaling_factor"
     context: MergeContext  # set by init() before any other call
+    # the polar factors are computed only when a step is written (output): a written step costs
+    # 2.7x an OPCM step at ViT-B/32 width, an unwritten one 0.7x (benchmarks/results/spectral_speed.md)
+    checkpoint_every = 8
 
     def __init__(self, **hyperparameters: Any):
         super().__init__(**hyperparameters)
