@@ -184,6 +184,7 @@ def max_abs_diff(left: Path, right: Path) -> float:
 # -- the table -------------------------------------------------------------------------------------
 DECOMPOSITIONS = ["svd", "gram_mixed", "gram64", "gram32"]
 CHEAP = ("average", "task_arithmetic")  # methods whose step is cheaper than writing the model
+WRITTEN_COST = ("iso_c", "tsv_m")  # methods whose decompositions happen when a step is written
 DOP_STEPS = [200]  # set from --dop-steps
 
 
@@ -216,6 +217,11 @@ def variants(method: str, decompositions: list[str], backends: list[str]) -> lis
         default = get_method(method).checkpoint_every
         return [(f"checkpoint_every={default} (default)", {})] + [
             (f"checkpoint_every={n}", {"checkpoint_every": n}) for n in (1, 4, 8) if n != default]
+    if method in WRITTEN_COST:
+        from hf_merge.merging.methods import get_method
+
+        default = get_method(method).checkpoint_every
+        return [(f"checkpoint_every={default} (default)", {}), ("checkpoint_every=1 (every step written)", {"checkpoint_every": 1})]
     return [("default", {})]
 
 
