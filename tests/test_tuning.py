@@ -201,3 +201,25 @@ def test_the_record_is_plain_data():
     assert json.loads(json.dumps(record.to_dict())) == {
         "step": 2, "parameter": "alpha", "grid": [0.3, 0.5], "scores": [0.41, 0.44], "chosen": 0.5,
         "per_task": [{"a/val": 0.4}, {"a/val": 0.44}]}
+
+
+def test_task_arithmetic_given_a_new_scaling_is_the_sum_at_that_scaling(tiny_base, tiny_experts, tmp_path):
+    """λ changed between steps (as --tune does) rescales what is merged so far: the model is θ0 + λ Σ τ
+    with the new λ, the all-at-once task arithmetic of the experts so far, not a mix of λs."""
+    out = tmp_path / "m"
+    with ContinualMerger(tiny_base, out, "task_arithmetic", hyperparameters={"scaling_factor": 1.0}, device="cpu",
+                         checkpoint_every=1) as merger:
+        merger.add_all(tiny_experts[:2])
+    state = json.loads((out / "merge_state.json").read_text())
+    assert state["method_state"]["scaling_applied"] == 1.0
+    state["hyperparameters"]["scaling_factor"] = 0.3
+    (out / "merge_state.json").write_text(json.dumps(state))
+    with ContinualMerger.resume(out, device="cpu") as merger:
+        merger.add(tiny_experts[2], final=True)
+    expected = plain(tiny_base, tiny_experts[:3], tmp_path / "plain", "task_arithmetic", scaling_factor=0.3)
+    got = weights(out)
+    base = weights(tiny_base)
+    moved = [n for n in expected if not torch.equal(expected[n], base[n])]
+    assert moved  # the experts do move the weights
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6)
