@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from merge_speed import cpu_model  # beside this script: the parent imports only the standard library
 
 from hf_merge.merging.methods import linalg_backend, spectral
 from hf_merge.merging.methods.opcm_linalg import project_task_vector
@@ -35,17 +36,6 @@ HERE = Path(__file__).resolve().parent
 SHAPES = ((768, 768), (3072, 768), (768, 3072))
 LAYER = {(768, 768): 4, (3072, 768): 1, (768, 3072): 1}  # matrices of each shape in a ViT-B/32 layer
 EXPERTS = 8  # TSV-M's product: k = 768 / 8 = 96 triplets per expert
-
-
-def cpu_model() -> str:
-    """The processor's name: LAPACK's speed differs by vendor (MKL's eigh on AMD, for one)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def task_vector(shape: tuple[int, int], seed: int) -> torch.Tensor:
