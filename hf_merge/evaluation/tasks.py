@@ -20,7 +20,7 @@ case, ``-`` or ``_`` (``stanford_cars`` finds ``stanford-cars``).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -209,18 +209,39 @@ def registered_task(name: str) -> Task | None:
     return _REGISTRY.get(_key(name))
 
 
+VALIDATION_SUFFIX = "/val"
+HOLDOUT_FRACTION = 0.1  # FusionBench's validation_fraction
+HOLDOUT_SEED = 0  # FusionBench's random_seed
+
+
+def held_out_validation_task(task: Task) -> Task:
+    """``<task>/val`` of a Hub dataset task: FusionBench's validation split, a seeded 10 % of the
+    dataset's *train* split (see :func:`hf_merge.evaluation.validation.holdout_indices`).
+
+    Raises:
+        EvaluationError: ``task`` is tested on its train split: a part held out of it would be test data.
+    """
+    spec, name = task.dataset, task.name
+    assert spec is not None and spec.kind == "hub", "only a Hub dataset task has a held-out train split"
+    if "train" in {part.split("[")[0].strip().lower() for part in spec.split.split("+")}:
+        raise EvaluationError(
+            f"task {name} is evaluated on the train split of {spec.describe()}, so a held-out part of it is not "
+            f"separate from its test data: register a '{name}{VALIDATION_SUFFIX}' task (hf_merge.evaluation.register_task)"
+        )
+    holdout = replace(spec, split="train", holdout_fraction=HOLDOUT_FRACTION, holdout_seed=HOLDOUT_SEED)
+    return Task(name + VALIDATION_SUFFIX, task.classes, task.templates, holdout)
+
+
 def _derived_validation_task(name: str) -> Task | None:
-    """``<task>/val`` of a registered Hub dataset task: its held-out train images
-    (:func:`hf_merge.evaluation.validation.validation_task`), so the name works wherever a task name does."""
+    """``<task>/val`` of a registered Hub dataset task (:func:`held_out_validation_task`), so the
+    name works wherever a task name does."""
     key = _key(name)
-    if not key.endswith("/val"):
+    if not key.endswith(VALIDATION_SUFFIX):
         return None
-    test = _REGISTRY.get(key[: -len("/val")])
+    test = _REGISTRY.get(key[: -len(VALIDATION_SUFFIX)])
     if test is None or test.dataset is None or test.dataset.kind != "hub":
         return None
-    from hf_merge.evaluation.validation import validation_task
-
-    return validation_task(test)
+    return held_out_validation_task(test)
 
 
 def list_tasks() -> list[str]:

@@ -18,14 +18,8 @@ tasks, e.g. ``config/dataset/image_classification/val/sun397.yaml`` lines 1-10, 
 
 from __future__ import annotations
 
-import dataclasses
-
 from hf_merge.errors import EvaluationError
-from hf_merge.evaluation.tasks import Task, get_task, registered_task
-
-VALIDATION_SUFFIX = "/val"
-HOLDOUT_FRACTION = 0.1  # FusionBench's validation_fraction
-HOLDOUT_SEED = 0  # FusionBench's random_seed
+from hf_merge.evaluation.tasks import VALIDATION_SUFFIX, Task, get_task, held_out_validation_task, registered_task
 
 
 def holdout_indices(total: int, fraction: float, seed: int) -> list[int]:
@@ -68,14 +62,7 @@ def validation_task(task: str | Task) -> Task:
     spec = resolved.dataset
     name = resolved.name
     if spec is not None and spec.kind == "hub":
-        # Holding out from the split the task is tested on would tune on test data.
-        if "train" in {part.split("[")[0].strip().lower() for part in spec.split.split("+")}:
-            raise EvaluationError(
-                f"task {name} is evaluated on the train split of {spec.describe()}, so a held-out part of it is not "
-                f"separate from its test data: register a '{name}{VALIDATION_SUFFIX}' task (hf_merge.evaluation.register_task)"
-            )
-        holdout = dataclasses.replace(spec, split="train", holdout_fraction=HOLDOUT_FRACTION, holdout_seed=HOLDOUT_SEED)
-        return Task(name + VALIDATION_SUFFIX, resolved.classes, resolved.templates, holdout)
+        return held_out_validation_task(resolved)
     raise EvaluationError(
         f"task {name} has no validation split: register a '{name}{VALIDATION_SUFFIX}' task "
         "(hf_merge.evaluation.register_task) or evaluate a Hub dataset task; --tune never scores on test data"

@@ -12,7 +12,7 @@ The method object stays the same (the engine's writer holds its ``output``): can
 restoring its state in place, which is exactly what a resume restores (``state_dict()`` plus the
 buffer), so a tuned step equals a plain step run with the chosen value. Memory: a copy of the buffer
 before the step, besides the candidate being scored. A parameter that only scales the output
-(``MergeMethod.scaled_output``: Iso-C's and TSV-M's ``scaling_factor``) needs neither: the step is
+(a :class:`~hf_merge.merging.methods.scaled_output.ScaledOutputMethod`'s: Iso-C's and TSV-M's ``scaling_factor``) needs neither: the step is
 merged once and every value is scored from the same merged task vectors.
 """
 
@@ -29,6 +29,7 @@ from hf_merge.io.checkpoint import Checkpoint
 from hf_merge.io.merge_folder import MergeState
 from hf_merge.log import get_logger
 from hf_merge.merging.methods.base import AllAtOnceMethod, MergeMethod, Parameter
+from hf_merge.merging.methods.scaled_output import ScaledOutputMethod
 
 logger = get_logger(__name__)
 
@@ -119,8 +120,10 @@ class StepTuner:
         parameter, grid = self.candidates(method)
         ready, method.ready = method.ready, None  # no candidate reaches the output files
         try:
-            tried = self._score_scales if parameter.name == method.scaled_output else self._score_states
-            metrics, scores, details = tried(method, step, run, parameter.name, grid)
+            if isinstance(method, ScaledOutputMethod) and parameter.name == method.scaled_output:
+                metrics, scores, details = self._score_scales(method, step, run, parameter.name, grid)
+            else:
+                metrics, scores, details = self._score_states(method, step, run, parameter.name, grid)
         finally:
             method.ready = ready
         return self._keep(method, step, parameter.name, grid, scores, details, metrics, ready)
@@ -145,7 +148,7 @@ class StepTuner:
             metrics = run()
         return metrics, scores, details
 
-    def _score_scales(self, method: MergeMethod, step: int, run: Callable[[], dict[str, float]], parameter: str,
+    def _score_scales(self, method: ScaledOutputMethod, step: int, run: Callable[[], dict[str, float]], parameter: str,
                       grid: list[Any]) -> tuple[dict[str, float], list[float], list[dict[str, float]]]:
         """A parameter that only scales the output: one merge, every value scored from the same
         merged task vectors (an Iso-C or TSV-M step decomposes each matrix once, not once per value)."""

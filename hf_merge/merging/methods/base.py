@@ -151,9 +151,8 @@ class MergeMethod(ABC):
     #: largest task vector); such buffers are saved next to the state and :meth:`output` derives
     #: the weights from them.
     buffer_is_output: ClassVar[bool] = True
-    #: The parameter that only scales the output, ``θ0 + value · merged_task_vector(name)``, with a
-    #: state that does not depend on it (Iso-C's and TSV-M's ``scaling_factor``): ``--tune`` then merges
-    #: a step once and scores every value from the same task vectors. ``None``: none does.
+    #: The parameter that only scales the output (a
+    #: :class:`~hf_merge.merging.methods.scaled_output.ScaledOutputMethod`'s); ``None``: none does.
     scaled_output: ClassVar[str | None] = None
     #: Default of the engine's ``checkpoint_every``: write the output after every N-th step. 1 where
     #: a step costs far more than writing a model (OPCM's decompositions, TIES's selection), so
@@ -224,15 +223,6 @@ class MergeMethod(ABC):
     def output(self, name: str) -> torch.Tensor:
         """The merged tensor ``name`` in the base checkpoint's dtype."""
         return self.buffer[name]
-
-    def merged_task_vector(self, name: str) -> torch.Tensor:
-        """The unscaled merged task vector of ``name`` (compute device and precision), for methods
-        that declare ``scaled_output``."""
-        raise NotImplementedError(f"method '{self.name}' does not scale one merged task vector")
-
-    def scaled(self, name: str, task_vector: torch.Tensor, scale: float) -> torch.Tensor:
-        """``θ0 + scale · task_vector`` for ``name``, computed and stored as :meth:`output` stores it."""
-        return self._stored(name, self._math(self.context.base.get(name)).add_(task_vector, alpha=scale))
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-ready state besides the buffer (the step count and the method's own scalars)."""

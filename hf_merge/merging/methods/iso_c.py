@@ -36,15 +36,15 @@ import torch
 from hf_merge.io.checkpoint import Checkpoint
 from hf_merge.merging.methods.base import (
     MergeContext,
-    MergeMethod,
     Parameter,
     read_scratch,
 )
 from hf_merge.merging.methods.linalg_backend import resolve as resolve_linalg
+from hf_merge.merging.methods.scaled_output import ScaledOutputMethod
 from hf_merge.merging.methods.spectral import isotropic
 
 
-class IsoC(MergeMethod):
+class IsoC(ScaledOutputMethod):
     """Iso-C: Σ τ_i with its singular values flattened to their mean, scaled by ``scaling_factor``."""
 
     name = "iso_c"
@@ -63,7 +63,6 @@ class IsoC(MergeMethod):
                   flags=("--scaling", "--lambda"), tune_grid=(0.6, 0.8, 1.0, 1.2, 1.5, 1.8, 2.0)),
     )
     buffer_is_output = False
-    scaled_output = "scaling_factor"
     context: MergeContext  # set by init() before any other call
     # a step is one read and one addition; the SVDs happen when a step is written (output), so
     # writing every step would cost one decomposition of every matrix per expert
@@ -92,7 +91,3 @@ class IsoC(MergeMethod):
             return mean
         return isotropic(mean * self.step_count, self.linalg)
 
-    def output(self, name: str) -> torch.Tensor:
-        if self.step_count == 0:
-            return self.context.base.get(name)
-        return self.scaled(name, self.merged_task_vector(name), float(self.hyperparameters["scaling_factor"]))

@@ -48,11 +48,11 @@ import torch
 from hf_merge.io.checkpoint import Checkpoint
 from hf_merge.merging.methods.base import (
     MergeContext,
-    MergeMethod,
     Parameter,
     read_scratch,
 )
 from hf_merge.merging.methods.linalg_backend import resolve as resolve_linalg
+from hf_merge.merging.methods.scaled_output import ScaledOutputMethod
 from hf_merge.merging.methods.spectral import leading_triplets, polar_product
 
 
@@ -80,7 +80,7 @@ def split_factors(factors: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch
     return factors[:rows], factors[rows], factors[rows + 1:]
 
 
-class TSVM(MergeMethod):
+class TSVM(ScaledOutputMethod):
     """TSV-M: each expert's leading 1/T singular triplets, orthogonalised together, scaled by
     ``scaling_factor`` (FusionBench's ``alpha``)."""
 
@@ -101,7 +101,6 @@ class TSVM(MergeMethod):
                   flags=("--scaling", "--lambda"), tune_grid=(0.6, 0.8, 1.0, 1.2, 1.5, 1.8, 2.0)),
     )
     buffer_is_output = False
-    scaled_output = "scaling_factor"
     context: MergeContext  # set by init() before any other call
     # the polar factors are computed only when a step is written (output): a written step costs
     # 2.7x an OPCM step at ViT-B/32 width, an unwritten one 0.7x (benchmarks/results/spectral_speed.md)
@@ -158,7 +157,3 @@ class TSVM(MergeMethod):
             return torch.zeros(self.context.base.shape(name), dtype=state.dtype, device=state.device)
         return polar_product(u_cat, s_cat, v_cat, self.linalg)
 
-    def output(self, name: str) -> torch.Tensor:
-        if self.step_count == 0:
-            return self.context.base.get(name)
-        return self.scaled(name, self.merged_task_vector(name), float(self.hyperparameters["scaling_factor"]))
