@@ -29,18 +29,14 @@ eigendecomposition rather than an SVD (:func:`~hf_merge.merging.methods.spectral
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from hf_merge.io.checkpoint import Checkpoint
 from hf_merge.merging.methods.base import (
     MergeContext,
-    Parameter,
     read_scratch,
 )
-from hf_merge.merging.methods.linalg_backend import resolve as resolve_linalg
-from hf_merge.merging.methods.scaled_output import ScaledOutputMethod
+from hf_merge.merging.methods.scaled_output import ScaledOutputMethod, scaling_parameter
 from hf_merge.merging.methods.spectral import isotropic
 
 
@@ -58,19 +54,11 @@ class IsoC(ScaledOutputMethod):
         "merging all experts at once ([Marczak et al., 2025, "
         "arXiv:2502.04959](https://arxiv.org/abs/2502.04959))."
     )
-    parameters = (
-        Parameter("scaling_factor", 1.0, "λ, the scale of the isotropic merged task vector.",
-                  flags=("--scaling", "--lambda"), tune_grid=(0.6, 0.8, 1.0, 1.2, 1.5, 1.8, 2.0)),
-    )
-    buffer_is_output = False
+    parameters = (scaling_parameter("λ, the scale of the isotropic merged task vector."),)
     context: MergeContext  # set by init() before any other call
     # a step is one read and one addition; the SVDs happen when a step is written (output), so
     # writing every step would cost one decomposition of every matrix per expert
     checkpoint_every = 8
-
-    def __init__(self, **hyperparameters: Any):
-        super().__init__(**hyperparameters)
-        self.linalg = resolve_linalg()  # how, not what: HF_MERGE_LINALG, never part of the recipe
 
     def _initial_buffer(self, name: str) -> torch.Tensor:
         return torch.zeros(self.context.base.shape(name), dtype=self.context.compute_dtype)

@@ -41,18 +41,14 @@ SVDs, the zero padding left out of the polar factors where that gives the same p
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from hf_merge.io.checkpoint import Checkpoint
 from hf_merge.merging.methods.base import (
     MergeContext,
-    Parameter,
     read_scratch,
 )
-from hf_merge.merging.methods.linalg_backend import resolve as resolve_linalg
-from hf_merge.merging.methods.scaled_output import ScaledOutputMethod
+from hf_merge.merging.methods.scaled_output import ScaledOutputMethod, scaling_parameter
 from hf_merge.merging.methods.spectral import leading_triplets, polar_product
 
 
@@ -96,19 +92,11 @@ class TSVM(ScaledOutputMethod):
         "each step equals merging all experts at once ([Gargiulo et al., 2025, "
         "arXiv:2412.00081](https://arxiv.org/abs/2412.00081))."
     )
-    parameters = (
-        Parameter("scaling_factor", 1.0, "α, the scale of the merged task vector.",
-                  flags=("--scaling", "--lambda"), tune_grid=(0.6, 0.8, 1.0, 1.2, 1.5, 1.8, 2.0)),
-    )
-    buffer_is_output = False
+    parameters = (scaling_parameter("α, the scale of the merged task vector."),)
     context: MergeContext  # set by init() before any other call
     # the polar factors are computed only when a step is written (output): a written step costs
     # 2.7x an OPCM step at ViT-B/32 width, an unwritten one 0.7x (benchmarks/results/spectral_speed.md)
     checkpoint_every = 8
-
-    def __init__(self, **hyperparameters: Any):
-        super().__init__(**hyperparameters)
-        self.linalg = resolve_linalg()  # how, not what: HF_MERGE_LINALG, never part of the recipe
 
     def _is_matrix(self, name: str) -> bool:
         return len(self.context.base.shape(name)) == 2
