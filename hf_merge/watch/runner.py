@@ -238,7 +238,7 @@ class Watcher:
         # score on: this step is neither evaluated nor tuned, and the recipe's settings are restored after.
         edit_recipe(pending, push_to_hub=None, space=None, **({} if spec or evaluation is None else {"eval": None}))
         add(pending, [candidate.reference], token=self.token, eval=spec, allow_pickle=policy.allow_pickle, tune=None if spec else False)
-        if spec is None and recipe is not None:
+        if spec is None and recipe is not None and (evaluation is not None or recipe.tune):  # what `add` changed
             edit_recipe(pending, eval=evaluation, tune=recipe.tune)
         return task
 
