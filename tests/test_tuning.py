@@ -223,3 +223,21 @@ def test_task_arithmetic_given_a_new_scaling_is_the_sum_at_that_scaling(tiny_bas
     assert moved  # the experts do move the weights
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6)
+
+
+def test_records_read_back_from_another_repo_are_validated():
+    """merge_state.json may come from another repo: anything that is not a record is left out,
+    and the card and the watcher's gate read records only through this parser."""
+    from hf_merge.merging.tuning import tuning_records
+    from hf_merge.publish.card import tuning_context
+
+    good = TuningRecord(2, "alpha", [0.3, 0.5], [0.41, 0.44], 0.5, [{"a/val": 0.4}, {"a/val": 0.44}]).to_dict()
+    junk = [None, 3, "x", [], {"step": "2"}, {**good, "step": True}, {**good, "grid": [0.3]},
+            {**good, "chosen": 0.7}, {**good, "scores": [0.1, float("nan")]}, {**good, "per_task": [{"a/val": 0.4}]},
+            {**good, "per_task": [{"a/val": "0.4"}, {}]}, {**good, "parameter": ["alpha"]}]
+    assert tuning_records(junk) == []
+    assert tuning_records({"not": "a list"}) == [] and tuning_context(junk) is None
+    (record,) = tuning_records([*junk, good])
+    assert record == TuningRecord.read(good) and record.kept_scores() == {"a/val": 0.44}
+    table = tuning_context([good])
+    assert table["rows"] == [{"step": 2, "cells": ["41.0", "**44.0**"], "chosen": "0.5"}]

@@ -63,6 +63,43 @@ class TuningRecord:
         """JSON-ready form."""
         return asdict(self)
 
+    @classmethod
+    def read(cls, data: Any) -> TuningRecord | None:
+        """The record ``data`` holds, or ``None`` when it is not one: ``merge_state.json`` may come
+        from another repo, and any JSON value may stand where a record is expected."""
+        if not isinstance(data, Mapping):
+            return None
+        step, parameter, chosen = data.get("step"), data.get("parameter"), data.get("chosen")
+        grid, scores, per_task = data.get("grid"), data.get("scores"), data.get("per_task") or []
+        if not isinstance(step, int) or isinstance(step, bool) or not isinstance(parameter, str):
+            return None
+        if not isinstance(chosen, (int, float)) or not _is_number(chosen):
+            return None
+        if not isinstance(grid, list) or not isinstance(scores, list) or not grid or len(grid) != len(scores):
+            return None
+        if not all(_is_number(v) for v in [*grid, *scores]) or chosen not in grid:
+            return None
+        if not isinstance(per_task, list) or (per_task and len(per_task) != len(grid)):
+            return None
+        if not all(isinstance(d, Mapping) and all(isinstance(k, str) and _is_number(v) for k, v in d.items()) for d in per_task):
+            return None
+        return cls(step, parameter, [float(v) for v in grid], [float(v) for v in scores], float(chosen),
+                   [{k: float(v) for k, v in d.items()} for d in per_task])
+
+    def kept_scores(self) -> dict[str, float] | None:
+        """The validation accuracy per task of the value kept (``None``: not recorded)."""
+        return dict(self.per_task[self.grid.index(self.chosen)]) if self.per_task else None
+
+
+def tuning_records(value: Any) -> list[TuningRecord]:
+    """The well-formed records of a saved ``tuning`` list (anything else is left out)."""
+    records = (TuningRecord.read(item) for item in (value if isinstance(value, list) else []))
+    return [record for record in records if record is not None]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
 
 def tuned_parameter(method: type[MergeMethod]) -> Parameter:
     """The parameter ``--tune`` chooses for ``method``: the first one declaring a ``tune_grid``;

@@ -18,6 +18,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from hf_merge.io.merge_folder import CARD_FILENAME, PLOT_FILENAME, MergeFolder, MergeState, lineage, parse_yaml_field
 from hf_merge.io.yaml_file import load_yaml
 from hf_merge.log import get_logger
+from hf_merge.merging.tuning import tuning_records
 from hf_merge.publish.accuracy_table import AccuracyTable, evaluation_settings, load_accuracy, plot_accuracy
 from hf_merge.publish.escape import code_block, code_span, markdown_text, one_line, url_part
 from hf_merge.resources import templates_dir
@@ -275,21 +276,19 @@ def _tensor_context(output_dir: Path, state: MergeState, scope: str) -> dict[str
     }
 
 
-def tuning_context(records: Sequence[Mapping[str, Any]] | None) -> dict[str, Any] | None:
+def tuning_context(records: Any) -> dict[str, Any] | None:
     """The card's table of ``--tune``'s choices (one row per tuned step), or ``None`` when untuned."""
-    rows = [r for r in records or () if isinstance(r, Mapping) and r.get("grid") and r.get("scores")]
+    rows = tuning_records(records)
     if not rows:
         return None
-    grid = [float(v) for v in rows[-1]["grid"]]
+    grid = rows[-1].grid
     table = []
     for record in rows:
-        scores = dict(zip((float(v) for v in record["grid"]), (float(s) for s in record["scores"]), strict=False))
-        chosen = float(record["chosen"])
-        cells = [("**{:.1f}**" if v == chosen else "{:.1f}").format(100 * scores[v]) if v in scores else "" for v in grid]
-        table.append({"step": int(record["step"]), "cells": cells, "chosen": f"{chosen:g}"})
-    per_task = rows[-1].get("per_task") or [{}]
-    tasks = ", ".join(str(t) for t in per_task[0]) if isinstance(per_task[0], Mapping) else ""
-    return {"parameter": markdown_text(str(rows[-1]["parameter"])), "grid": [f"{v:g}" for v in grid], "rows": table,
+        scores = dict(zip(record.grid, record.scores, strict=True))
+        cells = [("**{:.1f}**" if v == record.chosen else "{:.1f}").format(100 * scores[v]) if v in scores else "" for v in grid]
+        table.append({"step": record.step, "cells": cells, "chosen": f"{record.chosen:g}"})
+    tasks = ", ".join(rows[-1].per_task[0]) if rows[-1].per_task else ""
+    return {"parameter": markdown_text(rows[-1].parameter), "grid": [f"{v:g}" for v in grid], "rows": table,
             "source": markdown_text(f"validation tasks: {tasks}" if tasks else "validation data")}
 
 

@@ -81,22 +81,14 @@ def tuned_scores(pending: Path, merged: Path) -> tuple[dict[str, float] | None, 
     candidate kept at the pending merge's last step and of the merged model's own last step
     (``(None, None)`` when that last step was not tuned)."""
     from hf_merge.io.merge_folder import MergeFolder
+    from hf_merge.merging.tuning import tuning_records
 
     state = MergeFolder(pending).state()
-    after = state.tuning[-1] if state.tuning else None
-    if after is None or after.get("step") != state.step:
+    after = tuning_records(state.tuning)
+    if not after or after[-1].step != state.step:
         return None, None
-    before = MergeFolder(merged).state().tuning
-    return kept_scores(after), kept_scores(before[-1] if before else None)
-
-
-def kept_scores(record: Mapping[str, Any] | None) -> dict[str, float] | None:
-    """The validation accuracy per task of the candidate a ``--tune`` record kept (``None``: no record)."""
-    if not record or record.get("chosen") not in (record.get("grid") or []):
-        return None
-    per_task = record.get("per_task") or []
-    index = record["grid"].index(record["chosen"])
-    return {str(k): float(v) for k, v in per_task[index].items()} if index < len(per_task) else None
+    before = tuning_records(MergeFolder(merged).state().tuning)
+    return after[-1].kept_scores(), before[-1].kept_scores() if before else None
 
 
 def _list_of(value: Any) -> list[Any]:
